@@ -1,0 +1,30 @@
+"""fedjax_users: breaching's federated-learning users as pure JAX functions."""
+
+from fedjax_users.config import ConfigError, LocalDiffPrivacy, UserConfig
+from fedjax_users.types import (
+    LocalHyperparams,
+    Metadata,
+    ServerPayload,
+    SharedData,
+    TrueUserData,
+    UserData,
+)
+from fedjax_users.users import aggregate, local_gradient, local_update, step_slices
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "LocalDiffPrivacy",
+    "LocalHyperparams",
+    "Metadata",
+    "ServerPayload",
+    "SharedData",
+    "TrueUserData",
+    "UserConfig",
+    "UserData",
+    "aggregate",
+    "local_gradient",
+    "local_update",
+    "step_slices",
+]

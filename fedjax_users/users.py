@@ -1,0 +1,455 @@
+"""The three user computations of breaching as pure, jit-compiled JAX functions.
+
+* ``local_gradient``: breaching's ``UserSingleStep`` (one gradient, optionally per-example clipped).
+* ``local_update``: ``UserMultiStep`` (a ``lax.scan`` over SGD steps; shares the parameter difference).
+* ``aggregate``: ``MultiUserAggregate`` (per-user work under ``vmap``; shares the *mean*).
+
+Each public function validates its inputs (shapes and config only, so it also works under an outer
+``jit``), computes in one jitted core whose config, model and loss are static, and assembles the
+metadata the server sees. The BatchNorm mode follows the reference: server buffers sent -> eval mode
+with those buffers; none sent -> train mode with the user's own persistent statistics.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_users import privacy
+from fedjax_users.batchnorm import fold_batch_stats
+from fedjax_users.config import ConfigError, UserConfig
+from fedjax_users.losses import softmax_cross_entropy
+from fedjax_users.types import LocalHyperparams, Metadata, ServerPayload, SharedData, TrueUserData, UserData
+
+Array = jax.Array
+PyTree = Any
+LossFn = Callable[[Array, Array], Array]
+
+# A single-step user in train mode sets every BatchNorm's momentum to None (cumulative average);
+# a multi-step user keeps PyTorch's default.
+SINGLE_STEP_MOMENTUM = None
+MULTI_STEP_MOMENTUM = 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# Model application
+
+
+def _apply(model, params, stats, inputs, train, mask=None, momentum=MULTI_STEP_MOMENTUM):
+    """Logits and (in train mode) updated batch stats; ``stats`` is ``{}`` for models without them."""
+    variables = {"params": params, "batch_stats": stats} if stats else {"params": params}
+    if train and stats:
+        logits, updates = model.apply(
+            variables, inputs, train=True, mask=mask, momentum=momentum, mutable=["batch_stats"]
+        )
+        return logits, updates["batch_stats"]
+    return model.apply(variables, inputs, train=train, mask=mask, momentum=momentum), stats
+
+
+def _masked_mean(values: Array, mask: Optional[Array]) -> Array:
+    if mask is None:
+        return jnp.mean(values)
+    weights = mask.astype(values.dtype)
+    return jnp.sum(values * weights) / jnp.sum(weights)
+
+
+def _loss_and_grad(model, loss_fn, params, stats, inputs, labels, train, mask, momentum):
+    """Gradient of the (masked) mean loss, and the batch stats after the forward pass."""
+
+    def objective(p):
+        logits, new_stats = _apply(model, p, stats, inputs, train, mask, momentum)
+        return _masked_mean(loss_fn(logits, labels), mask), new_stats
+
+    (_, new_stats), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return grads, new_stats
+
+
+def _noised_inputs(key: Array, inputs: Array, cfg: UserConfig) -> Array:
+    dp = cfg.local_diff_privacy
+    if dp.input_noise <= 0:
+        return inputs
+    return inputs + privacy.sample(key, inputs.shape, inputs.dtype, dp.input_noise, dp.distribution)
+
+
+def initial_batch_stats(model, example_inputs: Array) -> PyTree:
+    """The model's freshly initialised BatchNorm statistics (``{}`` when it has none)."""
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), example_inputs[:1])
+    if "batch_stats" not in variables:
+        return {}
+    # Statistics do not depend on the PRNG, so a concrete init of just one example is cheap and exact.
+    return model.init(jax.random.key(0), example_inputs[:1])["batch_stats"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation (shapes and config only: runs before any computation, also under an outer jit)
+
+
+def _check_payload(model, payload: ServerPayload, example_inputs: Array) -> None:
+    expected = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), example_inputs[:1])
+    for collection, given in (("params", payload.params), ("batch_stats", payload.batch_stats)):
+        if collection == "batch_stats" and given is None:
+            continue
+        want = expected.get(collection, {})
+        want_paths = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+        given_paths = dict(jax.tree_util.tree_flatten_with_path(given)[0])
+        for path, leaf in want_paths.items():
+            name = f"{collection}{jax.tree_util.keystr(path)}"
+            if path not in given_paths:
+                raise ValueError(f"payload does not fit the model: {name} is missing")
+            if tuple(np.shape(given_paths[path])) != tuple(leaf.shape):
+                raise ValueError(
+                    f"payload does not fit the model: {name} has shape {tuple(np.shape(given_paths[path]))}, "
+                    f"the model expects {tuple(leaf.shape)}"
+                )
+        extra = [p for p in given_paths if p not in want_paths]
+        if extra:
+            raise ValueError(
+                f"payload does not fit the model: unexpected entry {collection}{jax.tree_util.keystr(extra[0])}"
+            )
+
+
+def _check_data(inputs: Array, labels: Array, cfg: UserConfig, who: str = "the user") -> None:
+    if np.shape(inputs)[0] != np.shape(labels)[0]:
+        raise ValueError(
+            f"inputs and labels of {who} have different lengths: {np.shape(inputs)[0]} and {np.shape(labels)[0]}"
+        )
+    if np.shape(inputs)[0] < cfg.num_data_points:
+        raise ValueError(
+            f"{who} holds {np.shape(inputs)[0]} examples, fewer than num_data_points={cfg.num_data_points}"
+        )
+    if cfg.local_diff_privacy.input_noise > 0 and jnp.issubdtype(jnp.asarray(inputs).dtype, jnp.integer):
+        raise ConfigError(
+            "input_noise > 0 asks for float noise on integer token inputs (input_ids); set input_noise to 0"
+        )
+
+
+def _validate(model, payload, inputs, labels, cfg, who="the user"):
+    if not isinstance(payload, ServerPayload):
+        raise TypeError(f"payload must be a fedjax_users.ServerPayload, got {type(payload).__name__}")
+    _check_data(inputs, labels, cfg, who)
+    _check_payload(model, payload, inputs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Single step (UserSingleStep)
+
+
+def _single_step(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key):
+    """Gradient (clipped/noised), new user stats and the inputs as the reference records them."""
+    train = server_stats is None
+    stats = user_stats if train else server_stats
+    dp = cfg.local_diff_privacy
+    input_key, grad_key = jax.random.split(key)
+
+    if dp.per_example_clipping > 0:
+        # Each example is its own batch of one (BatchNorm statistics of that example alone); its
+        # batch statistics are recorded with momentum 1 and folded into the running average in
+        # order afterwards, exactly as the reference's loop over examples updates them.
+        def per_example(x, y, k):
+            grads, batch = _loss_and_grad(
+                model, loss_fn, params, stats, _noised_inputs(k, x[None], cfg), y[None], train, None, 1.0
+            )
+            return privacy.clip_by_global_norm(grads, dp.per_example_clipping), batch
+
+        keys = jax.random.split(input_key, inputs.shape[0])
+        grads, per_batch = jax.vmap(per_example)(inputs, labels, keys)
+        grads = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0) / inputs.shape[0], grads)
+        new_stats = fold_batch_stats(stats, per_batch, SINGLE_STEP_MOMENTUM) if train and stats else stats
+        recorded_inputs = inputs
+    else:
+        # Without clipping the reference writes the noised inputs back into the user's data dict.
+        recorded_inputs = _noised_inputs(input_key, inputs, cfg)
+        grads, new_stats = _loss_and_grad(
+            model, loss_fn, params, stats, recorded_inputs, labels, train, None, SINGLE_STEP_MOMENTUM
+        )
+    grads = privacy.add_noise(grad_key, grads, dp.gradient_noise, dp.distribution)
+    return grads, new_stats, recorded_inputs
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi step (UserMultiStep)
+
+
+def step_slices(num_data_points: int, per_step: int, num_steps: int) -> list[tuple[int, int]]:
+    """(start, length) of each local step: ``data[seen:seen+k]``, never wrapping, shorter at the end."""
+    slices, seen = [], 0
+    for _ in range(num_steps):
+        slices.append((seen, min(per_step, num_data_points - seen)))
+        seen = (seen + per_step) % num_data_points
+    return slices
+
+
+def _step_indices(cfg: UserConfig) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Static [steps, k] gather indices and a validity mask (``None`` when no step is short)."""
+    slices = step_slices(cfg.num_data_points, cfg.num_data_per_local_update_step, cfg.num_local_updates)
+    width = max(length for _, length in slices)
+    offsets = np.arange(width)
+    valid = np.stack([offsets < length for _, length in slices])
+    index = np.stack([np.where(offsets < length, start + offsets, start) for start, length in slices])
+    return index, None if valid.all() else valid
+
+
+def _multi_step(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key):
+    """Parameter difference after the local SGD steps, and the stats after training."""
+    train = server_stats is None
+    stats = user_stats if train else server_stats
+    dp = cfg.local_diff_privacy
+    index, valid = _step_indices(cfg)
+    optimizer = optax.sgd(cfg.local_learning_rate)
+    step_keys = jax.random.split(key, cfg.num_local_updates)
+
+    def step(carry, xs):
+        current, opt_state, current_stats = carry
+        idx, mask, step_key = xs
+        input_key, grad_key = jax.random.split(step_key)
+        x = _noised_inputs(input_key, inputs[idx], cfg)
+        grads, new_stats = _loss_and_grad(
+            model, loss_fn, current, current_stats, x, labels[idx], train, mask, MULTI_STEP_MOMENTUM
+        )
+        if dp.per_example_clipping > 0:
+            # The reference clips the *batch* gradient of each step, not each example's.
+            grads = privacy.clip_by_global_norm(grads, dp.per_example_clipping)
+        grads = privacy.add_noise(grad_key, grads, dp.gradient_noise, dp.distribution)
+        updates, opt_state = optimizer.update(grads, opt_state, current)
+        return (optax.apply_updates(current, updates), opt_state, new_stats), None
+
+    masks = None if valid is None else jnp.asarray(valid)
+    (final, _, final_stats), _ = jax.lax.scan(
+        step, (params, optimizer.init(params), stats), (jnp.asarray(index), masks, step_keys)
+    )
+    delta = jax.tree_util.tree_map(jnp.subtract, final, params)
+    return delta, final_stats, inputs
+
+
+def _user_core(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key):
+    """One user of the config's kind: multi-step users train, single-step users take one gradient."""
+    compute = _multi_step if cfg.is_multi_step else _single_step
+    return compute(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "loss_fn", "cfg"))
+def _user_jit(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key):
+    return _user_core(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata
+
+
+def _step_labels(labels: Array, cfg: UserConfig) -> list[Array]:
+    slices = step_slices(cfg.num_data_points, cfg.num_data_per_local_update_step, cfg.num_local_updates)
+    return [jnp.sort(labels[start : start + length], axis=0) for start, length in slices]
+
+
+def _hyperparams(cfg: UserConfig, step_labels: Optional[list]) -> Optional[LocalHyperparams]:
+    if not cfg.provide_local_hyperparams:
+        return None
+    return LocalHyperparams(
+        lr=cfg.local_learning_rate,
+        steps=cfg.num_local_updates,
+        data_per_step=cfg.num_data_per_local_update_step,
+        labels=step_labels,
+    )
+
+
+def _user_metadata(cfg: UserConfig, labels: Array, data_key: str) -> Metadata:
+    """What one user reveals besides the update, as breaching's user classes report it."""
+    num_points = cfg.num_data_points if cfg.provide_num_data_points else None
+    if not cfg.is_multi_step:
+        return Metadata(
+            num_data_points=num_points,
+            labels=jnp.sort(labels, axis=0) if cfg.provide_labels else None,
+        )
+    return Metadata(
+        num_data_points=num_points,
+        labels=labels if cfg.provide_labels else None,
+        local_hyperparams=_hyperparams(cfg, _step_labels(labels, cfg)),
+        data_key=data_key,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def _run_user(model, payload, data, cfg, key, user_state, loss, expect_multi_step):
+    if expect_multi_step:
+        cfg.require_multi_step()
+    _validate(model, payload, data.inputs, data.labels, cfg)
+    inputs = jnp.asarray(data.inputs)[: cfg.num_data_points]
+    labels = jnp.asarray(data.labels)[: cfg.num_data_points]
+    if payload.batch_stats is None and user_state is None:
+        user_state = initial_batch_stats(model, inputs)
+    user_cfg = cfg.replace(user_type="local_update" if expect_multi_step else "local_gradient", user_range=None)
+    grads, new_stats, recorded = _user_jit(
+        model, loss, user_cfg, payload.params, payload.batch_stats, user_state, inputs, labels, key
+    )
+    train = payload.batch_stats is None
+    if expect_multi_step:
+        buffers = new_stats if new_stats else None
+    else:
+        buffers = new_stats if (train and new_stats) else None
+    shared = SharedData(
+        gradients=grads,
+        batch_stats=buffers if cfg.provide_buffers else None,
+        metadata=_user_metadata(user_cfg, labels, data.data_key),
+    )
+    true_data = TrueUserData(data=recorded, labels=labels, batch_stats=buffers, user_state=new_stats)
+    return shared, true_data, new_stats
+
+
+def local_gradient(
+    model,
+    payload: ServerPayload,
+    data: UserData,
+    cfg: UserConfig,
+    key: Array,
+    user_state: Optional[PyTree] = None,
+    loss: LossFn = softmax_cross_entropy,
+) -> tuple[SharedData, TrueUserData, PyTree]:
+    """breaching's ``UserSingleStep.compute_local_updates``: one (clipped, noised) gradient."""
+    return _run_user(model, payload, data, cfg, key, user_state, loss, expect_multi_step=False)
+
+
+def local_update(
+    model,
+    payload: ServerPayload,
+    data: UserData,
+    cfg: UserConfig,
+    key: Array,
+    user_state: Optional[PyTree] = None,
+    loss: LossFn = softmax_cross_entropy,
+) -> tuple[SharedData, TrueUserData, PyTree]:
+    """breaching's ``UserMultiStep.compute_local_updates``: local SGD, shares ``params - server params``."""
+    return _run_user(model, payload, data, cfg, key, user_state, loss, expect_multi_step=True)
+
+
+def _tree_mean_over_users(tree: PyTree, num_users: int) -> PyTree:
+    """Mean over the leading users axis; integer leaves (``num_batches_tracked``) stay integers."""
+
+    def mean(leaf):
+        if jnp.issubdtype(leaf.dtype, jnp.integer):
+            return jnp.round(jnp.sum(leaf, axis=0) / num_users).astype(leaf.dtype)
+        return jnp.sum(leaf, axis=0) / num_users
+
+    return jax.tree_util.tree_map(mean, tree)
+
+
+def _take_users(tree: PyTree, index: Array, shape: tuple[int, int]) -> PyTree:
+    """Gather users by ``index`` and fold the users axis into ``shape`` = (chunks, users per chunk)."""
+    return jax.tree_util.tree_map(lambda a: a[index].reshape(shape + a.shape[1:]), tree)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "loss_fn", "cfg", "users_per_chunk"))
+def _aggregate_jit(model, loss_fn, cfg, params, server_stats, users_stats, inputs, labels, keys, users_per_chunk):
+    """Sum of per-user updates: a scan over chunks of users, ``vmap`` within a chunk.
+
+    Only the running sum of the updates is carried, so memory grows with the chunk, not with the
+    number of users. The last chunk is padded with copies of the last user, weighted zero.
+    """
+    num_users = inputs.shape[0]
+    num_chunks = -(-num_users // users_per_chunk)
+    shape = (num_chunks, users_per_chunk)
+    index = jnp.minimum(jnp.arange(num_chunks * users_per_chunk), num_users - 1)
+    weights = (jnp.arange(num_chunks * users_per_chunk) < num_users).reshape(shape)
+
+    def one_user(user_inputs, user_labels, user_key, user_stats):
+        return _user_core(model, loss_fn, cfg, params, server_stats, user_stats, user_inputs, user_labels, user_key)
+
+    def chunk_step(total, xs):
+        users, weight = xs
+        grads, stats, recorded = jax.vmap(one_user)(*users)
+        total = jax.tree_util.tree_map(
+            lambda t, g: t + jnp.tensordot(weight.astype(g.dtype), g, axes=1), total, grads
+        )
+        return total, (stats, recorded)
+
+    users = _take_users((inputs, labels, keys, users_stats), index, shape)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    total, per_user = jax.lax.scan(chunk_step, zeros, (users, weights))
+    stats, recorded = jax.tree_util.tree_map(
+        lambda a: a.reshape((-1,) + a.shape[2:])[:num_users], per_user
+    )
+    mean = jax.tree_util.tree_map(lambda t: t / num_users, total)
+    return mean, stats, _tree_mean_over_users(stats, num_users), recorded
+
+
+def aggregate(
+    model,
+    payload: ServerPayload,
+    users_data: UserData,
+    cfg: UserConfig,
+    key: Array,
+    users_state: Optional[PyTree] = None,
+    loss: LossFn = softmax_cross_entropy,
+    users_per_chunk: Optional[int] = None,
+) -> tuple[SharedData, TrueUserData]:
+    """breaching's ``MultiUserAggregate`` as intended: the mean of the users' shared updates.
+
+    ``users_data`` has a leading users axis. Users are ``local_update`` users if
+    ``num_local_updates > 1``, else ``local_gradient`` users. ``users_state`` (stacked per user)
+    are their own BatchNorm statistics, used when the server sends no buffers; the updated ones
+    come back in ``true_data.user_state``.
+    """
+    inputs, labels = jnp.asarray(users_data.inputs), jnp.asarray(users_data.labels)
+    if inputs.ndim < 2 or labels.ndim < 1:
+        raise ValueError("users_data needs a leading users axis: inputs [users, examples, ...]")
+    num_users = inputs.shape[0]
+    if cfg.user_type == "multiuser_aggregate" and cfg.user_range is not None and cfg.num_users != num_users:
+        raise ValueError(
+            f"user_range {list(cfg.user_range)} names {cfg.num_users} users, users_data holds {num_users}"
+        )
+    if labels.shape[0] != num_users:
+        raise ValueError(f"inputs hold {num_users} users, labels hold {labels.shape[0]}")
+    if not isinstance(payload, ServerPayload):
+        raise TypeError(f"payload must be a fedjax_users.ServerPayload, got {type(payload).__name__}")
+    _check_data(inputs[0], labels[0], cfg, who="each user")
+    _check_payload(model, payload, inputs[0])
+    if users_per_chunk is not None and users_per_chunk < 1:
+        raise ValueError(f"users_per_chunk must be >= 1, got {users_per_chunk}")
+
+    inputs = inputs[:, : cfg.num_data_points]
+    labels = labels[:, : cfg.num_data_points]
+    user_cfg = cfg.replace(
+        user_type="local_update" if cfg.is_multi_step else "local_gradient", user_range=None
+    )
+    train = payload.batch_stats is None
+    if train and users_state is None:
+        fresh = initial_batch_stats(model, inputs[0])
+        users_state = jax.tree_util.tree_map(lambda s: jnp.broadcast_to(s, (num_users,) + s.shape), fresh)
+    keys = jax.random.split(key, num_users)
+    chunk = users_per_chunk or num_users
+    mean_grads, users_stats, mean_stats, recorded = _aggregate_jit(
+        model, loss, user_cfg, payload.params, payload.batch_stats, users_state if train else None,
+        inputs, labels, keys, min(chunk, num_users),
+    )
+
+    users_share_buffers = bool(mean_stats) and (train or user_cfg.is_multi_step)
+    buffers = mean_stats if users_share_buffers else None
+    per_user = [_user_metadata(user_cfg, labels[u], users_data.data_key) for u in range(num_users)] if (
+        user_cfg.provide_local_hyperparams and user_cfg.is_multi_step
+    ) else []
+    step_labels = [lab for meta in per_user for lab in meta.local_hyperparams.labels]
+    metadata = Metadata(
+        num_data_points=cfg.num_data_points * num_users if cfg.provide_num_data_points else None,
+        labels=jnp.sort(labels.reshape((-1,) + labels.shape[2:]), axis=0) if cfg.provide_labels else None,
+        local_hyperparams=_hyperparams(user_cfg, step_labels) if user_cfg.provide_local_hyperparams else None,
+        num_users=num_users,
+    )
+    shared = SharedData(
+        gradients=mean_grads, batch_stats=buffers if cfg.provide_buffers else None, metadata=metadata
+    )
+    flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731
+    true_data = TrueUserData(
+        data=flat(recorded),
+        labels=flat(labels),
+        batch_stats=buffers,
+        user_state=users_stats if train else None,
+    )
+    return shared, true_data
