@@ -143,3 +143,10 @@ def vision_model(name: str, num_classes: int = 10, shape=(3, 32, 32)):
     """Build one of breaching's CIFAR-size vision models exactly as ``construct_model`` does."""
     cfg_data = types.SimpleNamespace(name="CIFAR10", shape=list(shape), classes=num_classes)
     return models_module()._construct_vision_model(name, cfg_data, pretrained=False)
+
+
+def text_model(name: str, vocab_size: int):
+    """Build one of breaching's text models (``linear``, ``transformer3``) as ``construct_model`` does."""
+    cfg_data = types.SimpleNamespace(vocab_size=vocab_size)
+    name = {"linear-text": "linear"}.get(name, name)
+    return models_module()._construct_text_model(name, cfg_data, pretrained=False)

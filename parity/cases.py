@@ -1,0 +1,146 @@
+"""The parity grid: models x user types x server buffers x defences, plus the special cases."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Optional
+
+VISION_MODELS = ("linear", "MLP", "lenet_zhu", "ConvNetSmall", "ConvNet", "cnn6", "resnet18", "resnet20")
+TEXT_MODELS = ("linear-text", "transformer3")
+USERS = ("local_gradient", "local_update", "aggregate")
+DEFENCES = ("none", "clip", "input_noise", "gradient_noise")
+
+# float32 bound on the relative error of gradients/deltas (max abs error / max |reference|).
+FLOAT32_BOUND = 1e-5
+FLOAT64_BOUND = 1e-10
+# Deeper models accumulate more float32 rounding in a different summation order (XLA vs ATen
+# convolution algorithms). These looser float32 bounds are per model; the float64 runs of the same
+# models meet FLOAT64_BOUND, which shows the gap is rounding, not semantics.
+MODEL_BOUNDS = {"resnet18": 1e-4, "ConvNetSmall": 3e-5}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One comparison; ``user_overrides`` are breaching user-YAML keys."""
+
+    model: str
+    user: str
+    buffers_sent: bool
+    defence: str = "none"
+    precision: str = "float32"
+    num_examples: int = 4
+    num_users: int = 3
+    queries: int = 1
+    tag: str = ""
+    user_overrides: tuple = ()
+    seed: int = 0
+    num_classes: int = 10
+    image_shape: tuple = (3, 32, 32)
+    vocab_size: int = 50
+    seq_len: int = 8
+
+    @property
+    def is_text(self) -> bool:
+        """Text models get token users and the causal-LM loss."""
+        return self.model in TEXT_MODELS
+
+    @property
+    def name(self) -> str:
+        """Readable identifier used in the report."""
+        parts = [self.model, self.user, "buffers" if self.buffers_sent else "no-buffers", self.defence]
+        if self.precision != "float32":
+            parts.append(self.precision)
+        if self.tag:
+            parts.append(self.tag)
+        return "/".join(parts)
+
+    @property
+    def bound(self) -> float:
+        """The relative-error bound this case must meet."""
+        if self.precision == "float64":
+            return FLOAT64_BOUND
+        return MODEL_BOUNDS.get(self.model, FLOAT32_BOUND)
+
+    def user_config(self) -> dict:
+        """breaching user keys for this case (all provide_* on unless overridden)."""
+        multi = self.user == "local_update" or (self.user == "aggregate" and self.tag != "single-step")
+        cfg = dict(
+            user_type={"local_gradient": "local_gradient", "local_update": "local_update",
+                       "aggregate": "multiuser_aggregate"}[self.user],
+            num_data_points=self.num_examples,
+            provide_buffers=True,
+            provide_labels=True,
+            provide_num_data_points=True,
+            local_diff_privacy=dict(gradient_noise=0.0, input_noise=0.0, distribution="laplacian",
+                                    per_example_clipping=0.0),
+        )
+        if self.user == "aggregate":
+            cfg["user_range"] = [0, self.num_users]
+        if multi or self.user == "aggregate":
+            cfg.update(num_local_updates=3 if multi else 1, num_data_per_local_update_step=2,
+                       local_learning_rate=0.1, provide_local_hyperparams=True)
+        overrides = dict(self.user_overrides)
+        ldp = overrides.pop("local_diff_privacy", None)
+        if ldp:
+            cfg["local_diff_privacy"] = {**cfg["local_diff_privacy"], **ldp}
+        cfg.update(overrides)
+        return cfg
+
+
+def _grid(models, precision="float32", defences=DEFENCES) -> list[Case]:
+    cases = []
+    for model, user, buffers, defence in itertools.product(models, USERS, (False, True), defences):
+        if model in ("linear", "MLP", "lenet_zhu", "ConvNetSmall", "cnn6") and buffers and defence != "none":
+            # No BatchNorm: "buffers sent" only flips the (empty) eval mode; one case per user shows it.
+            continue
+        cases.append(Case(model, user, buffers, defence, precision=precision))
+    return cases
+
+
+def _special(models=("ConvNet", "resnet20")) -> list[Case]:
+    cases = []
+    for model in models:
+        # Ragged steps: 5 points, 2 per step, 4 steps -> [0,1], [2,3], [4], [1,2].
+        ragged = (("num_local_updates", 4), ("num_data_per_local_update_step", 2))
+        cases.append(Case(model, "local_update", False, num_examples=5, tag="ragged", user_overrides=ragged))
+        cases.append(Case(model, "aggregate", False, num_examples=5, tag="ragged", user_overrides=ragged))
+        # A second query on the same user: its own BatchNorm state persists.
+        for user in ("local_gradient", "local_update"):
+            cases.append(Case(model, user, False, queries=2, tag="second-query"))
+        cases.append(Case(model, "local_gradient", False, defence="clip", queries=2, tag="second-query"))
+        # provide_* flags off.
+        off = (("provide_buffers", False), ("provide_labels", False), ("provide_num_data_points", False),
+               ("provide_local_hyperparams", False))
+        for user in USERS:
+            cases.append(Case(model, user, False, tag="provide-off", user_overrides=off))
+        cases.append(Case(model, "aggregate", False, tag="single-step"))
+        cases.append(Case(model, "aggregate", True, tag="single-step"))
+    return cases
+
+
+def _text(precision="float32") -> list[Case]:
+    return [Case(model, user, False, defence, precision=precision, num_examples=4)
+            for model in TEXT_MODELS for user in USERS for defence in ("none", "clip", "gradient_noise")]
+
+
+def all_cases(quick: bool = False, precision: Optional[str] = None) -> list[Case]:
+    """The full grid, or the CI subset with ``quick``; ``precision`` picks one precision only."""
+    if quick:
+        f32 = _grid(("lenet_zhu", "ConvNet"), defences=("none", "clip", "gradient_noise")) + [
+            c for c in _special(("ConvNet",)) if c.tag in ("ragged", "second-query")
+        ] + [Case("transformer3", "local_update", False, "none")]
+        f64 = [Case(m, u, b, d, precision="float64") for m in ("ConvNet",) for u in USERS
+               for b in (False, True) for d in ("none", "clip")]
+    else:
+        f32 = _grid(VISION_MODELS) + _special() + _text()
+        f64 = _grid(("lenet_zhu", "ConvNet", "resnet20"), precision="float64", defences=("none", "clip")) + [
+            Case(m, "local_update", False, precision="float64", num_examples=5, tag="ragged",
+                 user_overrides=(("num_local_updates", 4), ("num_data_per_local_update_step", 2)))
+            for m in ("ConvNet", "resnet20")] + [
+            Case(m, u, False, d, precision="float64") for m in TEXT_MODELS for u in USERS for d in ("none", "clip")]
+    if precision == "float32":
+        return f32
+    if precision == "float64":
+        return f64
+    return f32 + f64

@@ -1,0 +1,397 @@
+"""Run one parity case: breaching's own user class and fedjax_users on the same model, weights and data.
+
+The reference side is breaching 0.1.2's ``UserSingleStep`` / ``UserMultiStep`` loaded by
+``parity.reference`` and run unmodified; the aggregate is compared with the mean of the reference's
+single-user results (its own ``MultiUserAggregate`` is defective, see ``tests/parity``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from scipy import stats as scipy_stats
+
+import fedjax_users as fu
+from fedjax_users import interop, losses, models
+from parity import reference
+from parity.cases import Case
+
+NOISE_SCALE = 0.05
+
+
+@dataclasses.dataclass
+class Result:
+    """Outcome of one case: worst errors over everything compared, and the bound they must meet."""
+
+    name: str
+    max_abs: float
+    max_rel: float
+    bound: float
+    passed: bool
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return dataclasses.asdict(self)
+
+
+class _Errors:
+    """Accumulates max abs / relative error of tensors and exact checks of metadata."""
+
+    def __init__(self):
+        self.max_abs = 0.0
+        self.max_rel = 0.0
+        self.mismatches: list[str] = []
+
+    def tensors(self, what: str, ours, theirs) -> None:
+        ours = np.asarray(ours, dtype=np.float64)
+        theirs = np.asarray(theirs.detach().cpu().double().numpy() if torch.is_tensor(theirs) else theirs,
+                            dtype=np.float64)
+        if ours.shape != theirs.shape:
+            self.mismatches.append(f"{what}: shape {ours.shape} vs {theirs.shape}")
+            return
+        err = float(np.max(np.abs(ours - theirs))) if ours.size else 0.0
+        scale = float(np.max(np.abs(theirs))) if theirs.size else 0.0
+        self.max_abs = max(self.max_abs, err)
+        # Relative to the tensor's largest entry: entry-wise ratios of near-zero entries are noise.
+        self.max_rel = max(self.max_rel, err / scale if scale > 0 else err)
+
+    def tensor_lists(self, what: str, ours: list, theirs: Optional[list]) -> None:
+        if theirs is None or ours is None:
+            if (theirs is None) != (ours is None):
+                self.mismatches.append(f"{what}: {'missing' if ours is None else 'unexpected'}")
+            return
+        if len(ours) != len(theirs):
+            self.mismatches.append(f"{what}: {len(ours)} vs {len(theirs)} entries")
+            return
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            self.tensors(f"{what}[{i}]", a, b)
+
+    def equal(self, what: str, ours, theirs) -> None:
+        if torch.is_tensor(theirs) or isinstance(ours, (jax.Array, np.ndarray)):
+            if ours is None or theirs is None or not np.array_equal(np.asarray(ours), np.asarray(theirs)):
+                self.mismatches.append(f"{what}: {ours} vs {theirs}")
+        elif ours != theirs:
+            self.mismatches.append(f"{what}: {ours!r} vs {theirs!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Building both sides
+
+
+def _torch_dtype(case: Case):
+    return torch.float64 if case.precision == "float64" else torch.float32
+
+
+def build_models(case: Case):
+    """The reference torch model and the Flax model, holding the same weights."""
+    torch.manual_seed(case.seed)
+    if case.is_text:
+        torch_model = reference.text_model(case.model, case.vocab_size)
+        flax_model = models.get_text(case.model, vocab_size=case.vocab_size, seq_len=case.seq_len)
+        example = jnp.zeros((1, case.seq_len), jnp.int32)
+    else:
+        torch_model = reference.vision_model(case.model, num_classes=case.num_classes, shape=case.image_shape)
+        c, h, w = case.image_shape
+        flax_model = models.get(case.model, num_classes=case.num_classes, num_channels=c)
+        example = jnp.zeros((1, h, w, c), jnp.float64 if case.precision == "float64" else jnp.float32)
+    torch_model = torch_model.to(_torch_dtype(case))
+    if case.buffers_sent:
+        _randomise_buffers(torch_model, case.seed)
+    template = flax_model.init(jax.random.key(0), example)
+    variables = interop.variables_from_torch(torch_model, template)
+    return torch_model, flax_model, variables
+
+
+def _randomise_buffers(torch_model, seed: int) -> None:
+    """Give the server's BatchNorm statistics non-trivial values, so eval mode is really tested."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, buffer in torch_model.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator, dtype=buffer.dtype))
+            elif name.endswith("running_var"):
+                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator, dtype=buffer.dtype))
+            elif name.endswith("num_batches_tracked"):
+                buffer.fill_(7)
+
+
+def build_data(case: Case, num_users: int = 1):
+    """Per-user torch data dicts (the reference's layout) and the same data for JAX."""
+    generator = torch.Generator().manual_seed(case.seed + 100)
+    users = []
+    for _ in range(num_users):
+        if case.is_text:
+            ids = torch.randint(0, case.vocab_size, (case.num_examples, case.seq_len), generator=generator)
+            users.append(dict(input_ids=ids, labels=ids.clone()))
+        else:
+            x = torch.randn((case.num_examples,) + tuple(case.image_shape), generator=generator,
+                            dtype=_torch_dtype(case))
+            y = torch.randint(0, case.num_classes, (case.num_examples,), generator=generator)
+            users.append(dict(inputs=x, labels=y))
+    return users
+
+
+def to_user_data(torch_data: dict) -> fu.UserData:
+    """A reference data dict as fedjax_users data (NCHW -> NHWC for images)."""
+    if "input_ids" in torch_data:
+        inputs = jnp.asarray(torch_data["input_ids"].numpy().astype(np.int32))
+    else:
+        inputs = interop.nchw_to_nhwc(torch_data["inputs"])
+    return fu.UserData(inputs=inputs, labels=jnp.asarray(torch_data["labels"].numpy().astype(np.int32)))
+
+
+def torch_loss(case: Case):
+    """The loss breaching pairs with the task."""
+    if case.is_text:
+        return reference.losses_module().CausalLoss()
+    return torch.nn.CrossEntropyLoss()
+
+
+def jax_loss(case: Case):
+    """The matching per-example loss of fedjax_users."""
+    return losses.causal_lm_loss if case.is_text else losses.softmax_cross_entropy
+
+
+def server_payload(torch_model, case: Case) -> dict:
+    """The reference's payload: parameter and buffer lists (buffers only if the server sends them)."""
+    parameters = [p.detach().clone() for p in torch_model.parameters()]
+    buffers = [b.detach().clone() for b in torch_model.buffers()] if case.buffers_sent else None
+    return dict(parameters=parameters, buffers=buffers)
+
+
+def jax_payload(variables: dict, case: Case) -> fu.ServerPayload:
+    """The same payload as fedjax_users sees it."""
+    stats = variables.get("batch_stats") if case.buffers_sent else None
+    return fu.ServerPayload(params=variables["params"], batch_stats=stats if stats else None)
+
+
+def reference_user(case: Case, torch_model, data: dict, cfg: fu.UserConfig, multi_step: bool):
+    """A breaching user object (fresh state) over a one-batch dataloader."""
+    users = reference.users_module()
+    cls = users.UserMultiStep if multi_step else users.UserSingleStep
+    setup = dict(device=torch.device("cpu"), dtype=_torch_dtype(case))
+    cfg_user = OmegaConf.create(cfg.to_dict())
+    return cls(torch_model, torch_loss(case), [data], setup, idx=0, cfg_user=cfg_user)
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparisons
+
+
+def _compare_shared(errors: _Errors, ours: fu.SharedData, theirs: dict, torch_model, prefix: str = "") -> None:
+    errors.tensor_lists(prefix + "gradients", interop.grads_to_torch_list(ours.gradients, torch_model),
+                        theirs["gradients"])
+    our_buffers = None if ours.batch_stats is None else interop.batch_stats_to_torch_list(ours.batch_stats,
+                                                                                          torch_model)
+    errors.tensor_lists(prefix + "buffers", our_buffers, theirs["buffers"])
+
+
+def _compare_metadata(errors: _Errors, ours: fu.Metadata, theirs: dict) -> None:
+    errors.equal("metadata.num_data_points", ours.num_data_points, theirs.get("num_data_points"))
+    errors.equal("metadata.labels", ours.labels, theirs.get("labels"))
+    errors.equal("metadata.data_key", ours.data_key, theirs.get("data_key"))
+    errors.equal("metadata.num_users", ours.num_users, theirs.get("num_users"))
+    hp_ours, hp_theirs = ours.local_hyperparams, theirs.get("local_hyperparams")
+    if (hp_ours is None) != (hp_theirs is None):
+        errors.mismatches.append(f"metadata.local_hyperparams: {hp_ours} vs {hp_theirs}")
+    elif hp_ours is not None:
+        for key in ("lr", "steps", "data_per_step"):
+            errors.equal(f"metadata.local_hyperparams.{key}", getattr(hp_ours, key), hp_theirs[key])
+        if len(hp_ours.labels) != len(hp_theirs["labels"]):
+            errors.mismatches.append("metadata.local_hyperparams.labels: different step counts")
+        for i, (a, b) in enumerate(zip(hp_ours.labels, hp_theirs["labels"])):
+            errors.equal(f"metadata.local_hyperparams.labels[{i}]", a, b)
+
+
+def _ks_noise(errors: _Errors, what: str, ours: np.ndarray, theirs: np.ndarray, scale: float) -> str:
+    """Two-sample KS between our and the reference's noise samples, plus their spread vs the scale."""
+    ours, theirs = np.ravel(ours), np.ravel(theirs)
+    statistic, p_value = scipy_stats.ks_2samp(ours, theirs)
+    ratio = float(np.std(ours) / np.std(theirs))
+    if p_value < 1e-3 or not 0.9 < ratio < 1.1:
+        errors.mismatches.append(f"{what}: KS p={p_value:.2g}, std ratio {ratio:.3f}")
+    return f"{what}: KS p={p_value:.2g} (n={ours.size}/{theirs.size}), std ratio {ratio:.3f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a case
+
+
+def _user_cfg(case: Case, **changes) -> fu.UserConfig:
+    return fu.UserConfig.from_dict({**case.user_config(), **changes})
+
+
+def _run_reference(case, torch_model, users_data, cfg, multi_step, queries=1):
+    """Shared data of each reference user (fresh user objects; ``queries`` per user)."""
+    outputs = []
+    for data in users_data:
+        user = reference_user(case, torch_model, data, cfg, multi_step)
+        for _ in range(queries):
+            payload = server_payload(torch_model, case)
+            shared, true_data = user.compute_local_updates(payload)
+        outputs.append((shared, true_data))
+    return outputs
+
+
+def _run_ours(case, flax_model, variables, users_data, cfg, key, queries=1):
+    """fedjax_users' result for the same users (aggregate or single user)."""
+    payload = jax_payload(variables, case)
+    loss = jax_loss(case)
+    if case.user == "aggregate":
+        stacked = fu.UserData(
+            inputs=jnp.stack([to_user_data(d).inputs for d in users_data]),
+            labels=jnp.stack([to_user_data(d).labels for d in users_data]),
+        )
+        state = None
+        for _ in range(queries):
+            shared, true_data = fu.aggregate(flax_model, payload, stacked, cfg, key, users_state=state, loss=loss)
+            state = true_data.user_state
+        return shared, true_data
+    compute = fu.local_update if case.user == "local_update" else fu.local_gradient
+    state = None
+    for _ in range(queries):
+        shared, true_data, state = compute(flax_model, payload, to_user_data(users_data[0]), cfg, key,
+                                           user_state=state, loss=loss)
+    return shared, true_data
+
+
+def _mean_reference(outputs: list, provide_buffers: bool) -> dict:
+    """The intended aggregate of the reference users' shared data: the mean, metadata combined."""
+    grads = [torch.stack(list(g)).mean(0) for g in zip(*(shared["gradients"] for shared, _ in outputs))]
+    buffers = None
+    if provide_buffers and outputs[0][0]["buffers"] is not None:
+        buffers = []
+        for group in zip(*(shared["buffers"] for shared, _ in outputs)):
+            stacked = torch.stack(list(group))
+            mean = stacked.double().mean(0)
+            buffers.append(mean.round().to(stacked.dtype) if not stacked.is_floating_point() else mean)
+    return dict(gradients=grads, buffers=buffers)
+
+
+def _aggregate_metadata(outputs: list, cfg: fu.UserConfig) -> dict:
+    metas = [shared["metadata"] for shared, _ in outputs]
+    labels = None
+    if cfg.provide_labels:
+        labels = torch.cat([m["labels"] for m in metas]).sort()[0]
+    hyper = None
+    if cfg.provide_local_hyperparams:
+        step_labels = [lab for m in metas if m["local_hyperparams"] is not None
+                       for lab in m["local_hyperparams"]["labels"]]
+        hyper = dict(lr=cfg.local_learning_rate, steps=cfg.num_local_updates,
+                     data_per_step=cfg.num_data_per_local_update_step, labels=step_labels)
+    return dict(
+        num_data_points=cfg.num_data_points * len(outputs) if cfg.provide_num_data_points else None,
+        labels=labels, local_hyperparams=hyper, num_users=len(outputs),
+    )
+
+
+def _clip_bound(case, torch_model, data, cfg, multi_step) -> float:
+    """A clipping bound that clips some examples and not others (median of the per-example norms)."""
+    if multi_step:
+        user = reference_user(case, torch_model, data, cfg, multi_step=False)
+        probe = copy.deepcopy(user)
+        shared, _ = probe.compute_local_updates(server_payload(torch_model, case), custom_data=dict(data))
+        norm = torch.norm(torch.stack([torch.norm(g) for g in shared["gradients"]])).item()
+        return 0.5 * norm
+    norms = []
+    for i in range(data["labels"].shape[0]):
+        user = reference_user(case, torch_model, data, cfg, multi_step=False)
+        one = {k: v[i:i + 1] for k, v in data.items()}
+        shared, _ = user.compute_local_updates(server_payload(torch_model, case), custom_data=one)
+        norms.append(torch.norm(torch.stack([torch.norm(g) for g in shared["gradients"]])).item())
+    return float(np.median(norms))
+
+
+def run_case(case: Case) -> Result:
+    """Run ``case`` on both sides and compare everything the server and the attacker see."""
+    torch_model, flax_model, variables = build_models(case)
+    num_users = case.num_users if case.user == "aggregate" else 1
+    users_data = build_data(case, num_users)
+    cfg = _user_cfg(case)
+    multi_step = cfg.is_multi_step
+    if case.defence == "clip":
+        cfg = cfg.replace(local_diff_privacy=dataclasses.replace(
+            cfg.local_diff_privacy,
+            per_example_clipping=_clip_bound(case, torch_model, users_data[0], cfg, multi_step)))
+    key = jax.random.key(case.seed)
+    errors = _Errors()
+    details = []
+
+    if case.defence in ("input_noise", "gradient_noise"):
+        details += _noise_case(case, errors, torch_model, flax_model, variables, users_data, cfg, multi_step, key)
+    else:
+        ref = _run_reference(case, torch_model, users_data, cfg, multi_step, queries=case.queries)
+        ours, ours_true = _run_ours(case, flax_model, variables, users_data, cfg, key, queries=case.queries)
+        if case.user == "aggregate":
+            _compare_shared(errors, ours, _mean_reference(ref, cfg.provide_buffers), torch_model)
+            _compare_metadata(errors, ours.metadata, _aggregate_metadata(ref, cfg))
+        else:
+            shared, true_data = ref[0]
+            _compare_shared(errors, ours, shared, torch_model)
+            _compare_metadata(errors, ours.metadata, shared["metadata"])
+            errors.tensors("true_data.data", _as_reference_layout(ours_true.data), true_data["data"])
+            errors.equal("true_data.labels", ours_true.labels, true_data["labels"])
+    bound = case.bound
+    passed = not errors.mismatches and errors.max_rel <= bound
+    detail = "; ".join(errors.mismatches[:3] + details)
+    return Result(case.name, errors.max_abs, errors.max_rel, bound, passed, detail)
+
+
+def _as_reference_layout(data):
+    data = np.asarray(data)
+    return np.transpose(data, (0, 3, 1, 2)) if data.ndim == 4 else data
+
+
+def _noise_case(case, errors, torch_model, flax_model, variables, users_data, cfg, multi_step, key):
+    """Noise cannot match draw for draw: exact deltas with the noise off, distributions with it on."""
+    clean_cfg = cfg.replace(local_diff_privacy=dataclasses.replace(
+        cfg.local_diff_privacy, gradient_noise=0.0, input_noise=0.0))
+    field = "gradient_noise" if case.defence == "gradient_noise" else "input_noise"
+    noisy_cfg = cfg.replace(local_diff_privacy=dataclasses.replace(cfg.local_diff_privacy, **{field: NOISE_SCALE}))
+
+    ref_clean = _run_reference(case, torch_model, users_data, clean_cfg, multi_step)
+    ours_clean, _ = _run_ours(case, flax_model, variables, users_data, clean_cfg, key)
+    reference_clean = ref_clean[0][0] if case.user != "aggregate" else _mean_reference(ref_clean, False)
+    errors.tensor_lists("noise-off gradients", interop.grads_to_torch_list(ours_clean.gradients, torch_model),
+                        reference_clean["gradients"])
+    abs_clean, rel_clean = errors.max_abs, errors.max_rel
+
+    torch.manual_seed(case.seed + 7)
+    ref_noisy = _run_reference(case, torch_model, users_data, noisy_cfg, multi_step)
+    ours_noisy, ours_true = _run_ours(case, flax_model, variables, users_data, noisy_cfg, jax.random.key(case.seed + 7))
+    details = []
+    if field == "gradient_noise" or case.user != "local_gradient" or cfg.local_diff_privacy.per_example_clipping > 0:
+        # Residual of the shared update against the noise-free one: the summed noise for gradient
+        # noise; for input noise the induced change of the update (compared as distributions too).
+        reference_noisy = ref_noisy[0][0] if case.user != "aggregate" else _mean_reference(ref_noisy, False)
+        theirs = np.concatenate([
+            (n - c).double().numpy().ravel()
+            for n, c in zip(reference_noisy["gradients"], reference_clean["gradients"])])
+        ours = np.concatenate([
+            (np.asarray(n, np.float64) - np.asarray(c, np.float64)).ravel()
+            for n, c in zip(jax.tree_util.tree_leaves(ours_noisy.gradients),
+                            jax.tree_util.tree_leaves(ours_clean.gradients))])
+        if field == "gradient_noise":
+            details.append(_ks_noise(errors, "gradient noise residual of the update", ours, theirs, NOISE_SCALE))
+        else:
+            # The update's response to input noise is one correlated draw, not i.i.d. samples: only
+            # its size is compared (the noise samples themselves are checked in the local_gradient case).
+            ratio = float(np.std(ours) / np.std(theirs))
+            if not 0.5 < ratio < 2.0:
+                errors.mismatches.append(f"input-noise response: std ratio {ratio:.3f}")
+            details.append(f"input-noise response of the update: std ratio {ratio:.3f}")
+    else:
+        # Without clipping the reference records the noised inputs: their residual is the noise itself.
+        theirs = (ref_noisy[0][1]["data"] - users_data[0]["inputs"]).double().numpy()
+        ours = _as_reference_layout(ours_true.data) - users_data[0]["inputs"].double().numpy()
+        details.append(_ks_noise(errors, "input noise samples", ours, theirs, NOISE_SCALE))
+    errors.max_abs, errors.max_rel = abs_clean, rel_clean
+    return details
