@@ -1,0 +1,31 @@
+"""Per-example losses matching breaching's torch losses.
+
+Every loss maps ``(logits, labels)`` to one loss per example, shape ``[B]``; the caller takes the
+(masked) mean, which reproduces torch's default ``reduction="mean"``.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+
+
+def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
+    """Cross-entropy of ``logits [B, C]`` against integer ``labels [B]``, as torch's CrossEntropyLoss."""
+    chex.assert_rank(logits, 2)
+    chex.assert_shape(labels, logits.shape[:1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def causal_lm_loss(logits: Array, labels: Array) -> Array:
+    """Next-token cross-entropy of ``logits [B, T, V]`` vs ``labels [B, T]``, averaged per sequence."""
+    chex.assert_rank(logits, 3)
+    chex.assert_shape(labels, logits.shape[:2])
+    # Position t predicts token t + 1, so the last logit and the first label have no partner.
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], labels[:, 1:])
+    # Every sequence has the same T - 1 targets, so the mean of these means is torch's token mean.
+    return jnp.mean(per_token, axis=-1)
