@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import chex
+import flax.struct
 import jax
 
 Array = jax.Array
@@ -35,25 +36,28 @@ class UserData:
         return "input_ids" if jax.numpy.issubdtype(self.inputs.dtype, jax.numpy.integer) else "inputs"
 
 
-@chex.dataclass(frozen=True)
+@flax.struct.dataclass
 class LocalHyperparams:
-    """The local training set-up a multi-step user may reveal to the server."""
+    """The local training set-up a multi-step user may reveal to the server.
 
-    lr: float
-    steps: int
-    data_per_step: int
+    Numbers are static (not traced), so a whole user computation can sit under an outer ``jit``.
+    """
+
+    lr: float = flax.struct.field(pytree_node=False)
+    steps: int = flax.struct.field(pytree_node=False)
+    data_per_step: int = flax.struct.field(pytree_node=False)
     labels: Optional[list]  # one sorted label array per local step
 
 
-@chex.dataclass(frozen=True)
+@flax.struct.dataclass
 class Metadata:
-    """What the server learns besides the update (``None`` = not provided)."""
+    """What the server learns besides the update (``None`` = not provided); only labels are arrays."""
 
-    num_data_points: Optional[int] = None
+    num_data_points: Optional[int] = flax.struct.field(pytree_node=False, default=None)
     labels: Optional[Array] = None
     local_hyperparams: Optional[LocalHyperparams] = None
-    data_key: Optional[str] = None
-    num_users: Optional[int] = None
+    data_key: Optional[str] = flax.struct.field(pytree_node=False, default=None)
+    num_users: Optional[int] = flax.struct.field(pytree_node=False, default=None)
 
 
 @chex.dataclass(frozen=True)

@@ -1,0 +1,296 @@
+"""Offline dataset splits: CIFAR-10/100 folders, the embedded digits, synthetic images, random tokens.
+
+Every source returns ``Examples``: the split in its stored form plus a decoder, so only the
+examples a user holds are ever converted to model inputs. Images decode to float32 NHWC in
+[0, 1] (torchvision's ``ToTensor`` scaling, before normalisation); tokens stay integer ids.
+
+``load_examples(cfg_data)`` picks the source by ``cfg_data.name``:
+
+* ``CIFAR10`` / ``CIFAR100``: the python-version folders ``cifar-10-batches-py`` /
+  ``cifar-100-python`` under ``cfg_data.path``, read without running pickled code.
+* ``digits``: 1,797 real 8x8 handwritten digits shipped in ``digits.npz`` beside this module (see the
+  README there). Grey levels 0..16 are divided by 16, each pixel is repeated into a 4x4 block
+  (nearest-neighbour upsampling, 8x8 -> 32x32) and the grey channel is copied into 3 channels, so
+  CIFAR-size models run on them unchanged. ``validation`` is the last 500 images, ``training``
+  the first 1,297 (scikit-learn's order; the set has no official split).
+* ``synthetic``: uniform [0, 1) images of ``cfg_data.shape`` (CHW, as breaching's configs) with
+  uniform labels, ``cfg_data.size`` of them, seeded by ``cfg_data.seed``.
+* ``random-tokens``: ``cfg_data.size`` sequences of ``cfg_data.shape[0]`` uniform token ids below
+  ``cfg_data.vocab_size``, seeded; the labels are the ids themselves, as breaching's causal-LM
+  text data (``labels = input_ids``).
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import importlib
+import os
+import pickle
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from fedjax_users.data.errors import DataError
+
+SPLITS = ("training", "validation")
+EMBEDDED_DIGITS = os.path.join(os.path.dirname(__file__), "digits.npz")
+DIGITS_VALIDATION_SIZE = 500
+DIGITS_UPSAMPLE = 4  # 8x8 -> 32x32
+
+
+def _identity(stored: np.ndarray) -> np.ndarray:
+    return stored
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """One dataset split: stored inputs, labels, and the decoder from stored form to model inputs."""
+
+    stored: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    decode: Callable[[np.ndarray], np.ndarray] = _identity
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def head(self, size: int) -> "Examples":
+        """The first ``size`` examples (breaching's ``cfg_data.size`` cut)."""
+        return dataclasses.replace(self, stored=self.stored[:size], labels=self.labels[:size])
+
+    def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded inputs and labels of the examples at ``indices``, in that order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return self.decode(self.stored[indices]), self.labels[indices]
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR
+
+
+def _numpy_core(module: str) -> Any:
+    try:
+        return importlib.import_module(f"numpy._core.{module}")
+    except ImportError:  # numpy < 2
+        return importlib.import_module(f"numpy.core.{module}")
+
+
+# What an array pickle may name: array and dtype reconstructors only. The original batches were
+# written by numpy 1 under Python 2 (``numpy.core``); numpy 2 writes ``numpy._core`` (protocol 5
+# via ``_frombuffer``); Python 3 protocol-2 pickles store bytes through ``_codecs.encode``.
+# Anything else (``os.system`` and friends) is refused.
+_PICKLE_GLOBALS: dict[tuple[str, str], Any] = {
+    **{
+        (f"{package}.{module}", name): getattr(_numpy_core(module), name)
+        for package in ("numpy.core", "numpy._core")
+        for module, name in (("multiarray", "_reconstruct"), ("numeric", "_frombuffer"))
+    },
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,
+}
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays; refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _PICKLE_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}") from None
+
+
+def read_array_pickle(file: str) -> Any:
+    """Load a pickle of dicts, lists and numpy arrays (e.g. a CIFAR batch) without running code."""
+    try:
+        with open(file, "rb") as handle:
+            # latin1 lets Python 2 byte strings (array buffers, dict keys) load as they were written.
+            return _ArrayOnlyUnpickler(handle, encoding="latin1").load()
+    except FileNotFoundError:
+        raise DataError(f"missing data file {file}") from None
+    except Exception as err:  # an untrusted file can fail in any number of ways
+        raise DataError(f"malformed data file {file}: {type(err).__name__}: {err}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class CifarLayout:
+    """Where a CIFAR python-version folder keeps each split and its labels."""
+
+    folder: str
+    files: Mapping[str, tuple[str, ...]]
+    label_key: str
+    num_classes: int
+
+
+CIFAR = {
+    "CIFAR10": CifarLayout(
+        folder="cifar-10-batches-py",
+        files={"training": tuple(f"data_batch_{i}" for i in range(1, 6)), "validation": ("test_batch",)},
+        label_key="labels",
+        num_classes=10,
+    ),
+    "CIFAR100": CifarLayout(
+        folder="cifar-100-python",
+        files={"training": ("train",), "validation": ("test",)},
+        label_key="fine_labels",
+        num_classes=100,
+    ),
+}
+CIFAR_SHAPE = (3, 32, 32)  # stored channel-major, one row of 3072 bytes per image
+
+
+def _cifar_batch(file: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    entry = read_array_pickle(file)
+    if not isinstance(entry, dict) or "data" not in entry or label_key not in entry:
+        raise DataError(f"malformed data file {file}: expected a dict with 'data' and {label_key!r}")
+    data, labels = entry["data"], np.asarray(entry[label_key])
+    row = int(np.prod(CIFAR_SHAPE))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != row:
+        raise DataError(f"malformed data file {file}: 'data' must be uint8 [N, {row}]")
+    if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"malformed data file {file}: {label_key!r} must hold {len(data)} integer labels")
+    return data, labels
+
+
+def _unit_images_from_chw(stored: np.ndarray) -> np.ndarray:
+    images = stored.reshape((-1,) + CIFAR_SHAPE).transpose(0, 2, 3, 1)
+    # As torchvision's ToTensor: float32, then divide by 255.
+    return images.astype(np.float32) / np.float32(255)
+
+
+def cifar_folder(path: str, name: str) -> str:
+    """The batches folder of CIFAR ``name`` under ``path`` (or ``path`` itself if it is that folder)."""
+    root = os.path.expanduser(path)
+    folder = CIFAR[name].folder
+    return root if os.path.basename(os.path.normpath(root)) == folder else os.path.join(root, folder)
+
+
+def read_cifar(path: str, name: str, split: str) -> Examples:
+    """CIFAR-10 (``name='CIFAR10'``) or CIFAR-100 from its python-version folder under ``path``."""
+    _check_split(split)
+    layout = CIFAR[name]
+    folder = cifar_folder(path, name)
+    if not os.path.isdir(folder):
+        raise DataError(
+            f"{name} data folder not found: {folder} (extract the python-version archive there; "
+            f"nothing is downloaded)"
+        )
+    batches = [_cifar_batch(os.path.join(folder, file), layout.label_key) for file in layout.files[split]]
+    labels = np.concatenate([labels for _, labels in batches]).astype(np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= layout.num_classes):
+        raise DataError(f"malformed {name} data in {folder}: labels outside 0..{layout.num_classes - 1}")
+    stored = np.concatenate([data for data, _ in batches])
+    return Examples(stored=stored, labels=labels, num_classes=layout.num_classes, decode=_unit_images_from_chw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedded digits
+
+
+def _unit_images_from_digits(stored: np.ndarray) -> np.ndarray:
+    grey = stored.astype(np.float32) / np.float32(16)
+    grey = grey.repeat(DIGITS_UPSAMPLE, axis=1).repeat(DIGITS_UPSAMPLE, axis=2)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def embedded_digits(split: str) -> Examples:
+    """The shipped 8x8 handwritten digits as 32x32x3 images (decoding: see the module docstring)."""
+    _check_split(split)
+    with np.load(EMBEDDED_DIGITS) as archive:
+        images, labels = archive["images"], archive["labels"].astype(np.int64)
+    cut = len(labels) - DIGITS_VALIDATION_SIZE
+    part = slice(cut, None) if split == "validation" else slice(None, cut)
+    return Examples(stored=images[part], labels=labels[part], num_classes=10, decode=_unit_images_from_digits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated data
+
+
+def synthetic_images(size: int, shape: tuple[int, int, int], num_classes: int, seed: int) -> Examples:
+    """``size`` uniform [0, 1) images of CHW ``shape`` (returned NHWC) with uniform labels."""
+    channels, height, width = shape
+    rng = np.random.default_rng(seed)
+    images = rng.random((size, height, width, channels), dtype=np.float32)
+    labels = rng.integers(0, num_classes, size=size, dtype=np.int64)
+    return Examples(stored=images, labels=labels, num_classes=num_classes)
+
+
+def random_tokens(size: int, seq_length: int, vocab_size: int, seed: int) -> Examples:
+    """``size`` sequences of uniform token ids; labels are the ids (causal language modelling)."""
+    tokens = np.random.default_rng(seed).integers(0, vocab_size, size=(size, seq_length), dtype=np.int32)
+    return Examples(stored=tokens, labels=tokens.copy(), num_classes=vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch on the data config
+
+
+def _positive(cfg_data, key: str) -> int:
+    value = cfg_data.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise DataError(f"data.{key} must be a positive integer for dataset {cfg_data.name!r}, got {value!r}")
+    return value
+
+
+def _image_shape(cfg_data) -> tuple[int, int, int]:
+    shape = tuple(cfg_data.get("shape") or ())
+    if len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
+        raise DataError(f"data.shape must be [channels, height, width], got {list(shape)}")
+    return shape
+
+
+def _load_synthetic(cfg_data, split: str) -> Examples:
+    # Each split is its own draw, so training and validation examples differ.
+    seed = [int(cfg_data.get("seed", 0)), SPLITS.index(split)]
+    return synthetic_images(_positive(cfg_data, "size"), _image_shape(cfg_data), _positive(cfg_data, "classes"), seed)
+
+
+def _load_random_tokens(cfg_data, split: str) -> Examples:
+    shape = tuple(cfg_data.get("shape") or ())
+    if len(shape) != 1:
+        raise DataError(f"data.shape must be [sequence_length] for random-tokens, got {list(shape)}")
+    seed = [int(cfg_data.get("seed", 0)), SPLITS.index(split)]
+    return random_tokens(_positive(cfg_data, "size"), int(shape[0]), _positive(cfg_data, "vocab_size"), seed)
+
+
+SOURCES: dict[str, Callable[[Any, str], Examples]] = {
+    "CIFAR10": lambda cfg, split: read_cifar(cfg.path, "CIFAR10", split),
+    "CIFAR100": lambda cfg, split: read_cifar(cfg.path, "CIFAR100", split),
+    "digits": lambda cfg, split: embedded_digits(split),
+    "synthetic": _load_synthetic,
+    "random-tokens": _load_random_tokens,
+}
+
+
+def load_examples(cfg_data) -> Examples:
+    """The ``cfg_data.examples_from_split`` split of dataset ``cfg_data.name``, cut to ``cfg_data.size``."""
+    name = cfg_data.get("name")
+    if name not in SOURCES:
+        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(SOURCES)}")
+    split = cfg_data.get("examples_from_split", "validation")
+    _check_split(split)
+    examples = SOURCES[name](cfg_data, split)
+    size = cfg_data.get("size")
+    # As the reference, ``size`` only ever shortens a split, before partitioning. (The reference's
+    # partition then still reads the labels of the whole split, which its Subset forwards, and can
+    # pick indices past the cut; we partition the examples that remain.)
+    return examples.head(size) if size is not None and size < len(examples) else examples
+
+
+def normalize(images: np.ndarray, mean, std) -> np.ndarray:
+    """``(images - mean) / std`` per channel (last axis), as torchvision's ``Normalize``."""
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    if mean.shape != std.shape or mean.ndim != 1 or mean.shape[0] not in (1, images.shape[-1]):
+        raise DataError(
+            f"data.mean and data.std need one value per channel ({images.shape[-1]}), "
+            f"got {mean.tolist()} and {std.tolist()}"
+        )
+    return (images - mean) / std
