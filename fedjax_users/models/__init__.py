@@ -1,0 +1,54 @@
+"""Model zoo: Flax versions of breaching's models, looked up by breaching's names.
+
+Each modality keeps its own table (breaching has a vision ``linear`` and a text ``linear``).
+A model module exports ``MODELS: dict[name, constructor]``; constructors are called as
+``constructor(num_classes=..., num_channels=...)`` (text models read ``num_classes`` as the
+vocabulary size). Add a modality's table with ``register(modality, MODELS)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import flax.linen as nn
+
+from fedjax_users.models import vision
+
+Constructor = Callable[..., nn.Module]
+
+_REGISTRY: dict[str, dict[str, Constructor]] = {}
+
+
+def register(modality: str, models: Mapping[str, Constructor]) -> None:
+    """Add ``models`` to ``modality``'s table; re-registering a name is an error."""
+    table = _REGISTRY.setdefault(modality, {})
+    clashes = sorted(set(table) & set(models))
+    if clashes:
+        raise ValueError(f"{modality} models already registered: {clashes}")
+    table.update(models)
+
+
+def names(modality: str = "vision") -> list[str]:
+    """The registered model names of ``modality``."""
+    return sorted(_REGISTRY.get(modality, {}))
+
+
+def get(
+    name: str, num_classes: int = 10, num_channels: int = 3, modality: str = "vision"
+) -> nn.Module:
+    """The Flax module breaching builds for ``name``, matched case-insensitively like breaching."""
+    table = _REGISTRY.get(modality, {})
+    matches = [key for key in table if key.lower() == name.lower()]
+    if not matches:
+        raise ValueError(
+            f"unknown {modality} model {name!r}; known {modality} models: {names(modality)}"
+        )
+    exact = name if name in table else matches[0]
+    return table[exact](num_classes=num_classes, num_channels=num_channels)
+
+
+register("vision", vision.MODELS)
+
+from fedjax_users.models import text  # noqa: E402  (registers after the table exists)
+
+register("text", text.MODELS)

@@ -1,0 +1,332 @@
+"""Flax versions of breaching's CIFAR-size vision models.
+
+Each model reproduces the layer order, shapes, padding, strides, pooling, activations and bias
+flags of its PyTorch counterpart in breaching's ``model_preparation.py`` / ``resnets.py``.
+Submodule names mirror the torch module paths (``body.0``, ``layers.1.0.downsample.1``, ...), so
+``fedjax_users.interop`` maps weights by name. Inputs are NHWC.
+
+All models follow the package's model contract: ``__call__(x, train=False, mask=None,
+momentum=0.1)``; ``mask`` and ``momentum`` go to every BatchNorm layer, models without BatchNorm
+ignore them. Initialisers are Flax's defaults except where the torch model's own initialisation
+is part of its identity (LeNetZhu's uniform init, which gradient-inversion attacks rely on).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fedjax_users.batchnorm import BatchNorm
+
+Array = jax.Array
+Momentum = Optional[float]  # None: PyTorch's cumulative running average
+
+
+def torch_conv(
+    features: int,
+    kernel: int,
+    stride: int = 1,
+    padding: int = 0,
+    use_bias: bool = True,
+    **kwargs,
+) -> nn.Conv:
+    """A ``torch.nn.Conv2d`` look-alike: square kernel, explicit symmetric zero padding."""
+    # Explicit padding, not 'SAME': for even kernels or strides 'SAME' pads asymmetrically.
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=[(padding, padding), (padding, padding)],
+        use_bias=use_bias,
+        **kwargs,
+    )
+
+
+def flatten_channel_major(x: Array) -> Array:
+    """Flatten NHWC features in torch's NCHW order.
+
+    Flattening in torch's order makes the following Dense kernel a plain transpose of torch's
+    ``Linear.weight``, so weights (and gradients) convert without reindexing.
+    """
+    return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+
+
+def torch_max_pool(x: Array, window: int) -> Array:
+    """``torch.nn.MaxPool2d(window)``: stride = window, no padding, incomplete windows dropped."""
+    return nn.max_pool(x, (window, window), strides=(window, window), padding="VALID")
+
+
+def global_avg_pool(x: Array) -> Array:
+    """``torch.nn.AdaptiveAvgPool2d(1)`` followed by flatten: mean over height and width."""
+    return jnp.mean(x, axis=(1, 2))
+
+
+def symmetric_uniform(limit: float) -> Callable:
+    """Initialiser drawing from U(-limit, limit)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+    return init
+
+
+class VisionModel(nn.Module):
+    """Fields every vision model has; ``num_channels`` guards against NCHW inputs."""
+
+    num_classes: int = 10
+    num_channels: int = 3
+
+    def check_inputs(self, x: Array) -> Array:
+        """Reject inputs that are not NHWC images with ``num_channels`` channels."""
+        # An NCHW batch passed by mistake would otherwise run (convs infer their input width).
+        if x.ndim != 4 or x.shape[-1] != self.num_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects NHWC images with {self.num_channels} channels, "
+                f"got shape {x.shape}"
+            )
+        return x
+
+
+class Linear(VisionModel):
+    """breaching ``linear``: ``Sequential(Flatten, Linear)``, the Linear at index 1."""
+
+    @nn.compact
+    def __call__(
+        self, x: Array, train: bool = False, mask: Optional[Array] = None, momentum: Momentum = 0.1
+    ) -> Array:
+        x = flatten_channel_major(self.check_inputs(x))
+        return nn.Dense(self.num_classes, name="1")(x)
+
+
+class MLP(VisionModel):
+    """breaching ``MLP``: three ReLU layers of ``width`` units (torch fixes the input to 3072)."""
+
+    width: int = 1024
+
+    @nn.compact
+    def __call__(
+        self, x: Array, train: bool = False, mask: Optional[Array] = None, momentum: Momentum = 0.1
+    ) -> Array:
+        x = flatten_channel_major(self.check_inputs(x))
+        for index in range(3):
+            x = nn.relu(nn.Dense(self.width, name=f"linear{index}")(x))
+        return nn.Dense(self.num_classes, name="linear3")(x)
+
+
+class _LeNetBody(nn.Module):
+    """``LeNetZhu.body``: three 5x5 sigmoid convs at Sequential indices 0, 2 and 4."""
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        init = symmetric_uniform(0.5)
+        for index, stride in (("0", 2), ("2", 2), ("4", 1)):
+            conv = torch_conv(12, 5, stride, 2, name=index, kernel_init=init, bias_init=init)
+            x = nn.sigmoid(conv(x))
+        return x
+
+
+class _LeNetHead(nn.Module):
+    """``LeNetZhu.fc``: a Sequential holding one Linear at index 0."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        init = symmetric_uniform(0.5)
+        return nn.Dense(self.num_classes, name="0", kernel_init=init, bias_init=init)(x)
+
+
+class LeNetZhu(VisionModel):
+    """breaching ``lenet_zhu`` (the DLG LeNet): sigmoid convs, one Linear on 768 features."""
+
+    @nn.compact
+    def __call__(
+        self, x: Array, train: bool = False, mask: Optional[Array] = None, momentum: Momentum = 0.1
+    ) -> Array:
+        x = _LeNetBody(name="body")(self.check_inputs(x))
+        return _LeNetHead(self.num_classes, name="fc")(flatten_channel_major(x))
+
+
+class ConvNetSmall(VisionModel):
+    """breaching ``ConvNetSmall``: four ReLU convs, no BatchNorm, global average pooling."""
+
+    width: int = 256
+
+    @nn.compact
+    def __call__(
+        self, x: Array, train: bool = False, mask: Optional[Array] = None, momentum: Momentum = 0.1
+    ) -> Array:
+        x = self.check_inputs(x)
+        w = self.width
+        x = nn.relu(torch_conv(w, 3, 1, 1, name="conv0")(x))
+        x = nn.relu(torch_conv(2 * w, 3, 1, 1, name="conv1")(x))
+        x = nn.relu(torch_conv(4 * w, 3, 2, 1, name="conv2")(x))
+        x = torch_max_pool(x, 3)
+        x = nn.relu(torch_conv(4 * w, 3, 2, 1, name="conv3")(x))
+        return nn.Dense(self.num_classes, name="linear")(global_avg_pool(x))
+
+
+# ConvNet's conv widths as multiples of ``width``; "pool" is a MaxPool2d(3) (torch: pool0, pool1).
+_CONVNET_LAYERS = (1, 2, 2, 4, 4, 4, "pool", 4, 4, "pool")
+
+
+class ConvNet(VisionModel):
+    """breaching ``ConvNet``: eight conv-BatchNorm-ReLU layers, two max pools, one Linear."""
+
+    width: int = 64
+
+    @nn.compact
+    def __call__(
+        self, x: Array, train: bool = False, mask: Optional[Array] = None, momentum: Momentum = 0.1
+    ) -> Array:
+        x = self.check_inputs(x)
+        conv_index = 0
+        for layer in _CONVNET_LAYERS:
+            if layer == "pool":
+                x = torch_max_pool(x, 3)
+                continue
+            x = torch_conv(layer * self.width, 3, 1, 1, name=f"conv{conv_index}")(x)
+            x = BatchNorm(name=f"bn{conv_index}")(x, train, mask, momentum)
+            x = nn.relu(x)
+            conv_index += 1
+        return nn.Dense(self.num_classes, name="linear")(flatten_channel_major(x))
+
+
+# cnn6 (the R-GAP model): (features, kernel, stride, padding) of layer0 .. layer5, all bias-free.
+_CNN6_LAYERS = (
+    (12, 4, 2, 2), (36, 3, 2, 1), (36, 3, 1, 1), (36, 3, 1, 1), (64, 3, 2, 1), (128, 3, 1, 1)
+)
+
+
+class CNN6(VisionModel):
+    """breaching ``cnn6``: six bias-free convs with LeakyReLU(0.2) in between, one Linear."""
+
+    @nn.compact
+    def __call__(
+        self, x: Array, train: bool = False, mask: Optional[Array] = None, momentum: Momentum = 0.1
+    ) -> Array:
+        x = self.check_inputs(x)
+        for index, (features, kernel, stride, padding) in enumerate(_CNN6_LAYERS):
+            if index > 0:
+                x = nn.leaky_relu(x, negative_slope=0.2)
+            name = f"layer{index}"
+            x = torch_conv(features, kernel, stride, padding, use_bias=False, name=name)(x)
+        # torch applies the last activation after Flatten; it is elementwise, so the order is moot.
+        x = nn.leaky_relu(flatten_channel_major(x), negative_slope=0.2)
+        return nn.Dense(self.num_classes, name="fc")(x)
+
+
+class ConvNorm(nn.Module):
+    """A Sequential of a bias-free conv (index 0) and a BatchNorm (index 1).
+
+    Used for the ResNet stem (followed by ReLU) and the type-"B" downsample shortcut.
+    """
+
+    features: int
+    kernel: int
+    stride: int
+    padding: int
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool, mask: Optional[Array], momentum: Momentum) -> Array:
+        conv = torch_conv(
+            self.features, self.kernel, self.stride, self.padding, use_bias=False, name="0"
+        )
+        return BatchNorm(name="1")(conv(x), train, mask, momentum)
+
+
+class BasicBlock(nn.Module):
+    """ResNet BasicBlock: two 3x3 conv-BatchNorm layers and a (projected) shortcut."""
+
+    features: int
+    stride: int
+    project_shortcut: bool
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool, mask: Optional[Array], momentum: Momentum) -> Array:
+        out = torch_conv(self.features, 3, self.stride, 1, use_bias=False, name="conv1")(x)
+        out = nn.relu(BatchNorm(name="bn1")(out, train, mask, momentum))
+        out = torch_conv(self.features, 3, 1, 1, use_bias=False, name="conv2")(out)
+        out = BatchNorm(name="bn2")(out, train, mask, momentum)
+        shortcut = x
+        if self.project_shortcut:
+            shortcut = ConvNorm(self.features, 1, self.stride, 0, name="downsample")(
+                x, train, mask, momentum
+            )
+        return nn.relu(out + shortcut)
+
+
+class ResNetStage(nn.Module):
+    """One ``_make_layer`` Sequential: BasicBlocks named by index, the first one may downsample."""
+
+    features: int
+    blocks: int
+    stride: int
+    project_first: bool
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool, mask: Optional[Array], momentum: Momentum) -> Array:
+        for index in range(self.blocks):
+            first = index == 0
+            block = BasicBlock(
+                self.features,
+                self.stride if first else 1,
+                self.project_first and first,
+                name=str(index),
+            )
+            x = block(x, train, mask, momentum)
+        return x
+
+
+class ResNetStages(nn.Module):
+    """``ResNet.layers``: the stages named by index, doubling the width at each stage."""
+
+    stage_sizes: Sequence[int]
+    width: int
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool, mask: Optional[Array], momentum: Momentum) -> Array:
+        in_features = self.width
+        for index, blocks in enumerate(self.stage_sizes):
+            features = self.width * 2**index
+            stride = 1 if index == 0 else 2
+            # breaching's downsample "B": project when the shape changes, else identity.
+            project = stride != 1 or in_features != features
+            stage = ResNetStage(features, blocks, stride, project, name=str(index))
+            x = stage(x, train, mask, momentum)
+            in_features = features
+        return x
+
+
+class ResNet(VisionModel):
+    """breaching's CIFAR ResNet: 3x3 stem, BasicBlock stages, downsample "B", BatchNorm."""
+
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    width: int = 64
+
+    @nn.compact
+    def __call__(
+        self, x: Array, train: bool = False, mask: Optional[Array] = None, momentum: Momentum = 0.1
+    ) -> Array:
+        x = self.check_inputs(x)
+        x = nn.relu(ConvNorm(self.width, 3, 1, 1, name="stem")(x, train, mask, momentum))
+        stages = ResNetStages(tuple(self.stage_sizes), self.width, name="layers")
+        x = stages(x, train, mask, momentum)
+        return nn.Dense(self.num_classes, name="linear")(global_avg_pool(x))
+
+
+# breaching's names -> constructors, called as ``constructor(num_classes=..., num_channels=...)``.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "linear": Linear,
+    "MLP": MLP,
+    "lenet_zhu": LeNetZhu,
+    "ConvNetSmall": ConvNetSmall,
+    "ConvNet": ConvNet,
+    "cnn6": CNN6,
+    "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), width=64),
+    "resnet20": functools.partial(ResNet, stage_sizes=(3, 3, 3), width=16),
+}
