@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
 
 USER_TYPES = ("local_gradient", "local_update", "multiuser_aggregate")
 DISTRIBUTIONS = ("gaussian", "laplacian")
@@ -19,6 +22,28 @@ def _check_keys(given: Mapping[str, Any], cls: type, where: str) -> None:
     unknown = sorted(set(given) - known)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r} in {where}; known keys: {', '.join(sorted(known))}")
+
+
+def _check_type(name: str, value: Any, kind: type) -> None:
+    """Reject a value of the wrong type (YAML reads ``2.5``, ``abc`` and ``maybe`` happily)."""
+    if value is None:
+        return
+    is_bool = isinstance(value, (bool, np.bool_))
+    if kind is bool:
+        ok = is_bool
+    elif kind is int:
+        ok = isinstance(value, numbers.Integral) and not is_bool
+    else:
+        ok = isinstance(value, numbers.Real) and not is_bool
+    if not ok:
+        raise ConfigError(f"{name} must be {'a number' if kind is float else 'an ' + kind.__name__ if kind is int else 'a ' + kind.__name__}, got {value!r}")
+
+
+def _check_types(obj: Any) -> None:
+    for field in dataclasses.fields(obj):
+        kind = {"int": int, "float": float, "bool": bool}.get(str(field.type).replace("Optional[", "").rstrip("]"))
+        if kind is not None:
+            _check_type(field.name, getattr(obj, field.name), kind)
 
 
 def _non_negative(name: str, value: Optional[float]) -> None:
@@ -36,6 +61,7 @@ class LocalDiffPrivacy:
     per_example_clipping: float = 0.0
 
     def __post_init__(self):
+        _check_types(self)
         if self.distribution not in DISTRIBUTIONS:
             raise ConfigError(
                 f"unknown distribution {self.distribution!r}; expected one of {', '.join(DISTRIBUTIONS)}"
@@ -70,6 +96,9 @@ class UserConfig:
         if isinstance(self.local_diff_privacy, Mapping):
             _check_keys(self.local_diff_privacy, LocalDiffPrivacy, "local_diff_privacy")
             object.__setattr__(self, "local_diff_privacy", LocalDiffPrivacy(**self.local_diff_privacy))
+        if not isinstance(self.local_diff_privacy, LocalDiffPrivacy):
+            raise ConfigError(f"local_diff_privacy must be a mapping, got {self.local_diff_privacy!r}")
+        _check_types(self)
         if self.user_range is not None:
             object.__setattr__(self, "user_range", tuple(int(v) for v in self.user_range))
             if len(self.user_range) != 2 or self.user_range[1] <= self.user_range[0]:

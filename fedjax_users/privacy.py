@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 PyTree = Any
@@ -41,10 +42,16 @@ def sample(key: Array, shape: tuple[int, ...], dtype: Any, scale: float, distrib
 
 
 def add_noise(key: Array, tree: PyTree, scale: float, distribution: str) -> PyTree:
-    """Add i.i.d. noise to every entry of every leaf (independent keys per leaf); scale 0 is a no-op."""
+    """Add i.i.d. noise to every entry of every leaf; scale 0 is a no-op.
+
+    One flat draw split into the leaves: the same distribution as a draw per leaf, and one random
+    op instead of one per leaf (a noisy user compiles several times faster).
+    """
     if scale <= 0:
         return tree
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    noised = [leaf + sample(k, leaf.shape, leaf.dtype, scale, distribution) for k, leaf in zip(keys, leaves)]
+    sizes = [leaf.size for leaf in leaves]
+    flat = sample(key, (sum(sizes),), jnp.result_type(*leaves), scale, distribution)
+    pieces = jnp.split(flat, np.cumsum(sizes)[:-1])
+    noised = [leaf + piece.reshape(leaf.shape).astype(leaf.dtype) for leaf, piece in zip(leaves, pieces)]
     return jax.tree_util.tree_unflatten(treedef, noised)

@@ -13,7 +13,7 @@ with those buffers; none sent -> train mode with the user's own persistent stati
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import chex
 import jax
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_users import privacy
+from fedjax_users import chunking, clipping, privacy, sharding
 from fedjax_users.batchnorm import fold_batch_stats
 from fedjax_users.config import ConfigError, UserConfig
 from fedjax_users.losses import softmax_cross_entropy
@@ -151,15 +151,15 @@ def _single_step(model, loss_fn, cfg, params, server_stats, user_stats, inputs, 
         # Each example is its own batch of one (BatchNorm statistics of that example alone); its
         # batch statistics are recorded with momentum 1 and folded into the running average in
         # order afterwards, exactly as the reference's loop over examples updates them.
-        def per_example(x, y, k):
-            grads, batch = _loss_and_grad(
-                model, loss_fn, params, stats, _noised_inputs(k, x[None], cfg), y[None], train, None, 1.0
-            )
-            return privacy.clip_by_global_norm(grads, dp.per_example_clipping), batch
+        def per_example(p, example):
+            x, y, k = example
+            logits, batch = _apply(model, p, stats, _noised_inputs(k, x[None], cfg), train, None, 1.0)
+            return _masked_mean(loss_fn(logits, y[None]), None), batch
 
         keys = jax.random.split(input_key, inputs.shape[0])
-        grads, per_batch = jax.vmap(per_example)(inputs, labels, keys)
-        grads = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0) / inputs.shape[0], grads)
+        grads, per_batch = clipping.clipped_mean_gradient(
+            per_example, params, (inputs, labels, keys), dp.per_example_clipping
+        )
         new_stats = fold_batch_stats(stats, per_batch, SINGLE_STEP_MOMENTUM) if train and stats else stats
         recorded_inputs = inputs
     else:
@@ -227,6 +227,15 @@ def _multi_step(model, loss_fn, cfg, params, server_stats, user_stats, inputs, l
     return delta, final_stats, inputs
 
 
+def compute_config(cfg: UserConfig) -> UserConfig:
+    """Only the keys the computation depends on: metadata-only keys are reset so they share a compile."""
+    return cfg.replace(
+        user_type="local_update" if cfg.is_multi_step else "local_gradient", user_range=None, user_idx=None,
+        provide_buffers=False, provide_labels=False, provide_num_data_points=True,
+        provide_local_hyperparams=False if cfg.is_multi_step else None,
+    )
+
+
 def _user_core(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key):
     """One user of the config's kind: multi-step users train, single-step users take one gradient."""
     compute = _multi_step if cfg.is_multi_step else _single_step
@@ -244,7 +253,7 @@ def _user_jit(model, loss_fn, cfg, params, server_stats, user_stats, inputs, lab
 
 def _step_labels(labels: Array, cfg: UserConfig) -> list[Array]:
     slices = step_slices(cfg.num_data_points, cfg.num_data_per_local_update_step, cfg.num_local_updates)
-    return [jnp.sort(labels[start : start + length], axis=0) for start, length in slices]
+    return [jnp.sort(labels[start : start + length], axis=-1) for start, length in slices]
 
 
 def _hyperparams(cfg: UserConfig, step_labels: Optional[list]) -> Optional[LocalHyperparams]:
@@ -264,7 +273,7 @@ def _user_metadata(cfg: UserConfig, labels: Array, data_key: str) -> Metadata:
     if not cfg.is_multi_step:
         return Metadata(
             num_data_points=num_points,
-            labels=jnp.sort(labels, axis=0) if cfg.provide_labels else None,
+            labels=jnp.sort(labels, axis=-1) if cfg.provide_labels else None,
         )
     return Metadata(
         num_data_points=num_points,
@@ -288,13 +297,12 @@ def _run_user(model, payload, data, cfg, key, user_state, loss, expect_multi_ste
         user_state = initial_batch_stats(model, inputs)
     user_cfg = cfg.replace(user_type="local_update" if expect_multi_step else "local_gradient", user_range=None)
     grads, new_stats, recorded = _user_jit(
-        model, loss, user_cfg, payload.params, payload.batch_stats, user_state, inputs, labels, key
+        model, loss, compute_config(user_cfg), payload.params, payload.batch_stats, user_state, inputs, labels, key
     )
     train = payload.batch_stats is None
-    if expect_multi_step:
-        buffers = new_stats if new_stats else None
-    else:
-        buffers = new_stats if (train and new_stats) else None
+    # As the reference: multi-step users always report their buffers (the server's in eval mode),
+    # single-step users only in train mode; a model without BatchNorm reports an empty tree.
+    buffers = new_stats if (expect_multi_step or train) else None
     shared = SharedData(
         gradients=grads,
         batch_stats=buffers if cfg.provide_buffers else None,
@@ -341,41 +349,32 @@ def _tree_mean_over_users(tree: PyTree, num_users: int) -> PyTree:
     return jax.tree_util.tree_map(mean, tree)
 
 
-def _take_users(tree: PyTree, index: Array, shape: tuple[int, int]) -> PyTree:
-    """Gather users by ``index`` and fold the users axis into ``shape`` = (chunks, users per chunk)."""
-    return jax.tree_util.tree_map(lambda a: a[index].reshape(shape + a.shape[1:]), tree)
+@functools.partial(jax.jit, static_argnames=("model", "loss_fn", "cfg", "users_per_chunk", "mesh"))
+def _aggregate_jit(
+    model, loss_fn, cfg, params, server_stats, users_stats, inputs, labels, keys, users_per_chunk, mesh
+):
+    """Mean of the per-user updates, each user's stats, their mean, and the noised inputs if recorded.
 
-
-@functools.partial(jax.jit, static_argnames=("model", "loss_fn", "cfg", "users_per_chunk"))
-def _aggregate_jit(model, loss_fn, cfg, params, server_stats, users_stats, inputs, labels, keys, users_per_chunk):
-    """Sum of per-user updates: a scan over chunks of users, ``vmap`` within a chunk.
-
-    Only the running sum of the updates is carried, so memory grows with the chunk, not with the
-    number of users. The last chunk is padded with copies of the last user, weighted zero.
+    Users run in chunks of ``users_per_chunk`` per device (a scan over chunks, ``vmap`` within
+    one), sharded over ``mesh``'s devices; only running sums are carried, so memory grows with the
+    chunk, not with the number of users.
     """
-    num_users = inputs.shape[0]
-    num_chunks = -(-num_users // users_per_chunk)
-    shape = (num_chunks, users_per_chunk)
-    index = jnp.minimum(jnp.arange(num_chunks * users_per_chunk), num_users - 1)
-    weights = (jnp.arange(num_chunks * users_per_chunk) < num_users).reshape(shape)
+    dp = cfg.local_diff_privacy
+    # Only a single-step user without clipping records noised inputs; otherwise they are the inputs
+    # themselves, which the caller already holds (returning them would copy every user's data).
+    records_noise = not cfg.is_multi_step and dp.per_example_clipping <= 0 and dp.input_noise > 0
 
-    def one_user(user_inputs, user_labels, user_key, user_stats):
-        return _user_core(model, loss_fn, cfg, params, server_stats, user_stats, user_inputs, user_labels, user_key)
-
-    def chunk_step(total, xs):
-        users, weight = xs
-        grads, stats, recorded = jax.vmap(one_user)(*users)
-        total = jax.tree_util.tree_map(
-            lambda t, g: t + jnp.tensordot(weight.astype(g.dtype), g, axes=1), total, grads
+    def one_user(shared, user_inputs, user_labels, user_key, user_stats):
+        grads, stats, recorded = _user_core(
+            model, loss_fn, cfg, *shared, user_stats, user_inputs, user_labels, user_key
         )
-        return total, (stats, recorded)
+        return grads, (stats, recorded if records_noise else None)
 
-    users = _take_users((inputs, labels, keys, users_stats), index, shape)
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    total, per_user = jax.lax.scan(chunk_step, zeros, (users, weights))
-    stats, recorded = jax.tree_util.tree_map(
-        lambda a: a.reshape((-1,) + a.shape[2:])[:num_users], per_user
+    users = (inputs, labels, keys, users_stats)
+    total, (stats, recorded) = sharding.sharded_sum(
+        one_user, (params, server_stats), users, users_per_chunk, mesh
     )
+    num_users = inputs.shape[0]
     mean = jax.tree_util.tree_map(lambda t: t / num_users, total)
     return mean, stats, _tree_mean_over_users(stats, num_users), recorded
 
@@ -389,6 +388,7 @@ def aggregate(
     users_state: Optional[PyTree] = None,
     loss: LossFn = softmax_cross_entropy,
     users_per_chunk: Optional[int] = None,
+    devices: Optional[Sequence[jax.Device]] = None,
 ) -> tuple[SharedData, TrueUserData]:
     """breaching's ``MultiUserAggregate`` as intended: the mean of the users' shared updates.
 
@@ -396,6 +396,11 @@ def aggregate(
     ``num_local_updates > 1``, else ``local_gradient`` users. ``users_state`` (stacked per user)
     are their own BatchNorm statistics, used when the server sends no buffers; the updated ones
     come back in ``true_data.user_state``.
+
+    The users axis is sharded over ``devices`` (default ``jax.devices()``: every local device, or
+    every device of every host after ``jax.distributed.initialize``; see ``fedjax_users.sharding``).
+    Each device runs ``users_per_chunk`` users at a time; ``None`` picks the largest chunk that
+    fits a quarter of the free memory (``fedjax_users.chunking.auto_users_per_chunk``).
     """
     inputs, labels = jnp.asarray(users_data.inputs), jnp.asarray(users_data.labels)
     if inputs.ndim < 2 or labels.ndim < 1:
@@ -424,13 +429,25 @@ def aggregate(
         fresh = initial_batch_stats(model, inputs[0])
         users_state = jax.tree_util.tree_map(lambda s: jnp.broadcast_to(s, (num_users,) + s.shape), fresh)
     keys = jax.random.split(key, num_users)
-    chunk = users_per_chunk or num_users
+    users_stats_in = users_state if train else None
+    mesh = sharding.users_mesh(devices)
+    if users_per_chunk is None:
+        one_user = functools.partial(_user_core, model, loss, compute_config(user_cfg))
+        first = jax.tree_util.tree_map(lambda a: a[0], (users_stats_in, inputs, labels, keys))
+        users_per_chunk = chunking.auto_users_per_chunk(
+            one_user,
+            (payload.params, payload.batch_stats) + first,
+            sharding.users_per_device(num_users, mesh),
+            cache_key=(model, loss, compute_config(user_cfg)),
+        )
+    shared_args = sharding.to_global((payload.params, payload.batch_stats), mesh)
+    users_args = sharding.to_global((users_stats_in, inputs, labels, keys), mesh)
     mean_grads, users_stats, mean_stats, recorded = _aggregate_jit(
-        model, loss, user_cfg, payload.params, payload.batch_stats, users_state if train else None,
-        inputs, labels, keys, min(chunk, num_users),
+        model, loss, compute_config(user_cfg), *shared_args, *users_args, min(users_per_chunk, num_users), mesh
     )
+    recorded = inputs if recorded is None else recorded
 
-    users_share_buffers = bool(mean_stats) and (train or user_cfg.is_multi_step)
+    users_share_buffers = train or user_cfg.is_multi_step
     buffers = mean_stats if users_share_buffers else None
     per_user = [_user_metadata(user_cfg, labels[u], users_data.data_key) for u in range(num_users)] if (
         user_cfg.provide_local_hyperparams and user_cfg.is_multi_step
@@ -438,7 +455,7 @@ def aggregate(
     step_labels = [lab for meta in per_user for lab in meta.local_hyperparams.labels]
     metadata = Metadata(
         num_data_points=cfg.num_data_points * num_users if cfg.provide_num_data_points else None,
-        labels=jnp.sort(labels.reshape((-1,) + labels.shape[2:]), axis=0) if cfg.provide_labels else None,
+        labels=jnp.sort(labels.reshape((-1,) + labels.shape[2:]), axis=-1) if cfg.provide_labels else None,
         local_hyperparams=_hyperparams(user_cfg, step_labels) if user_cfg.provide_local_hyperparams else None,
         num_users=num_users,
     )

@@ -14,10 +14,14 @@ DEFENCES = ("none", "clip", "input_noise", "gradient_noise")
 # float32 bound on the relative error of gradients/deltas (max abs error / max |reference|).
 FLOAT32_BOUND = 1e-5
 FLOAT64_BOUND = 1e-10
-# Deeper models accumulate more float32 rounding in a different summation order (XLA vs ATen
-# convolution algorithms). These looser float32 bounds are per model; the float64 runs of the same
-# models meet FLOAT64_BOUND, which shows the gap is rounding, not semantics.
-MODEL_BOUNDS = {"resnet18": 1e-4, "ConvNetSmall": 3e-5}
+# A float32 case that misses its bound still passes if our result is no further from the
+# reference's own float64 result than twice the reference's float32 result is (see
+# harness._distance_to_exact): several SGD steps amplify rounding in both frameworks alike.
+MODEL_BOUNDS: dict[str, float] = {}
+# Ten times breaching's default: deltas well above float32 cancellation, and small enough that
+# the noise of one step barely changes the next step's gradient (so noise residuals are the
+# summed noise) and that no eval-mode case diverges.
+LOCAL_LEARNING_RATE = 1e-2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +83,7 @@ class Case:
             cfg["user_range"] = [0, self.num_users]
         if multi or self.user == "aggregate":
             cfg.update(num_local_updates=3 if multi else 1, num_data_per_local_update_step=2,
-                       local_learning_rate=0.1, provide_local_hyperparams=True)
+                       local_learning_rate=LOCAL_LEARNING_RATE, provide_local_hyperparams=True)
         overrides = dict(self.user_overrides)
         ldp = overrides.pop("local_diff_privacy", None)
         if ldp:

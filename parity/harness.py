@@ -7,6 +7,7 @@ single-user results (its own ``MultiUserAggregate`` is defective, see ``tests/pa
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Optional
 
@@ -24,7 +25,6 @@ from parity import reference
 from parity.cases import Case
 
 NOISE_SCALE = 0.05
-NOISE_CASE_LR = 1e-3
 # The parity grid names breaching's text ``linear`` apart from its vision ``linear``.
 TEXT_NAMES = {"linear-text": "linear"}
 
@@ -39,6 +39,9 @@ class Result:
     bound: float
     passed: bool
     detail: str = ""
+    # Set when the float32 bound was missed and the float64 reference was the yardstick.
+    ours_vs_float64: Optional[float] = None
+    reference_vs_float64: Optional[float] = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -353,6 +356,43 @@ def _clip_bound(case, torch_model, data, cfg, multi_step) -> float:
     return float(np.median(norms))
 
 
+def _reference_shared(case, outputs, cfg) -> dict:
+    """What the comparison is made against: the user's shared data, or the users' mean."""
+    return _mean_reference(outputs, cfg.provide_buffers) if case.user == "aggregate" else outputs[0][0]
+
+
+def _compare_outputs(case, errors, torch_model, cfg, ours, ours_true, ref) -> None:
+    """Gradients/deltas, buffers, metadata and (single users) the true data."""
+    _compare_shared(errors, ours, _reference_shared(case, ref, cfg), torch_model)
+    if case.user == "aggregate":
+        _compare_metadata(errors, ours.metadata, _aggregate_metadata(ref, cfg))
+    else:
+        shared, true_data = ref[0]
+        _compare_metadata(errors, ours.metadata, shared["metadata"])
+        if case.defence != "input_noise":
+            errors.tensors("true_data.data", _as_reference_layout(ours_true.data), true_data["data"])
+        errors.equal("true_data.labels", ours_true.labels, true_data["labels"])
+
+
+def _distance_to_exact(case, torch_model, users_data, cfg, multi_step, ours, ref) -> tuple[float, float]:
+    """Relative distance of our float32 result and of the reference's to the reference in float64.
+
+    Several SGD steps amplify float32 rounding (and a parameter difference loses digits to
+    cancellation), so two correct float32 implementations can differ by more than the bound. The
+    reference's own float32 error against its float64 run is the yardstick then.
+    """
+    model64 = copy.deepcopy(torch_model).double()
+    data64 = [{k: v.double() if v.is_floating_point() else v for k, v in d.items()} for d in users_data]
+    case64 = dataclasses.replace(case, precision="float64")
+    exact = _reference_shared(case, _run_reference(case64, model64, data64, cfg, multi_step, case.queries), cfg)
+    ours_errors, reference_errors = _Errors(), _Errors()
+    ours_errors.tensor_lists("gradients", interop.grads_to_torch_list(ours.gradients, torch_model),
+                             exact["gradients"])
+    reference_errors.tensor_lists("gradients", _reference_shared(case, ref, cfg)["gradients"],
+                                  exact["gradients"])
+    return ours_errors.max_rel, reference_errors.max_rel
+
+
 def run_case(case: Case) -> Result:
     """Run ``case`` on both sides and compare everything the server and the attacker see."""
     torch_model, flax_model, variables = build_models(case)
@@ -368,24 +408,21 @@ def run_case(case: Case) -> Result:
     errors = _Errors()
     details = []
 
+    ref = _run_reference(case, torch_model, users_data, cfg, multi_step, queries=case.queries)
+    ours, ours_true = _run_ours(case, flax_model, variables, users_data, cfg, key, queries=case.queries)
+    _compare_outputs(case, errors, torch_model, cfg, ours, ours_true, ref)
     if case.defence in ("input_noise", "gradient_noise"):
-        details += _noise_case(case, errors, torch_model, flax_model, variables, users_data, cfg, multi_step, key)
-    else:
-        ref = _run_reference(case, torch_model, users_data, cfg, multi_step, queries=case.queries)
-        ours, ours_true = _run_ours(case, flax_model, variables, users_data, cfg, key, queries=case.queries)
-        if case.user == "aggregate":
-            _compare_shared(errors, ours, _mean_reference(ref, cfg.provide_buffers), torch_model)
-            _compare_metadata(errors, ours.metadata, _aggregate_metadata(ref, cfg))
-        else:
-            shared, true_data = ref[0]
-            _compare_shared(errors, ours, shared, torch_model)
-            _compare_metadata(errors, ours.metadata, shared["metadata"])
-            errors.tensors("true_data.data", _as_reference_layout(ours_true.data), true_data["data"])
-            errors.equal("true_data.labels", ours_true.labels, true_data["labels"])
+        details += _noise_case(case, errors, torch_model, flax_model, variables, users_data, cfg, multi_step, ref,
+                               ours)
     bound = case.bound
     passed = not errors.mismatches and errors.max_rel <= bound
+    ours_exact = reference_exact = None
+    if not errors.mismatches and not passed and case.precision == "float32":
+        ours_exact, reference_exact = _distance_to_exact(case, torch_model, users_data, cfg, multi_step, ours, ref)
+        passed = ours_exact <= max(2.0 * reference_exact, bound)
+        details.append(f"vs float64 reference: ours {ours_exact:.2e}, reference float32 {reference_exact:.2e}")
     detail = "; ".join(errors.mismatches[:3] + details)
-    return Result(case.name, errors.max_abs, errors.max_rel, bound, passed, detail)
+    return Result(case.name, errors.max_abs, errors.max_rel, bound, passed, detail, ours_exact, reference_exact)
 
 
 def _as_reference_layout(data):
@@ -393,53 +430,38 @@ def _as_reference_layout(data):
     return np.transpose(data, (0, 3, 1, 2)) if data.ndim == 4 else data
 
 
-def _noise_case(case, errors, torch_model, flax_model, variables, users_data, cfg, multi_step, key):
-    """Noise cannot match draw for draw: exact deltas with the noise off, distributions with it on."""
-    clean_cfg = cfg.replace(local_diff_privacy=dataclasses.replace(
-        cfg.local_diff_privacy, gradient_noise=0.0, input_noise=0.0))
+def _noise_case(case, errors, torch_model, flax_model, variables, users_data, cfg, multi_step, ref_clean,
+                ours_clean):
+    """Noise cannot match draw for draw: the noise-off runs were compared exactly; here the
+    distributions of the noise (or of the update's response to it) are compared."""
     field = "gradient_noise" if case.defence == "gradient_noise" else "input_noise"
     noisy_cfg = cfg.replace(local_diff_privacy=dataclasses.replace(cfg.local_diff_privacy, **{field: NOISE_SCALE}))
-    if cfg.local_learning_rate is not None:
-        # A small step keeps the noise of step s from changing the gradient of step s+1 noticeably,
-        # so the residual of the update is the summed noise on both sides.
-        clean_cfg = clean_cfg.replace(local_learning_rate=NOISE_CASE_LR)
-        noisy_cfg = noisy_cfg.replace(local_learning_rate=NOISE_CASE_LR)
-
-    ref_clean = _run_reference(case, torch_model, users_data, clean_cfg, multi_step)
-    ours_clean, _ = _run_ours(case, flax_model, variables, users_data, clean_cfg, key)
-    reference_clean = ref_clean[0][0] if case.user != "aggregate" else _mean_reference(ref_clean, False)
-    errors.tensor_lists("noise-off gradients", interop.grads_to_torch_list(ours_clean.gradients, torch_model),
-                        reference_clean["gradients"])
-    abs_clean, rel_clean = errors.max_abs, errors.max_rel
+    reference_clean = _reference_shared(case, ref_clean, cfg)
 
     torch.manual_seed(case.seed + 7)
     ref_noisy = _run_reference(case, torch_model, users_data, noisy_cfg, multi_step)
-    ours_noisy, ours_true = _run_ours(case, flax_model, variables, users_data, noisy_cfg, jax.random.key(case.seed + 7))
-    details = []
-    if field == "gradient_noise" or case.user != "local_gradient" or cfg.local_diff_privacy.per_example_clipping > 0:
-        # Residual of the shared update against the noise-free one: the summed noise for gradient
-        # noise; for input noise the induced change of the update (compared as distributions too).
-        reference_noisy = ref_noisy[0][0] if case.user != "aggregate" else _mean_reference(ref_noisy, False)
-        theirs = np.concatenate([
-            (n - c).double().numpy().ravel()
-            for n, c in zip(reference_noisy["gradients"], reference_clean["gradients"])])
-        ours = np.concatenate([
-            (np.asarray(n, np.float64) - np.asarray(c, np.float64)).ravel()
-            for n, c in zip(jax.tree_util.tree_leaves(ours_noisy.gradients),
-                            jax.tree_util.tree_leaves(ours_clean.gradients))])
-        if field == "gradient_noise":
-            details.append(_ks_noise(errors, "gradient noise residual of the update", ours, theirs, NOISE_SCALE))
-        else:
-            # The update's response to input noise is one correlated draw, not i.i.d. samples: only
-            # its size is compared (the noise samples themselves are checked in the local_gradient case).
-            ratio = float(np.std(ours) / np.std(theirs))
-            if not 0.5 < ratio < 2.0:
-                errors.mismatches.append(f"input-noise response: std ratio {ratio:.3f}")
-            details.append(f"input-noise response of the update: std ratio {ratio:.3f}")
-    else:
+    ours_noisy, ours_true = _run_ours(case, flax_model, variables, users_data, noisy_cfg,
+                                      jax.random.key(case.seed + 7))
+    if field == "input_noise" and case.user == "local_gradient" and cfg.local_diff_privacy.per_example_clipping == 0:
         # Without clipping the reference records the noised inputs: their residual is the noise itself.
         theirs = (ref_noisy[0][1]["data"] - users_data[0]["inputs"]).double().numpy()
         ours = _as_reference_layout(ours_true.data) - users_data[0]["inputs"].double().numpy()
-        details.append(_ks_noise(errors, "input noise samples", ours, theirs, NOISE_SCALE))
-    errors.max_abs, errors.max_rel = abs_clean, rel_clean
-    return details
+        return [_ks_noise(errors, "input noise samples", ours, theirs, NOISE_SCALE)]
+    # Residual of the shared update against the noise-free one: the summed noise for gradient
+    # noise; for input noise the induced change of the update.
+    reference_noisy = _reference_shared(case, ref_noisy, noisy_cfg)
+    theirs = np.concatenate([
+        (n - c).double().numpy().ravel()
+        for n, c in zip(reference_noisy["gradients"], reference_clean["gradients"])])
+    ours = np.concatenate([
+        (np.asarray(n, np.float64) - np.asarray(c, np.float64)).ravel()
+        for n, c in zip(jax.tree_util.tree_leaves(ours_noisy.gradients),
+                        jax.tree_util.tree_leaves(ours_clean.gradients))])
+    if field == "gradient_noise":
+        return [_ks_noise(errors, "gradient noise residual of the update", ours, theirs, NOISE_SCALE)]
+    # The update's response to input noise is one correlated draw, not i.i.d. samples: only its
+    # size is compared (the noise samples themselves are checked in the local_gradient case).
+    ratio = float(np.std(ours) / np.std(theirs))
+    if not 0.5 < ratio < 2.0:
+        errors.mismatches.append(f"input-noise response: std ratio {ratio:.3f}")
+    return [f"input-noise response of the update: std ratio {ratio:.3f}"]

@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from fedjax_users.batchnorm import BatchNorm
@@ -43,5 +44,50 @@ def dense_model():
 
 
 def make_data(n=5, shape=(6, 6, 2), num_classes=3, seed=0):
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    return jax.random.normal(k1, (n,) + shape), jax.random.randint(k2, (n,), 0, num_classes)
+    """``n`` random NHWC images and integer labels (NumPy: no per-shape XLA compilation in tests)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n,) + tuple(shape)).astype(np.float32)
+    return x, rng.integers(0, num_classes, size=n).astype(np.int32)
+
+
+def check_noise(samples, distribution: str, scale: float) -> None:
+    """Assert i.i.d. zero-mean noise of breaching's distribution with this scale (std or Laplace b).
+
+    The Kolmogorov-Smirnov test is run against the right law and against the other one with the
+    same standard deviation: the second must be rejected, so a swapped distribution fails.
+    """
+    from scipy import stats
+
+    samples = np.asarray(samples, dtype=np.float64).ravel()
+    assert samples.size >= 4000, "too few samples to tell Gaussian from Laplace"
+    std = scale if distribution == "gaussian" else np.sqrt(2.0) * scale
+    laws = {"gaussian": ("norm", (0.0, std)), "laplacian": ("laplace", (0.0, std / np.sqrt(2.0)))}
+    right, wrong = laws[distribution], laws["laplacian" if distribution == "gaussian" else "gaussian"]
+    assert abs(samples.mean()) < 5 * std / np.sqrt(samples.size)
+    np.testing.assert_allclose(samples.std(), std, rtol=0.06)
+    assert stats.kstest(samples, right[0], args=right[1]).pvalue > 1e-3
+    assert stats.kstest(samples, wrong[0], args=wrong[1]).pvalue < 1e-6
+
+
+def server_payload(model, x, seed=1, buffers=False):
+    """A payload from ``model.init``; with ``buffers``, non-trivial server stats (batch stats of other data)."""
+    from fedjax_users import ServerPayload
+
+    variables = model.init(jax.random.key(seed), x[:1])
+    if not buffers:
+        return ServerPayload(params=variables["params"], batch_stats=None)
+    other = 1.5 * np.random.default_rng(seed + 100).standard_normal(x.shape).astype(np.float32) + 0.7
+    _, updates = model.apply(variables, other, train=True, momentum=1.0, mutable=["batch_stats"])
+    return ServerPayload(params=variables["params"], batch_stats=updates["batch_stats"])
+
+
+def mean_cross_entropy(logits, labels):
+    """torch's CrossEntropyLoss (mean reduction), written out independently of the package."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
+
+
+def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
+    """Same structure, leaves equal up to tolerance."""
+    assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol), actual, expected)

@@ -1,0 +1,363 @@
+"""Per-example gradient clipping without per-example convolution and dense weight gradients.
+
+The reference clips each example's gradient to a global L2 norm and averages the clipped
+gradients. Doing that with ``vmap(grad)`` builds a weight gradient per example for every
+convolution, which XLA lowers to slow grouped convolutions. For a layer ``y = W * a + b`` whose
+kernel ``W`` is used only there, example ``i``'s kernel gradient is a function of that layer's
+input ``a_i`` and output cotangent ``delta_i`` alone:
+
+* dense: ``G_i = a_i^T delta_i`` (positions = every axis but the features);
+* convolution: ``G_i = P_i^T delta_i`` with ``P_i`` the example's im2col patches.
+
+So one vectorised backward pass to the layer *outputs* (cheap: no weight gradients) gives every
+``a_i`` and ``delta_i``; the kernel norms come from one batched matmul per layer (or, when the
+patch Gram matrices are smaller, from ``||G_i||^2 = <P_i P_i^T, delta_i delta_i^T>``, the "ghost
+norm"), and the clipped sum ``sum_i c_i G_i`` from the same quantities. Every other parameter
+(biases, BatchNorm, embeddings, kernels of unsupported or reused layers) keeps an ordinary
+per-example gradient from that same pass.
+
+Each example still runs as its own batch of one (the pass is a ``vmap`` over examples), so
+BatchNorm in train mode normalises each example with its own statistics, as the reference does.
+The result equals ``vmap(grad)`` clipping up to float rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen.linear import canonicalize_padding
+
+from fedjax_users import privacy
+
+Array = jax.Array
+PyTree = Any
+Path = tuple[str, ...]
+# objective(params, example) -> (loss of that one example, aux); ``example`` is one slice of the batch.
+Objective = Callable[[PyTree, PyTree], tuple[Array, PyTree]]
+
+# Primitives through which a supported layer consumes its kernel.
+_KERNEL_PRIMITIVES = {"conv_general_dilated", "dot_general"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+    """A dense or convolution layer whose kernel gradient is formed from its input and cotangent."""
+
+    path: Path
+    module: nn.Module
+    input_shape: tuple[int, ...]  # one example's, as the layer sees it
+    output_shape: tuple[int, ...]
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.module, nn.Conv)
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        in_features = self.input_shape[-1]
+        if self.is_conv:
+            return _conv_window(self.module) + (in_features, self.module.features)
+        return (in_features, self.module.features)
+
+
+# ----------------------------------------------------------------------------------------------
+# Which layers take the fast path
+
+
+def _conv_window(module: nn.Conv) -> tuple[int, ...]:
+    size = module.kernel_size
+    return (size,) if isinstance(size, int) else tuple(size)
+
+
+def _spatial(module: nn.Conv, value, default: int = 1) -> tuple[int, ...]:
+    rank = len(_conv_window(module))
+    value = default if value is None else value
+    return (value,) * rank if isinstance(value, int) else tuple(value)
+
+
+def _padding_supported(module: nn.Conv) -> bool:
+    try:
+        padding = canonicalize_padding(module.padding, len(_conv_window(module)))
+    except ValueError:
+        return False
+    # CIRCULAR / REFLECT / CAUSAL pad inside the layer, so its input is not what the kernel sees.
+    return not isinstance(padding, str) or padding in ("SAME", "VALID")
+
+
+def _supported(module: nn.Module, inputs: Array, kernel: Any) -> bool:
+    """Plain ``nn.Dense`` / ``nn.Conv`` computing in their kernel's dtype (no custom kernels)."""
+    if type(module) is nn.Dense:
+        plain = module.dot_general is None and module.dot_general_cls is None
+    elif type(module) is nn.Conv:
+        plain = (
+            module.conv_general_dilated is None
+            and module.conv_general_dilated_cls is None
+            and module.mask is None
+            and module.feature_group_count == 1
+            and all(d == 1 for d in _spatial(module, module.input_dilation))
+            and _padding_supported(module)
+            and inputs.ndim > len(_conv_window(module))
+        )
+    else:
+        return False
+    dtypes = {jnp.dtype(inputs.dtype), jnp.dtype(kernel.dtype)}
+    if module.dtype is not None:
+        dtypes.add(jnp.dtype(module.dtype))
+    return plain and len(dtypes) == 1
+
+
+def _get(tree: PyTree, path: Path) -> Optional[Any]:
+    for name in path:
+        if not isinstance(tree, dict) or name not in tree:
+            return None
+        tree = tree[name]
+    return tree
+
+
+def _replace(tree: PyTree, path: Path, value: Any) -> PyTree:
+    if not path:
+        return value
+    return {**tree, path[0]: _replace(tree[path[0]], path[1:], value)}
+
+
+def _kernel_used_once(objective: Objective, params: PyTree, example: PyTree, layers: list[_Layer]) -> set:
+    """Paths whose kernel enters the computation through exactly one conv/matmul and nothing else.
+
+    A kernel read anywhere else (weight tying, a regulariser, a lifted transform) would get gradient
+    the fast path does not see, so such layers stay on the per-example path.
+    """
+
+    def with_kernels(kernels, ex):
+        merged = params
+        for layer, kernel in zip(layers, kernels):
+            merged = _replace(merged, layer.path + ("kernel",), kernel)
+        return objective(merged, ex)
+
+    kernels = [_get(params, layer.path + ("kernel",)) for layer in layers]
+    jaxpr = jax.make_jaxpr(with_kernels)(kernels, example).jaxpr
+    kernel_vars = jaxpr.invars[: len(layers)]
+    uses = {id(v): [] for v in kernel_vars}
+    for eqn in jaxpr.eqns:
+        for var in eqn.invars:
+            if id(var) in uses:
+                uses[id(var)].append(eqn.primitive.name)
+    outputs = {id(v) for v in jaxpr.outvars}
+    return {
+        layer.path
+        for layer, var in zip(layers, kernel_vars)
+        if len(uses[id(var)]) == 1 and uses[id(var)][0] in _KERNEL_PRIMITIVES and id(var) not in outputs
+    }
+
+
+def fast_layers(objective: Objective, params: PyTree, example: PyTree) -> list[_Layer]:
+    """The layers whose kernels take the fast path, found by tracing ``objective`` on one example."""
+    calls: list[tuple[nn.Module, Any, Any]] = []
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and isinstance(context.module, (nn.Dense, nn.Conv)):
+            calls.append((context.module, args[0] if args else None, out))
+        return out
+
+    def traced(p, ex):
+        with nn.intercept_methods(record):
+            return objective(p, ex)
+
+    jax.eval_shape(traced, params, example)
+    paths = [module.path for module, _, _ in calls]
+    candidates = []
+    for module, inputs, out in calls:
+        kernel = _get(params, module.path + ("kernel",))
+        if inputs is None or kernel is None or paths.count(module.path) != 1:
+            continue
+        if not _supported(module, inputs, kernel):
+            continue
+        layer = _Layer(module.path, module.clone(parent=None), tuple(inputs.shape), tuple(out.shape))
+        if tuple(np.shape(kernel)) == layer.kernel_shape:
+            candidates.append(layer)
+    if not candidates:
+        return []
+    once = _kernel_used_once(objective, params, example, candidates)
+    return [layer for layer in candidates if layer.path in once]
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel gradients from layer inputs and output cotangents
+
+
+def _conv_padding(layer: _Layer) -> list[tuple[int, int]]:
+    module = layer.module
+    window = _conv_window(module)
+    padding = canonicalize_padding(module.padding, len(window))
+    if isinstance(padding, str):
+        dilated = [(k - 1) * d + 1 for k, d in zip(window, _spatial(module, module.kernel_dilation))]
+        spatial = layer.input_shape[-len(window) - 1 : -1]
+        padding = jax.lax.padtype_to_pads(spatial, dilated, _spatial(module, module.strides), padding)
+    return [tuple(p) for p in padding]
+
+
+def _im2col(layer: _Layer, x: Array) -> Array:
+    """Patches ``[N, *out_spatial, prod(window) * C]`` in the kernel's ``(*window, C)`` order."""
+    module = layer.module
+    window = _conv_window(module)
+    rank = len(window)
+    strides = _spatial(module, module.strides)
+    dilation = _spatial(module, module.kernel_dilation)
+    pads = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in _conv_padding(layer)] + [(0, 0, 0)]
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), pads)
+    # One spatial axis at a time, last first: stacking the strided slices of one axis shrinks the
+    # array before the next axis multiplies it, and copies longer contiguous runs than slicing
+    # every kernel offset of the full window (lax's patches op would run an identity convolution).
+    for axis in reversed(range(1, rank + 1)):
+        k, d, s = window[axis - 1], dilation[axis - 1], strides[axis - 1]
+        out = (x.shape[axis] - (k - 1) * d - 1) // s + 1
+        slices = [
+            jax.lax.slice_in_dim(x, o * d, o * d + (out - 1) * s + 1, stride=s, axis=axis) for o in range(k)
+        ]
+        # Kernel-offset axes collect after the spatial ones, ahead of those already stacked.
+        x = jnp.stack(slices, axis=rank + 1)
+    return x.reshape(x.shape[: rank + 1] + (-1,))
+
+
+def _rows(layer: _Layer, inputs: Array, cotangents: Array) -> tuple[Array, Array]:
+    """Per example ``A [B, positions, fan_in]`` and ``D [B, positions, features]`` with ``G_i = A_i^T D_i``."""
+    batch = inputs.shape[0]
+    if layer.is_conv:
+        rank = len(_conv_window(layer.module))
+        # Fold any extra leading axes of one example into the convolution batch.
+        inputs = inputs.reshape((-1,) + inputs.shape[-rank - 1 :])
+        inputs = _im2col(layer, inputs)
+    rows = inputs.reshape(batch, -1, inputs.shape[-1])
+    cols = cotangents.reshape(batch, -1, cotangents.shape[-1])
+    if rows.shape[1] != cols.shape[1]:
+        raise AssertionError(f"layer {'/'.join(layer.path)}: {rows.shape} patches vs {cols.shape} outputs")
+    return rows, cols
+
+
+def _prefer_gram(positions: int, fan_in: int, features: int) -> bool:
+    """Gram matrices beat materialising ``G_i`` when positions are few (always for a plain Dense)."""
+    # Materialising costs P*K*F to build plus 2*K*F to reduce and reweight; the Gram route costs
+    # P^2*(K+F) plus one batched weight gradient (P*K*F) at the end.
+    return positions * positions * (fan_in + features) < 2 * fan_in * features
+
+
+def _kernel_norms_and_sum(layer: _Layer, inputs: Array, cotangents: Array, precision):
+    """Squared per-example kernel-gradient norms ``[B]`` and a function ``weights -> sum_i w_i G_i``."""
+    rows, cols = _rows(layer, inputs, cotangents)
+    shape = layer.kernel_shape
+    if _prefer_gram(rows.shape[1], rows.shape[2], cols.shape[2]):
+        gram_in = jnp.einsum("bpk,bqk->bpq", rows, rows, precision=precision)
+        gram_out = jnp.einsum("bpf,bqf->bpq", cols, cols, precision=precision)
+        squares = jnp.sum(gram_in * gram_out, axis=(1, 2))
+
+        def weighted_sum(weights):
+            scaled = cols * weights[:, None, None].astype(cols.dtype)
+            return jnp.einsum("bpk,bpf->kf", rows, scaled, precision=precision).reshape(shape)
+
+        return squares, weighted_sum
+    # Features-major output: XLA's CPU batched matmul runs about twice as fast in this layout.
+    per_example = jnp.einsum("bpk,bpf->bfk", rows, cols, precision=precision)
+    squares = jnp.sum(jnp.square(per_example), axis=(1, 2))
+
+    def weighted_sum(weights):
+        return jnp.tensordot(weights.astype(per_example.dtype), per_example, 1).T.reshape(shape)
+
+    return squares, weighted_sum
+
+
+# ----------------------------------------------------------------------------------------------
+# Clipped mean gradient
+
+
+def _tree_squares(tree: PyTree) -> Array:
+    """Per-example squared L2 norm over all leaves (leading axis = examples)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return sum(jnp.sum(jnp.square(leaf.reshape(leaf.shape[0], -1)), axis=1) for leaf in leaves)
+
+
+def _weighted_sum(weights: Array, tree: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda leaf: jnp.tensordot(weights.astype(leaf.dtype), leaf, 1), tree)
+
+
+def clipped_mean_gradient_vmap(
+    objective: Objective, params: PyTree, examples: PyTree, clip_value: float
+) -> tuple[PyTree, PyTree]:
+    """The reference's rule done directly: ``vmap`` of per-example gradients, clipped, averaged."""
+
+    def clipped(example):
+        grads, aux = jax.grad(objective, has_aux=True)(params, example)
+        return privacy.clip_by_global_norm(grads, clip_value), aux
+
+    grads, aux = jax.vmap(clipped)(examples)
+    count = jax.tree_util.tree_leaves(examples)[0].shape[0]
+    return jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0) / count, grads), aux
+
+
+def clipped_mean_gradient(
+    objective: Objective,
+    params: PyTree,
+    examples: PyTree,
+    clip_value: float,
+    fast: bool = True,
+) -> tuple[PyTree, PyTree]:
+    """Mean over examples of each example's gradient clipped to global norm ``clip_value``.
+
+    ``objective(params, example) -> (loss, aux)`` evaluates one example as a batch of one;
+    ``examples`` stacks the examples on a leading axis. Returns the mean clipped gradient and the
+    stacked ``aux``. Dense and convolution kernels take the fast path described in the module
+    docstring (``fast=False`` forces plain ``vmap`` for every parameter).
+    """
+    first = jax.tree_util.tree_map(lambda leaf: leaf[0], examples)
+    layers = fast_layers(objective, params, first) if fast else []
+    if not layers:
+        return clipped_mean_gradient_vmap(objective, params, examples, clip_value)
+
+    kernels = [_get(params, layer.path + ("kernel",)) for layer in layers]
+    others = params
+    for layer in layers:
+        # A placeholder keeps the tree's structure; the real kernel is put back below.
+        others = _replace(others, layer.path + ("kernel",), jnp.zeros((), kernels[0].dtype))
+    index = {layer.path: i for i, layer in enumerate(layers)}
+
+    def one_example(other_params, perturbations, example):
+        captured = [None] * len(layers)
+
+        def intercept(next_fun, args, kwargs, context):
+            position = index.get(context.module.path) if context.method_name == "__call__" else None
+            if position is None or not isinstance(context.module, (nn.Dense, nn.Conv)):
+                return next_fun(*args, **kwargs)
+            captured[position] = args[0]
+            # Adding a zero whose gradient we take exposes the cotangent of the layer's output.
+            return next_fun(*args, **kwargs) + perturbations[position]
+
+        merged = other_params
+        for layer, kernel in zip(layers, kernels):
+            merged = _replace(merged, layer.path + ("kernel",), kernel)
+        with nn.intercept_methods(intercept):
+            loss, aux = objective(merged, example)
+        return loss, (aux, captured)
+
+    count = jax.tree_util.tree_leaves(examples)[0].shape[0]
+    zeros = [jnp.zeros((count,) + layer.output_shape, kernels[i].dtype) for i, layer in enumerate(layers)]
+    grad_fn = jax.grad(one_example, argnums=(0, 1), has_aux=True)
+    (other_grads, cotangents), (aux, inputs) = jax.vmap(grad_fn, in_axes=(None, 0, 0))(others, zeros, examples)
+    for layer in layers:
+        other_grads = _replace(other_grads, layer.path + ("kernel",), None)
+
+    squares = _tree_squares(other_grads)
+    kernel_sums = []
+    for layer, x, delta in zip(layers, inputs, cotangents):
+        layer_squares, weighted = _kernel_norms_and_sum(layer, x, delta, layer.module.precision)
+        squares = squares + layer_squares
+        kernel_sums.append(weighted)
+    factors = privacy.clip_factor(jnp.sqrt(squares), clip_value) / count
+
+    mean = _weighted_sum(factors, other_grads)
+    for layer, weighted in zip(layers, kernel_sums):
+        mean = _replace(mean, layer.path + ("kernel",), weighted(factors))
+    return mean, aux

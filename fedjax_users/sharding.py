@@ -1,0 +1,124 @@
+"""The users axis of ``aggregate`` sharded over devices, on one host or many.
+
+Each device takes a contiguous block of users, sums their updates with ``chunking.chunked_sum``
+(a scan over chunks of ``users_per_chunk`` users) and a ``psum`` adds the devices' partial sums.
+Per-user outputs (BatchNorm statistics, noised inputs) stay sharded along the users axis. A user
+count that does not divide by the device count is padded with copies of the last user that
+carry zero weight. Results equal the one-device computation up to float summation order.
+
+Multi-host: one process per host runs the same program, and every process passes the *same*
+full ``users_data`` (each host then computes only its own devices' users)::
+
+    import jax
+    jax.distributed.initialize(
+        coordinator_address="10.0.0.1:1234",  # host 0's address and any free port
+        num_processes=2,                      # number of hosts
+        process_id=0,                         # 0 .. num_processes - 1, different on each host
+    )  # on Cloud TPU, SLURM or Open MPI clusters: jax.distributed.initialize() with no arguments
+    shared, true_data = fedjax_users.aggregate(model, payload, users_data, cfg, key)
+
+``aggregate`` uses ``jax.devices()`` (every device of every host) by default. ``shared`` is
+replicated on every host; per-user arrays of ``true_data`` (``user_state``, noised inputs) are
+global arrays sharded over the hosts, fetched whole with
+``jax.experimental.multihost_utils.process_allgather(x, tiled=True)``. CPU-only hosts need
+``jax.config.update("jax_cpu_collectives_implementation", "gloo")`` before ``initialize``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from fedjax_users import chunking
+
+Array = jax.Array
+PyTree = Any
+
+USERS_AXIS = "users"
+
+
+def users_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Optional[Mesh]:
+    """A one-axis mesh over ``devices`` (default ``jax.devices()``); ``None`` for a single device."""
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("devices must name at least one device")
+    if len(devices) == 1:
+        return None
+    return Mesh(np.asarray(devices), (USERS_AXIS,))
+
+
+def users_per_device(num_users: int, mesh: Optional[Mesh]) -> int:
+    """How many users (padding included) each device of ``mesh`` computes."""
+    devices = 1 if mesh is None else mesh.size
+    return -(-num_users // devices)
+
+
+def _pad_users(users: PyTree, padded: int) -> PyTree:
+    """Append copies of the last user until there are ``padded`` users."""
+
+    def pad(a):
+        extra = padded - a.shape[0]
+        return a if extra == 0 else jnp.concatenate([a, jnp.repeat(a[-1:], extra, axis=0)], axis=0)
+
+    return jax.tree_util.tree_map(pad, users)
+
+
+def sharded_sum(
+    fn: Callable[..., tuple[PyTree, PyTree]],
+    shared: PyTree,
+    users: PyTree,
+    users_per_chunk: int,
+    mesh: Optional[Mesh] = None,
+) -> tuple[PyTree, PyTree]:
+    """``chunking.chunked_sum`` of ``fn(shared, *user)`` with the users split over ``mesh``'s devices.
+
+    ``shared`` (the server's parameters) is the same for every user and is replicated; ``mesh``
+    ``None`` means one device. ``users_per_chunk`` counts users per device.
+    """
+    if mesh is None:
+        return chunking.chunked_sum(functools.partial(fn, shared), users, users_per_chunk)
+    num_users = jax.tree_util.tree_leaves(users)[0].shape[0]
+    padded = users_per_device(num_users, mesh) * mesh.size
+    users = _pad_users(users, padded)
+    valid = jnp.arange(padded) < num_users
+    spec = PartitionSpec(USERS_AXIS)
+
+    def per_device(local_shared, local_users, local_valid):
+        # Inside shard_map a gradient with respect to a device-invariant value is summed over the
+        # devices (the transpose of its implicit broadcast). Each user's gradient must stay local,
+        # so the shared values are marked as varying per device first.
+        local_shared = jax.lax.pcast(local_shared, USERS_AXIS, to="varying")
+        total, outputs = chunking.chunked_sum(
+            functools.partial(fn, local_shared), local_users, users_per_chunk, local_valid, USERS_AXIS
+        )
+        return jax.lax.psum(total, USERS_AXIS), outputs
+
+    total, outputs = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(PartitionSpec(), spec, spec), out_specs=(PartitionSpec(), spec)
+    )(shared, users, valid)
+    return total, jax.tree_util.tree_map(lambda a: a[:num_users], outputs)
+
+
+def to_global(tree: PyTree, mesh: Optional[Mesh]) -> PyTree:
+    """Host values as arrays replicated over ``mesh`` when it spans several processes.
+
+    On one host ``jit`` places the arguments itself. On several, each process passes the same
+    values and this builds global arrays from them (each process fills only its own devices).
+    """
+    if mesh is None or jax.process_count() == 1:
+        return tree
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def put(leaf):
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            impl = jax.random.key_impl(leaf)
+            return jax.random.wrap_key_data(put(jax.random.key_data(leaf)), impl=impl)
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(put, tree)
