@@ -449,10 +449,15 @@ def aggregate(
 
     users_share_buffers = train or user_cfg.is_multi_step
     buffers = mean_stats if users_share_buffers else None
-    per_user = [_user_metadata(user_cfg, labels[u], users_data.data_key) for u in range(num_users)] if (
-        user_cfg.provide_local_hyperparams and user_cfg.is_multi_step
-    ) else []
-    step_labels = [lab for meta in per_user for lab in meta.local_hyperparams.labels]
+    step_labels = []
+    if user_cfg.provide_local_hyperparams and user_cfg.is_multi_step:
+        # breaching's format is one array per user and step (user-major); sort each step of all
+        # users at once and hand out numpy views rather than one device op per user.
+        slices = step_slices(cfg.num_data_points, cfg.num_data_per_local_update_step, cfg.num_local_updates)
+        # Under an outer jit the labels are tracers and must stay JAX arrays.
+        host = (lambda a: a) if isinstance(labels, jax.core.Tracer) else np.asarray
+        per_step = [host(jnp.sort(labels[:, start : start + length], axis=-1)) for start, length in slices]
+        step_labels = [step[u] for u in range(num_users) for step in per_step]
     metadata = Metadata(
         num_data_points=cfg.num_data_points * num_users if cfg.provide_num_data_points else None,
         labels=jnp.sort(labels.reshape((-1,) + labels.shape[2:]), axis=-1) if cfg.provide_labels else None,

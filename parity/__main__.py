@@ -23,6 +23,7 @@ def _parse(argv):
     parser.add_argument("--filter", default="", help="only cases whose name contains this text")
     parser.add_argument("--precision", choices=("float32", "float64"), help="run one precision only")
     parser.add_argument("--verbose", action="store_true", help="print details of every case")
+    parser.add_argument("--partial", metavar="PATH", help="rewrite PATH with the results so far after each case")
     return parser.parse_args(argv)
 
 
@@ -47,6 +48,11 @@ def _run(precision, args):
             print(f"  {result.name}: rel {result.max_rel:.2e} ({time.perf_counter() - start:.1f}s) {result.detail}",
                   file=sys.stderr, flush=True)
         results.append(result)
+        if args.partial:
+            # A long run leaves what it has done so far.
+            from parity.report import write_json
+
+            write_json(results, args.partial, dict(partial=True, precision=precision))
     return results
 
 

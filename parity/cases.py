@@ -138,7 +138,7 @@ def all_cases(quick: bool = False, precision: Optional[str] = None) -> list[Case
         f64 = [Case(m, u, b, d, precision="float64") for m in ("resnet20",) for u in USERS
                for b in (False, True) for d in ("none", "clip")]
     else:
-        f32 = _grid(VISION_MODELS) + _special() + _text()
+        f32 = _grid(VISION_MODELS) + _special(("resnet20",)) + _text()
         f64 = _grid(("lenet_zhu", "ConvNet", "resnet20"), precision="float64", defences=("none", "clip")) + [
             Case(m, "local_update", False, precision="float64", num_examples=5, tag="ragged",
                  user_overrides=(("num_local_updates", 4), ("num_data_per_local_update_step", 2)))
