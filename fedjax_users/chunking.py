@@ -1,8 +1,10 @@
 """Summing per-user updates over many users with memory bounded by a chunk of users.
 
-``chunked_sum`` runs a ``lax.scan`` over chunks of users with ``vmap`` inside a chunk and carries
-only the running sum, so peak memory grows with the users in flight, not with their total.
-``auto_users_per_chunk`` picks the chunk from what XLA says one user needs and a memory budget.
+``scan_chunks`` runs a ``lax.scan`` over chunks of users and carries only the running sum, so
+peak memory grows with the users in flight, not with their total. Within a chunk a *chunk
+function* computes the kept users' summed update; ``vmap_sum`` builds one from a per-user
+function (``chunked_sum`` is the two together). ``auto_users_per_chunk`` picks the chunk from what
+XLA says one user needs and a memory budget.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import numpy as np
 
 Array = jax.Array
 PyTree = Any
-# fn(*one_user_args) -> (update summed over users, per-user output kept for every user)
+# user_fn(shared, *one_user) -> (the user's update, to be summed; per-user outputs, kept for every user)
 UserFn = Callable[..., tuple[PyTree, PyTree]]
+# chunk_fn(shared, users of one chunk, keep [chunk] bool) -> (sum of the kept users' updates, per-user outputs)
+ChunkFn = Callable[[PyTree, PyTree, Array], tuple[PyTree, PyTree]]
 
 # Share of the free memory a chunk of users may use by default: the rest is headroom for the
 # inputs, the per-user outputs and XLA's own buffers.
@@ -28,19 +32,39 @@ def _leading(tree: PyTree) -> int:
     return jax.tree_util.tree_leaves(tree)[0].shape[0]
 
 
-def chunked_sum(
-    fn: UserFn,
+def masked_sum(updates: PyTree, keep: Array) -> PyTree:
+    """Sum over the leading users axis of the users with ``keep``."""
+
+    def total(u):
+        mask = keep.reshape(keep.shape + (1,) * (u.ndim - 1))
+        # where, not multiply: a skipped user's inf or nan must not leak into the sum.
+        return jnp.sum(jnp.where(mask, u, jnp.zeros((), u.dtype)), axis=0)
+
+    return jax.tree_util.tree_map(total, updates)
+
+
+def vmap_sum(fn: UserFn) -> ChunkFn:
+    """The chunk function that runs ``fn`` on every user of the chunk (``vmap``) and sums the kept ones."""
+
+    def chunk_fn(shared, users, keep):
+        updates, outputs = jax.vmap(fn, in_axes=(None,) + (0,) * len(users))(shared, *users)
+        return masked_sum(updates, keep), outputs
+
+    return chunk_fn
+
+
+def scan_chunks(
+    chunk_fn: ChunkFn,
+    shared: PyTree,
     users: PyTree,
     users_per_chunk: int,
     valid: Optional[Array] = None,
-    axis_name: Optional[str] = None,
 ) -> tuple[PyTree, PyTree]:
-    """``sum_u fn(u)[0]`` over the users with ``valid[u]``, and ``fn(u)[1]`` stacked for every user.
+    """The summed update of the users with ``valid[u]``, and every user's outputs in user order.
 
-    ``users`` is a tuple of ``fn``'s arguments stacked on a leading users axis. Chunks are read in
+    ``users`` is a tuple of per-user arguments stacked on a leading users axis. Chunks are read in
     place (no padded copy of the inputs): when the users do not divide into chunks, the last chunk
-    is shifted back to end at the last user, and the users it repeats are left out of the sum.
-    Inside ``shard_map`` over the users, ``axis_name`` names that mesh axis (the sum differs per device).
+    is shifted back to end at the last user, and the users it repeats are not kept again.
     """
     num_users = _leading(users)
     size = max(1, min(users_per_chunk, num_users))
@@ -52,23 +76,22 @@ def chunked_sum(
 
     def step(total, chunk):
         start = jnp.minimum(chunk * size, num_users - size)
-        updates, outputs = jax.vmap(fn)(*take(users, start))
         # Users before chunk * size were summed by the previous chunk (only the shifted last one overlaps).
         keep = take(valid, start) & (start + jnp.arange(size) >= chunk * size)
+        chunk_total, outputs = chunk_fn(shared, take(users, start), keep)
+        return jax.tree_util.tree_map(jnp.add, total, chunk_total), outputs
 
-        def add(t, u):
-            mask = keep.reshape((size,) + (1,) * (u.ndim - 1))
-            # where, not multiply: a skipped user's inf or nan must not leak into the sum.
-            return t + jnp.sum(jnp.where(mask, u, jnp.zeros((), u.dtype)), axis=0)
-
-        return jax.tree_util.tree_map(add, total, updates), outputs
-
-    one = jax.eval_shape(fn, *jax.tree_util.tree_map(lambda a: a[0], users))[0]
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), one)
-    if axis_name is not None:
-        zeros = jax.lax.pcast(zeros, axis_name, to="varying")
+    first = jax.eval_shape(chunk_fn, shared, take(users, 0), valid[:size])[0]
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), first)
     total, outputs = jax.lax.scan(step, zeros, jnp.arange(num_chunks))
     return total, jax.tree_util.tree_map(lambda a: _unshift(a, num_users, size), outputs)
+
+
+def chunked_sum(
+    fn: UserFn, shared: PyTree, users: PyTree, users_per_chunk: int, valid: Optional[Array] = None
+) -> tuple[PyTree, PyTree]:
+    """``sum_u fn(shared, *u)[0]`` over the users with ``valid[u]``, and ``fn(shared, *u)[1]`` stacked."""
+    return scan_chunks(vmap_sum(fn), shared, users, users_per_chunk, valid)
 
 
 def _unshift(stacked: Array, num_users: int, size: int) -> Array:
@@ -86,10 +109,9 @@ def _unshift(stacked: Array, num_users: int, size: int) -> Array:
 def available_memory_bytes(device: Optional[jax.Device] = None) -> int:
     """Free memory of ``device``: the accelerator's free bytes, or the host's available RAM for CPU."""
     device = device or jax.local_devices()[0]
-    stats = None
     try:
         stats = device.memory_stats()
-    except Exception:  # CPU backends may not implement it
+    except Exception:  # some backends do not implement it
         stats = None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))

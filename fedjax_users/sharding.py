@@ -1,6 +1,6 @@
 """The users axis of ``aggregate`` sharded over devices, on one host or many.
 
-Each device takes a contiguous block of users, sums their updates with ``chunking.chunked_sum``
+Each device takes a contiguous block of users, sums their updates with ``chunking.scan_chunks``
 (a scan over chunks of ``users_per_chunk`` users) and a ``psum`` adds the devices' partial sums.
 Per-user outputs (BatchNorm statistics, noised inputs) stay sharded along the users axis. A user
 count that does not divide by the device count is padded with copies of the last user that
@@ -26,8 +26,7 @@ global arrays sharded over the hosts, fetched whole with
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -69,19 +68,19 @@ def _pad_users(users: PyTree, padded: int) -> PyTree:
 
 
 def sharded_sum(
-    fn: Callable[..., tuple[PyTree, PyTree]],
+    chunk_fn: chunking.ChunkFn,
     shared: PyTree,
     users: PyTree,
     users_per_chunk: int,
     mesh: Optional[Mesh] = None,
 ) -> tuple[PyTree, PyTree]:
-    """``chunking.chunked_sum`` of ``fn(shared, *user)`` with the users split over ``mesh``'s devices.
+    """``chunking.scan_chunks`` with the users split over ``mesh``'s devices (``None``: one device).
 
-    ``shared`` (the server's parameters) is the same for every user and is replicated; ``mesh``
-    ``None`` means one device. ``users_per_chunk`` counts users per device.
+    ``shared`` (the server's parameters) is the same for every user and is replicated.
+    ``users_per_chunk`` counts users per device.
     """
     if mesh is None:
-        return chunking.chunked_sum(functools.partial(fn, shared), users, users_per_chunk)
+        return chunking.scan_chunks(chunk_fn, shared, users, users_per_chunk)
     num_users = jax.tree_util.tree_leaves(users)[0].shape[0]
     padded = users_per_device(num_users, mesh) * mesh.size
     users = _pad_users(users, padded)
@@ -89,17 +88,19 @@ def sharded_sum(
     spec = PartitionSpec(USERS_AXIS)
 
     def per_device(local_shared, local_users, local_valid):
-        # Inside shard_map a gradient with respect to a device-invariant value is summed over the
-        # devices (the transpose of its implicit broadcast). Each user's gradient must stay local,
-        # so the shared values are marked as varying per device first.
-        local_shared = jax.lax.pcast(local_shared, USERS_AXIS, to="varying")
-        total, outputs = chunking.chunked_sum(
-            functools.partial(fn, local_shared), local_users, users_per_chunk, local_valid, USERS_AXIS
-        )
+        total, outputs = chunking.scan_chunks(chunk_fn, local_shared, local_users, users_per_chunk, local_valid)
         return jax.lax.psum(total, USERS_AXIS), outputs
 
+    # check_vma=False: with it on, a gradient taken inside a user's computation with respect to a
+    # value that is the same on every device (the server's parameters, or zeros the computation
+    # creates itself) would be summed over the devices, the transpose of its implicit broadcast.
+    # Users are independent, so every device's computation must stay local until the psum.
     total, outputs = jax.shard_map(
-        per_device, mesh=mesh, in_specs=(PartitionSpec(), spec, spec), out_specs=(PartitionSpec(), spec)
+        per_device,
+        mesh=mesh,
+        in_specs=(PartitionSpec(), spec, spec),
+        out_specs=(PartitionSpec(), spec),
+        check_vma=False,
     )(shared, users, valid)
     return total, jax.tree_util.tree_map(lambda a: a[:num_users], outputs)
 

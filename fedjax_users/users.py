@@ -355,9 +355,9 @@ def _aggregate_jit(
 ):
     """Mean of the per-user updates, each user's stats, their mean, and the noised inputs if recorded.
 
-    Users run in chunks of ``users_per_chunk`` per device (a scan over chunks, ``vmap`` within
-    one), sharded over ``mesh``'s devices; only running sums are carried, so memory grows with the
-    chunk, not with the number of users.
+    Users run in chunks of ``users_per_chunk`` per device (a scan over chunks), sharded over
+    ``mesh``'s devices; only running sums are carried, so memory grows with the chunk, not with
+    the number of users.
     """
     dp = cfg.local_diff_privacy
     # Only a single-step user without clipping records noised inputs; otherwise they are the inputs
@@ -370,10 +370,44 @@ def _aggregate_jit(
         )
         return grads, (stats, recorded if records_noise else None)
 
+    def single_step_chunk(shared, users, keep):
+        # The users' unclipped gradients are all taken at the server's parameters, so their sum is
+        # ONE gradient of the summed losses: one weight gradient over the chunk's examples instead
+        # of one per user (which vmap lowers to grouped convolutions). Each user's forward pass
+        # stays its own (vmap), so train-mode BatchNorm still uses that user's batch statistics.
+        # Keys, noise and momentum are used exactly as _single_step uses them.
+        server_params, shared_stats = shared
+        user_inputs, user_labels, user_keys, user_stats = users
+
+        def user_loss(p, x, y, key, own_stats):
+            input_key, _ = jax.random.split(key)
+            noised = _noised_inputs(input_key, x, cfg)
+            stats = own_stats if shared_stats is None else shared_stats
+            logits, new_stats = _apply(
+                model, p, stats, noised, shared_stats is None, None, SINGLE_STEP_MOMENTUM
+            )
+            return _masked_mean(loss_fn(logits, y), None), (new_stats, noised if records_noise else None)
+
+        def kept_loss(p):
+            losses, outputs = jax.vmap(user_loss, in_axes=(None, 0, 0, 0, 0))(p, *users)
+            return jnp.sum(jnp.where(keep, losses, jnp.zeros((), losses.dtype))), outputs
+
+        grads, outputs = jax.grad(kept_loss, has_aux=True)(server_params)
+
+        def user_noise(key):
+            _, grad_key = jax.random.split(key)
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, server_params)
+            return privacy.add_noise(grad_key, zeros, dp.gradient_noise, dp.distribution)
+
+        if dp.gradient_noise > 0:
+            noise = chunking.masked_sum(jax.vmap(user_noise)(user_keys), keep)
+            grads = jax.tree_util.tree_map(jnp.add, grads, noise)
+        return grads, outputs
+
+    per_user = cfg.is_multi_step or dp.per_example_clipping > 0
+    chunk_fn = chunking.vmap_sum(one_user) if per_user else single_step_chunk
     users = (inputs, labels, keys, users_stats)
-    total, (stats, recorded) = sharding.sharded_sum(
-        one_user, (params, server_stats), users, users_per_chunk, mesh
-    )
+    total, (stats, recorded) = sharding.sharded_sum(chunk_fn, (params, server_stats), users, users_per_chunk, mesh)
     num_users = inputs.shape[0]
     mean = jax.tree_util.tree_map(lambda t: t / num_users, total)
     return mean, stats, _tree_mean_over_users(stats, num_users), recorded

@@ -17,7 +17,12 @@ FLOAT64_BOUND = 1e-10
 # A float32 case that misses its bound still passes if our result is no further from the
 # reference's own float64 result than twice the reference's float32 result is (see
 # harness._distance_to_exact): several SGD steps amplify rounding in both frameworks alike.
-MODEL_BOUNDS: dict[str, float] = {}
+# ConvNetSmall's 15M parameters sit in wide convolutions (256 -> 512 -> 1024 channels) whose
+# weight gradients sum 4096 products per entry; under ``vmap`` over users XLA runs them as grouped
+# convolutions with another float32 accumulation order, and the parameter difference loses digits
+# to cancellation (deltas ~1e-4 of weights ~2e-2). Its aggregate lands at 1.7e-5; the same model's
+# aggregate in float64 (in the float64 grid) meets 1e-10, so this is rounding, not semantics.
+MODEL_BOUNDS: dict[str, float] = {"ConvNetSmall": 3e-5}
 # Ten times breaching's default: deltas well above float32 cancellation, and small enough that
 # the noise of one step barely changes the next step's gradient (so noise residuals are the
 # summed noise) and that no eval-mode case diverges.
@@ -142,7 +147,7 @@ def all_cases(quick: bool = False, precision: Optional[str] = None) -> list[Case
         f64 = _grid(("lenet_zhu", "ConvNet", "resnet20"), precision="float64", defences=("none", "clip")) + [
             Case(m, "local_update", False, precision="float64", num_examples=5, tag="ragged",
                  user_overrides=(("num_local_updates", 4), ("num_data_per_local_update_step", 2)))
-            for m in ("ConvNet", "resnet20")] + [
+            for m in ("ConvNet", "resnet20")] + [Case("ConvNetSmall", "aggregate", False, precision="float64")] + [
             Case(m, u, False, d, precision="float64") for m in TEXT_MODELS for u in USERS for d in ("none", "clip")]
     if precision == "float32":
         return f32

@@ -1,0 +1,82 @@
+"""Timing contenders side by side: first call apart, then alternating rounds, median and spread.
+
+Each contender is a zero-argument callable that runs the computation once and returns only when
+its result is ready (``block_until_ready`` / CUDA sync). The first call is timed on its own: for
+jitted JAX functions it includes tracing and compilation. Then every contender is warmed up and
+timed once per round, the order rotating between rounds, so slow drift of the machine (other
+processes, thermal state) spreads over all contenders alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from typing import Callable, Mapping
+
+import numpy as np
+
+Contender = Callable[[], None]
+
+
+@dataclasses.dataclass
+class Measurement:
+    """First-call time and the steady-state times of one contender (seconds)."""
+
+    first_call_s: float
+    times_s: list[float]
+
+    def summary(self) -> dict:
+        """Median, quartiles, extremes; ``compile_s`` = first call minus the steady median."""
+        times = np.asarray(self.times_s)
+        q1, median, q3 = np.percentile(times, [25, 50, 75])
+        return dict(
+            median_s=float(median),
+            q1_s=float(q1),
+            q3_s=float(q3),
+            min_s=float(times.min()),
+            max_s=float(times.max()),
+            rounds=int(times.size),
+            first_call_s=self.first_call_s,
+            compile_s=max(self.first_call_s - float(median), 0.0),
+        )
+
+
+def _timed(call: Contender) -> float:
+    gc.disable()  # a collection triggered by one contender must not be charged to another
+    try:
+        start = time.perf_counter()
+        call()
+        return time.perf_counter() - start
+    finally:
+        gc.enable()
+
+
+def measure(
+    contenders: Mapping[str, Contender],
+    warmup: int = 1,
+    min_rounds: int = 3,
+    max_rounds: int = 15,
+    budget_s: float = 20.0,
+) -> dict[str, Measurement]:
+    """Time every contender: first call, ``warmup`` calls, then as many alternating rounds as fit.
+
+    The number of rounds is what fits ``budget_s`` at the warm-up speed, between ``min_rounds``
+    and ``max_rounds``. Workloads whose first calls alone exceed the budget skip the warm-up:
+    at seconds per call the first call has already warmed every cache.
+    """
+    names = list(contenders)
+    first = {name: _timed(contenders[name]) for name in names}
+    estimate = dict(first)
+    for _ in range(warmup if sum(first.values()) < budget_s else 0):
+        for name in names:
+            estimate[name] = _timed(contenders[name])
+    per_round = sum(estimate.values())
+    rounds = int(np.clip(budget_s // max(per_round, 1e-9), min_rounds, max_rounds))
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        gc.collect()
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(_timed(contenders[name]))
+    return {name: Measurement(first[name], times[name]) for name in names}

@@ -1,0 +1,195 @@
+"""The fast per-example clipping path equals plain ``vmap`` clipping (``fedjax_users.clipping``)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_users import clipping, privacy
+from fedjax_users.batchnorm import BatchNorm
+from fedjax_users.losses import softmax_cross_entropy
+from fedjax_users.models import vision
+
+
+class Mixed(nn.Module):
+    """Supported and unsupported layers side by side, ending in a token Dense and a head."""
+
+    @nn.compact
+    def __call__(self, x, train=False, mask=None, momentum=0.1):
+        # SAME with stride 2 on an even size pads asymmetrically.
+        x = nn.Conv(4, (3, 3), strides=2, padding="SAME", name="same_s2")(x)
+        x = nn.Conv(4, (3, 3), padding="CIRCULAR", name="circular")(x)  # pads inside: per example
+        x = nn.Conv(4, (3, 3), feature_group_count=2, padding=1, name="grouped")(x)  # per example
+        x = nn.Conv(6, (2, 2), kernel_dilation=2, padding=[(1, 0), (0, 2)], use_bias=False, name="dilated")(x)
+        x = nn.relu(BatchNorm(name="bn")(x, train, mask, momentum))
+        tokens = x.reshape(x.shape[0], -1, x.shape[-1])
+        shared = nn.Dense(6, name="shared")  # called twice: per example
+        tokens = shared(jnp.tanh(shared(tokens)))
+        tokens = nn.Dense(5, name="tokens")(tokens)  # positions = tokens
+        pooled = nn.Conv(7, (2, 2), padding="VALID", name="pool_conv")(x[:, :2, :2])  # one position
+        features = jnp.concatenate([jnp.mean(tokens, axis=1), pooled.reshape(x.shape[0], -1)], axis=-1)
+        return nn.Dense(3, name="head")(features)
+
+
+class Tied(nn.Module):
+    """A Dense whose kernel is also read outside its call (it must not take the fast path)."""
+
+    @nn.compact
+    def __call__(self, x, train=False, mask=None, momentum=0.1):
+        x = x.reshape(x.shape[0], -1)
+        h = nn.Dense(4, name="proj")(x)
+        penalty = jnp.sum(jnp.square(self.variables["params"]["proj"]["kernel"]))
+        return nn.Dense(3, name="head")(jnp.tanh(h)) + 0.1 * penalty
+
+
+class Conv1D(nn.Module):
+    """Token ids -> embedding -> strided, dilated 1-D convolution -> Dense (a non-image model)."""
+
+    @nn.compact
+    def __call__(self, x, train=False, mask=None, momentum=0.1):
+        x = nn.Embed(11, 4, name="embed")(x)
+        x = nn.Conv(5, (3,), strides=2, kernel_dilation=2, padding="SAME", name="conv1d")(x)
+        return nn.Dense(3, name="head")(jnp.mean(nn.gelu(x), axis=1))
+
+
+def _objective(model, stats, train):
+    def objective(params, example):
+        x, y = example
+        variables = {"params": params, "batch_stats": stats} if stats else {"params": params}
+        if train and stats:
+            logits, updates = model.apply(variables, x[None], train=True, momentum=1.0, mutable=["batch_stats"])
+            aux = updates["batch_stats"]
+        else:
+            logits, aux = model.apply(variables, x[None], train=False), stats
+        return jnp.mean(softmax_cross_entropy(logits, y[None])), aux
+
+    return objective
+
+
+def _setup(model, inputs, num_classes=3, seed=0, train=False):
+    labels = jax.random.randint(jax.random.key(seed + 1), (inputs.shape[0],), 0, num_classes)
+    variables = model.init(jax.random.key(seed + 2), inputs[:1])
+    stats = variables.get("batch_stats", {})
+    if stats and not train:
+        # Non-trivial running statistics, so eval mode differs from train mode.
+        key = jax.random.key(seed + 3)
+        stats = jax.tree_util.tree_map(
+            lambda s: s * jax.random.uniform(key, s.shape, s.dtype, 0.5, 1.5) if s.dtype == jnp.float32 else s, stats
+        )
+    return _objective(model, stats, train), variables["params"], (inputs, labels)
+
+
+def _median_clip(objective, params, examples):
+    """A bound that clips about half of the examples, so both branches of the rule are exercised."""
+    grads = jax.vmap(lambda ex: jax.grad(objective, has_aux=True)(params, ex)[0])(examples)
+    norms = np.asarray(jax.vmap(privacy.global_norm)(grads))
+    bound = float(np.median(norms))
+    assert (norms > bound).any() and (norms <= bound).any()
+    return bound
+
+
+def _assert_fast_equals_vmap(objective, params, examples, clip_value):
+    fast, fast_aux = jax.jit(lambda p, e: clipping.clipped_mean_gradient(objective, p, e, clip_value))(params, examples)
+    slow, slow_aux = jax.jit(lambda p, e: clipping.clipped_mean_gradient_vmap(objective, p, e, clip_value))(
+        params, examples
+    )
+    assert jax.tree_util.tree_structure(fast) == jax.tree_util.tree_structure(slow)
+    for got, want in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(slow)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6 * float(np.max(np.abs(want))) + 1e-9)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), fast_aux, slow_aux)
+
+
+def _fast_paths(objective, params, examples):
+    first = jax.tree_util.tree_map(lambda a: a[0], examples)
+    return {"/".join(layer.path) for layer in clipping.fast_layers(objective, params, first)}
+
+
+CASES = {
+    "lenet_zhu": (lambda: vision.LeNetZhu(num_classes=3), (16, 16, 3)),
+    "cnn6": (lambda: vision.CNN6(num_classes=3), (16, 16, 3)),
+    "ConvNet": (lambda: vision.ConvNet(num_classes=3, width=2), (18, 18, 3)),
+    "resnet": (lambda: vision.ResNet(num_classes=3, stage_sizes=(1, 1), width=4), (8, 8, 3)),
+}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_zoo_models_fast_equals_vmap(name, train):
+    build, shape = CASES[name]
+    model = build()
+    inputs = jax.random.normal(jax.random.key(3), (6,) + shape)
+    objective, params, examples = _setup(model, inputs, train=train)
+    fast = _fast_paths(objective, params, examples)
+    kernels = {
+        "/".join(str(k.key) for k in path[:-1])
+        for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+        if path[-1].key == "kernel"
+    }
+    assert fast == kernels  # every zoo conv and dense kernel takes the fast path
+    _assert_fast_equals_vmap(objective, params, examples, _median_clip(objective, params, examples))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_unsupported_layers_fall_back_per_layer(train):
+    model = Mixed()
+    inputs = jax.random.normal(jax.random.key(4), (5, 8, 8, 2))
+    objective, params, examples = _setup(model, inputs, train=train)
+    assert _fast_paths(objective, params, examples) == {"same_s2", "dilated", "tokens", "pool_conv", "head"}
+    _assert_fast_equals_vmap(objective, params, examples, _median_clip(objective, params, examples))
+
+
+def test_both_norm_strategies_are_exercised():
+    # Mixed's token Dense has many positions (materialised G_i), its one-position conv and head use Gram matrices.
+    assert not clipping._prefer_gram(positions=16, fan_in=6, features=5)
+    assert clipping._prefer_gram(positions=1, fan_in=2 * 2 * 6, features=7)
+    assert clipping._prefer_gram(positions=1, fan_in=12, features=3)
+
+
+def test_kernel_read_elsewhere_is_not_fast():
+    model = Tied()
+    inputs = jax.random.normal(jax.random.key(5), (6, 3, 3, 2))
+    objective, params, examples = _setup(model, inputs)
+    assert _fast_paths(objective, params, examples) == {"head"}
+    _assert_fast_equals_vmap(objective, params, examples, _median_clip(objective, params, examples))
+
+
+def test_one_dimensional_conv_on_tokens():
+    model = Conv1D()
+    tokens = jax.random.randint(jax.random.key(6), (6, 10), 0, 11)
+    objective, params, examples = _setup(model, tokens)
+    assert _fast_paths(objective, params, examples) == {"conv1d", "head"}
+    _assert_fast_equals_vmap(objective, params, examples, _median_clip(objective, params, examples))
+
+
+@pytest.mark.parametrize("clip_value", [1e-4, 1e4], ids=["all_clipped", "none_clipped"])
+def test_extreme_bounds(clip_value):
+    model = vision.LeNetZhu(num_classes=3)
+    objective, params, examples = _setup(model, jax.random.normal(jax.random.key(7), (4, 8, 8, 3)))
+    _assert_fast_equals_vmap(objective, params, examples, clip_value)
+    fast, _ = clipping.clipped_mean_gradient(objective, params, examples, clip_value)
+    if clip_value > 1:  # nothing clipped: the mean of the per-example gradients is the batch gradient
+        batch = jax.grad(lambda p: jnp.mean(jax.vmap(lambda e: objective(p, e)[0])(examples)))(params)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), fast, batch)
+    else:  # every example clipped to norm ~1e-4: the mean has norm at most 1e-4
+        assert float(privacy.global_norm(fast)) <= clip_value * (1 + 1e-5)
+
+
+def test_fast_false_is_the_vmap_path():
+    model = vision.LeNetZhu(num_classes=3)
+    objective, params, examples = _setup(model, jax.random.normal(jax.random.key(8), (3, 8, 8, 3)))
+    plain, _ = clipping.clipped_mean_gradient(objective, params, examples, 1.0, fast=False)
+    direct, _ = clipping.clipped_mean_gradient_vmap(objective, params, examples, 1.0)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, plain, direct)
+
+
+def test_im2col_matches_the_convolution():
+    layer_module = nn.Conv(3, (3, 2), strides=(2, 1), kernel_dilation=(1, 2), padding="SAME")
+    x = jax.random.normal(jax.random.key(9), (2, 7, 6, 4))
+    params = layer_module.init(jax.random.key(10), x)["params"]
+    out = layer_module.apply({"params": params}, x)
+    layer = clipping._Layer(("conv",), layer_module, x.shape[1:], out.shape[1:])
+    patches = clipping._im2col(layer, x)
+    via_patches = patches @ params["kernel"].reshape(-1, 3) + params["bias"]
+    np.testing.assert_allclose(via_patches, out, rtol=1e-5, atol=1e-5)
