@@ -1,7 +1,8 @@
 """The users axis of ``aggregate`` sharded over devices, on one host or many.
 
-Each device takes a contiguous block of users, sums their updates with ``chunking.scan_chunks``
-(a scan over chunks of ``users_per_chunk`` users) and a ``psum`` adds the devices' partial sums.
+Each device holds a contiguous block of users (``place_users``) and runs them a chunk at a time
+(``run_chunk`` inside the caller's jitted step, looped over by ``chunking.sum_chunks``); a
+``psum`` adds the devices' partial sums.
 Per-user outputs (BatchNorm statistics, noised inputs) stay sharded along the users axis. A user
 count that does not divide by the device count is padded with copies of the last user that
 carry zero weight. Results equal the one-device computation up to float summation order.
@@ -67,42 +68,54 @@ def _pad_users(users: PyTree, padded: int) -> PyTree:
     return jax.tree_util.tree_map(pad, users)
 
 
-def sharded_sum(
+def place_users(users: PyTree, mesh: Optional[Mesh]) -> tuple[PyTree, Array]:
+    """Users padded to a multiple of the devices and split over them, and which users are real.
+
+    Device ``d`` holds the ``d``-th block of ``users_per_device`` consecutive users.
+    """
+    num_users = jax.tree_util.tree_leaves(users)[0].shape[0]
+    padded = users_per_device(num_users, mesh) * (1 if mesh is None else mesh.size)
+    users = _pad_users(users, padded)
+    valid = jnp.arange(padded) < num_users
+    if mesh is None:
+        return users, valid
+    return _put((users, valid), NamedSharding(mesh, PartitionSpec(USERS_AXIS)))
+
+
+def run_chunk(
     chunk_fn: chunking.ChunkFn,
     shared: PyTree,
     users: PyTree,
-    users_per_chunk: int,
+    valid: Array,
+    chunk: Array,
+    size: int,
     mesh: Optional[Mesh] = None,
 ) -> tuple[PyTree, PyTree]:
-    """``chunking.scan_chunks`` with the users split over ``mesh``'s devices (``None``: one device).
+    """``chunking.run_chunk`` on every device's own users; outputs ``[devices, size, ...]``.
 
-    ``shared`` (the server's parameters) is the same for every user and is replicated.
-    ``users_per_chunk`` counts users per device.
+    ``users`` and ``valid`` come from ``place_users``; ``shared`` (the server's parameters) is
+    replicated. The devices' summed updates are added with a ``psum``.
     """
     if mesh is None:
-        return chunking.scan_chunks(chunk_fn, shared, users, users_per_chunk)
-    num_users = jax.tree_util.tree_leaves(users)[0].shape[0]
-    padded = users_per_device(num_users, mesh) * mesh.size
-    users = _pad_users(users, padded)
-    valid = jnp.arange(padded) < num_users
+        total, outputs = chunking.run_chunk(chunk_fn, shared, users, valid, chunk, size)
+        return total, jax.tree_util.tree_map(lambda a: a[None], outputs)
+
+    def per_device(local_shared, local_users, local_valid, local_chunk):
+        total, outputs = chunking.run_chunk(chunk_fn, local_shared, local_users, local_valid, local_chunk, size)
+        return jax.lax.psum(total, USERS_AXIS), jax.tree_util.tree_map(lambda a: a[None], outputs)
+
     spec = PartitionSpec(USERS_AXIS)
-
-    def per_device(local_shared, local_users, local_valid):
-        total, outputs = chunking.scan_chunks(chunk_fn, local_shared, local_users, users_per_chunk, local_valid)
-        return jax.lax.psum(total, USERS_AXIS), outputs
-
     # check_vma=False: with it on, a gradient taken inside a user's computation with respect to a
     # value that is the same on every device (the server's parameters, or zeros the computation
     # creates itself) would be summed over the devices, the transpose of its implicit broadcast.
     # Users are independent, so every device's computation must stay local until the psum.
-    total, outputs = jax.shard_map(
+    return jax.shard_map(
         per_device,
         mesh=mesh,
-        in_specs=(PartitionSpec(), spec, spec),
+        in_specs=(PartitionSpec(), spec, spec, PartitionSpec()),
         out_specs=(PartitionSpec(), spec),
         check_vma=False,
-    )(shared, users, valid)
-    return total, jax.tree_util.tree_map(lambda a: a[:num_users], outputs)
+    )(shared, users, valid, chunk)
 
 
 def to_global(tree: PyTree, mesh: Optional[Mesh]) -> PyTree:
@@ -113,12 +126,18 @@ def to_global(tree: PyTree, mesh: Optional[Mesh]) -> PyTree:
     """
     if mesh is None or jax.process_count() == 1:
         return tree
-    sharding = NamedSharding(mesh, PartitionSpec())
+    return _put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def _put(tree: PyTree, sharding: NamedSharding) -> PyTree:
+    """Place every leaf with ``sharding``; on several processes from each one's identical host copy."""
 
     def put(leaf):
         if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
             impl = jax.random.key_impl(leaf)
             return jax.random.wrap_key_data(put(jax.random.key_data(leaf)), impl=impl)
+        if jax.process_count() == 1:
+            return jax.device_put(leaf, sharding)
         host = np.asarray(leaf)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 

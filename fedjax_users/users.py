@@ -349,15 +349,13 @@ def _tree_mean_over_users(tree: PyTree, num_users: int) -> PyTree:
     return jax.tree_util.tree_map(mean, tree)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "loss_fn", "cfg", "users_per_chunk", "mesh"))
-def _aggregate_jit(
-    model, loss_fn, cfg, params, server_stats, users_stats, inputs, labels, keys, users_per_chunk, mesh
-):
-    """Mean of the per-user updates, each user's stats, their mean, and the noised inputs if recorded.
+@functools.partial(jax.jit, static_argnames=("model", "loss_fn", "cfg", "size", "mesh"))
+def _aggregate_chunk_jit(model, loss_fn, cfg, size, mesh, shared, users, valid, chunk):
+    """One chunk of users on every device: their summed update, and per user the stats and noised inputs.
 
-    Users run in chunks of ``users_per_chunk`` per device (a scan over chunks), sharded over
-    ``mesh``'s devices; only running sums are carried, so memory grows with the chunk, not with
-    the number of users.
+    ``users`` = (inputs, labels, keys, own stats) as placed by ``sharding.place_users``; each device
+    runs the ``chunk``-th block of ``size`` of its users. ``aggregate`` loops over the chunks, so
+    memory grows with the chunk, not with the number of users.
     """
     dp = cfg.local_diff_privacy
     # Only a single-step user without clipping records noised inputs; otherwise they are the inputs
@@ -406,11 +404,7 @@ def _aggregate_jit(
 
     per_user = cfg.is_multi_step or dp.per_example_clipping > 0
     chunk_fn = chunking.vmap_sum(one_user) if per_user else single_step_chunk
-    users = (inputs, labels, keys, users_stats)
-    total, (stats, recorded) = sharding.sharded_sum(chunk_fn, (params, server_stats), users, users_per_chunk, mesh)
-    num_users = inputs.shape[0]
-    mean = jax.tree_util.tree_map(lambda t: t / num_users, total)
-    return mean, stats, _tree_mean_over_users(stats, num_users), recorded
+    return sharding.run_chunk(chunk_fn, shared, users, valid, chunk, size, mesh)
 
 
 def aggregate(
@@ -465,20 +459,28 @@ def aggregate(
     keys = jax.random.split(key, num_users)
     users_stats_in = users_state if train else None
     mesh = sharding.users_mesh(devices)
+    per_device = sharding.users_per_device(num_users, mesh)
     if users_per_chunk is None:
         one_user = functools.partial(_user_core, model, loss, compute_config(user_cfg))
         first = jax.tree_util.tree_map(lambda a: a[0], (users_stats_in, inputs, labels, keys))
         users_per_chunk = chunking.auto_users_per_chunk(
             one_user,
             (payload.params, payload.batch_stats) + first,
-            sharding.users_per_device(num_users, mesh),
+            per_device,
             cache_key=(model, loss, compute_config(user_cfg)),
         )
+    size = min(users_per_chunk, per_device)
     shared_args = sharding.to_global((payload.params, payload.batch_stats), mesh)
-    users_args = sharding.to_global((users_stats_in, inputs, labels, keys), mesh)
-    mean_grads, users_stats, mean_stats, recorded = _aggregate_jit(
-        model, loss, compute_config(user_cfg), *shared_args, *users_args, min(users_per_chunk, num_users), mesh
-    )
+    users_args, valid = sharding.place_users((inputs, labels, keys, users_stats_in), mesh)
+
+    def step(chunk):
+        return _aggregate_chunk_jit(
+            model, loss, compute_config(user_cfg), size, mesh, shared_args, users_args, valid, chunk
+        )
+
+    total, (users_stats, recorded) = chunking.sum_chunks(step, per_device, size, num_users)
+    mean_grads = jax.tree_util.tree_map(lambda t: t / num_users, total)
+    mean_stats = _tree_mean_over_users(users_stats, num_users)
     recorded = inputs if recorded is None else recorded
 
     users_share_buffers = train or user_cfg.is_multi_step

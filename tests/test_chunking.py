@@ -61,8 +61,12 @@ def test_per_user_cost_grows_with_the_batch():
         return jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x)))(params), None
 
     small = chunking.per_user_bytes(user, jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32))
-    large = chunking.per_user_bytes(user, jax.ShapeDtypeStruct((32, 16, 16, 3), jnp.float32))
+    large_user = (jax.ShapeDtypeStruct((32, 16, 16, 3), jnp.float32),)
+    large = chunking.per_user_bytes(user, *large_user)
     assert large > 2 * small
+    # On CPU the default budget is the cache-sized CPU_CHUNK_BYTES, far below a quarter of the RAM.
+    assert jax.default_backend() == "cpu"
+    assert chunking.auto_users_per_chunk(user, large_user, 10**6) == chunking.CPU_CHUNK_BYTES // large
 
 
 def test_available_memory_is_positive():

@@ -99,10 +99,13 @@ _FOUR_DEVICES = _COMMON + textwrap.dedent(
                 compare(jax.tree_util.tree_map(lambda s: s[u], many[1].user_state), state, f"state of user {u}")
             compare(many[1].data[u * EXAMPLES:(u + 1) * EXAMPLES], true_data.data, f"inputs of user {u}")
 
-    # sharded_sum itself: sum and per-user outputs in order.
+    # The pieces themselves: 7 users padded to 8, 2 per device, chunks of 1; sum and outputs in order.
     mesh = sharding.users_mesh()
     fn = lambda w, x: ({"s": x * w}, x + 1.0)
-    total, out = jax.jit(lambda x: sharding.sharded_sum(chunking.vmap_sum(fn), 3.0, (x,), 2, mesh))(jnp.arange(7.0))
+    users, valid = sharding.place_users((jnp.arange(7.0),), mesh)
+    assert users[0].shape == (8,) and len(users[0].sharding.device_set) == 4
+    step = jax.jit(lambda c: sharding.run_chunk(chunking.vmap_sum(fn), 3.0, users, valid, c, 1, mesh))
+    total, out = chunking.sum_chunks(step, 2, 1, 7)
     assert float(total["s"]) == 63.0 and np.array_equal(np.asarray(out), np.arange(7.0) + 1.0)
     print("checked", checked)
     """
