@@ -18,7 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", const="quick", dest="grid",
                       help="a small lenet_zhu subset (a few minutes on 2 CPU cores)")
-    size.add_argument("--grid", choices=GRIDS, default="full", help="workload grid (default: full)")
+    size.add_argument("--grid", choices=GRIDS, help="workload grid (default: full)")
+    parser.set_defaults(grid="full")
     parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: benchmarks/results)")
     parser.add_argument("--memory", action="store_true",
                         help="only the peak-memory runs of large aggregates (slow; one subprocess each); "

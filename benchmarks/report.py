@@ -40,10 +40,14 @@ def write_json(results: dict, path: str) -> None:
         handle.write("\n")
 
 
+def _number(ms: float) -> str:
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
 def _ms(stats: Optional[dict]) -> str:
     if not stats:
         return "-"
-    return f"{stats['median_s'] * 1e3:.3g} [{stats['q1_s'] * 1e3:.3g}-{stats['q3_s'] * 1e3:.3g}]"
+    return f"{_number(stats['median_s'] * 1e3)} [{_number(stats['q1_s'] * 1e3)}-{_number(stats['q3_s'] * 1e3)}]"
 
 
 def _ratio(value: Optional[float]) -> str:

@@ -173,3 +173,14 @@ def test_targets_judge_every_row():
     assert agg_floor is True and agg_breaching is None
     empty = analysis.targets([])
     assert all(t["holds"] is None and not t["values"] for t in empty)
+
+
+def test_cli_grids():
+    from benchmarks import cli
+
+    parse = cli._parser().parse_args
+    assert parse([]).grid == "full"
+    assert parse(["--quick"]).grid == "quick"
+    assert parse(["--grid", "smoke"]).grid == "smoke"
+    with pytest.raises(SystemExit):
+        parse(["--quick", "--grid", "smoke"])
