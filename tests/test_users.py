@@ -118,10 +118,13 @@ def test_step_slices_match_python_slicing(n, k, steps):
 
 @pytest.mark.parametrize(
     "n, k, steps, buffers",
-    [(5, 2, 4, False), (5, 2, 4, True), (3, 5, 2, False), (4, 2, 3, True)],
-    ids=["ragged-train", "ragged-eval", "longer-than-data-train", "even-eval"],
+    [(5, 2, 4, False), (5, 2, 4, True), (3, 5, 2, False), (4, 2, 3, True), (5, 2, 19, False), (5, 2, 18, True)],
+    # More than MAX_UNROLLED_STEPS steps run as a lax.scan with masked short steps instead of a loop.
+    ids=["ragged-train", "ragged-eval", "longer-than-data-train", "even-eval", "scan-ragged-train",
+         "scan-ragged-eval"],
 )
 def test_local_update_equals_reference_loop(n, k, steps, buffers):
+    assert (steps > fu.users.MAX_UNROLLED_STEPS) == (steps > 16)
     model = TinyBNNet()
     x, y = make_data(n, seed=3)
     payload = server_payload(model, x, buffers=buffers)
