@@ -83,17 +83,31 @@ def run_chunk(
     return chunk_fn(shared, take(users), keep)
 
 
-def sum_chunks(step: StepFn, users_per_group: int, size: int, num_users: int) -> tuple[PyTree, PyTree]:
+def sum_chunks(
+    step: StepFn,
+    users_per_group: int,
+    size: int,
+    num_users: int,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> tuple[PyTree, PyTree]:
     """Run ``step`` on every chunk; the summed update and the per-user outputs in user order.
 
     ``step(chunk)`` returns outputs shaped ``[groups, size, ...]``: each group (a device) holds
     ``users_per_group`` consecutive users and computes its ``chunk``-th block of them.
+    ``progress(done, num_users)``, if given, is called before the first chunk and after each one;
+    each chunk is then waited for, so the host no longer queues chunks ahead of the devices.
     """
+    groups = -(-num_users // users_per_group)
     total, outputs = None, []
+    if progress is not None:
+        progress(0, num_users)
     for chunk in range(num_chunks(users_per_group, size)):
         chunk_total, chunk_outputs = step(chunk)
         total = chunk_total if total is None else _tree_add(total, chunk_total)
         outputs.append(chunk_outputs)
+        if progress is not None:
+            jax.block_until_ready(total)
+            progress(min(num_users, groups * min(users_per_group, (chunk + 1) * size)), num_users)
     ordered = jax.tree_util.tree_map(lambda *o: _in_user_order(o, users_per_group, size, num_users), *outputs)
     return total, ordered
 

@@ -62,11 +62,14 @@ def _compute(case, key, progress: bool):
     import jax
 
     import fedjax_users as fu
+    from fedjax_users.progress import TextProgress
 
     cfg = case.user_cfg
     if cfg.user_type == "multiuser_aggregate":
         def call():
-            return fu.aggregate(case.model, case.payload, case.data, cfg, key, loss=case.loss)[0]
+            # Only the first call reports progress: waiting on each chunk would slow the timed one.
+            bar = TextProgress(label="users (first call, with compile) ") if progress else None
+            return fu.aggregate(case.model, case.payload, case.data, cfg, key, loss=case.loss, progress=bar)[0]
     else:
         compute = fu.local_update if cfg.user_type == "local_update" else fu.local_gradient
 

@@ -433,6 +433,7 @@ def aggregate(
     loss: LossFn = softmax_cross_entropy,
     users_per_chunk: Optional[int] = None,
     devices: Optional[Sequence[jax.Device]] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> tuple[SharedData, TrueUserData]:
     """breaching's ``MultiUserAggregate`` as intended: the mean of the users' shared updates.
 
@@ -445,6 +446,8 @@ def aggregate(
     every device of every host after ``jax.distributed.initialize``; see ``fedjax_users.sharding``).
     Each device runs ``users_per_chunk`` users at a time; ``None`` picks the largest chunk that
     fits a quarter of the free memory (``fedjax_users.chunking.auto_users_per_chunk``).
+    ``progress(users done, users)`` is called on the host as chunks finish (for example
+    ``fedjax_users.progress.TextProgress()``); it is not called under an outer ``jit``.
     """
     inputs, labels = jnp.asarray(users_data.inputs), jnp.asarray(users_data.labels)
     if inputs.ndim < 2 or labels.ndim < 1:
@@ -494,7 +497,10 @@ def aggregate(
             model, loss, compute_config(user_cfg), size, mesh, shared_args, users_args, valid, chunk
         )
 
-    total, (users_stats, recorded) = chunking.sum_chunks(step, per_device, size, num_users)
+    traced = isinstance(inputs, jax.core.Tracer)
+    total, (users_stats, recorded) = chunking.sum_chunks(
+        step, per_device, size, num_users, None if traced else progress
+    )
     mean_grads = jax.tree_util.tree_map(lambda t: t / num_users, total)
     mean_stats = _tree_mean_over_users(users_stats, num_users)
     recorded = inputs if recorded is None else recorded

@@ -26,9 +26,18 @@ def test_run_default_case_saves_an_update_that_loads_back(tmp_path, capsys):
 def test_run_multiuser_case(tmp_path, capsys):
     out = tmp_path / "agg.msgpack"
     assert cli.main(["run", "configs/case/digits_multiuser.yaml", "model=lenet_zhu", "--out", str(out)]) == 0
-    assert "multiuser_aggregate" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "multiuser_aggregate" in captured.out
     shared, _ = io.load_shared(out)
-    assert shared.metadata.num_users >= 2
+    num_users = shared.metadata.num_users
+    assert num_users >= 2
+    # A log, not a terminal: the progress bar writes whole lines, the last one at every user.
+    assert f" 0/{num_users} users" in captured.err and f" {num_users}/{num_users} users" in captured.err
+    assert "\r" not in captured.err
+
+    assert cli.main(["run", "configs/case/digits_multiuser.yaml", "model=lenet_zhu", "--out", str(out),
+                     "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize(
