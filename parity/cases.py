@@ -17,6 +17,10 @@ FLOAT64_BOUND = 1e-10
 # A float32 case that misses its bound still passes if our result is no further from the
 # reference's own float64 result than twice the reference's float32 result is (see
 # harness._distance_to_exact): several SGD steps amplify rounding in both frameworks alike.
+# Failing that, it passes if our distance is within twice the worst distance of the reference's
+# float32 runs on weights/inputs perturbed by 5e-7 (harness._reference_spread): ConvNet's gradient is
+# discontinuous at float32 resolution (ReLU kinks of pre-activations within ~1e-6 of zero), so a
+# single float32 run of the reference lands 1.5e-6 or 1e-2 from float64 depending on chance.
 # ConvNetSmall's 15M parameters sit in wide convolutions (256 -> 512 -> 1024 channels) whose
 # weight gradients sum 4096 products per entry; under ``vmap`` over users XLA runs them as grouped
 # convolutions with another float32 accumulation order, and the parameter difference loses digits
@@ -27,6 +31,10 @@ MODEL_BOUNDS: dict[str, float] = {"ConvNetSmall": 3e-5}
 # the noise of one step barely changes the next step's gradient (so noise residuals are the
 # summed noise) and that no eval-mode case diverges.
 LOCAL_LEARNING_RATE = 1e-2
+# ConvNet in eval mode (server buffers) diverges at 1e-2 in both frameworks (largest parameter
+# change 2.9e-2, 31, 1.1e31 after steps 1-3 of the reference): a comparison of overflowing
+# numbers says nothing. breaching's default 1e-3 keeps its steps bounded (2.9e-3, 1.1e-2, 1.0e-2).
+MODEL_LEARNING_RATES: dict[str, float] = {"ConvNet": 1e-3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +96,8 @@ class Case:
             cfg["user_range"] = [0, self.num_users]
         if multi or self.user == "aggregate":
             cfg.update(num_local_updates=3 if multi else 1, num_data_per_local_update_step=2,
-                       local_learning_rate=LOCAL_LEARNING_RATE, provide_local_hyperparams=True)
+                       local_learning_rate=MODEL_LEARNING_RATES.get(self.model, LOCAL_LEARNING_RATE),
+                       provide_local_hyperparams=True)
         overrides = dict(self.user_overrides)
         ldp = overrides.pop("local_diff_privacy", None)
         if ldp:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 from typing import Any, Optional
 
 import jax
@@ -25,6 +26,13 @@ from parity import reference
 from parity.cases import Case
 
 NOISE_SCALE = 0.05
+# A gradient or parameter difference beyond this magnitude means the case's local training diverged.
+DIVERGED = 1e6
+# How far float32 rounding alone can move the reference's result (see ``_reference_spread``): its
+# float32 run is repeated on weights, buffers and inputs perturbed by this relative amount (about
+# the float32 forward error of either framework a few layers deep, ~4-8 ulp), ``SPREAD_DRAWS`` times.
+SPREAD_PERTURBATION = 5e-7
+SPREAD_DRAWS = 4
 # The parity grid names breaching's text ``linear`` apart from its vision ``linear``.
 TEXT_NAMES = {"linear-text": "linear"}
 
@@ -42,6 +50,9 @@ class Result:
     # Set when the float32 bound was missed and the float64 reference was the yardstick.
     ours_vs_float64: Optional[float] = None
     reference_vs_float64: Optional[float] = None
+    # Set when that was missed too: the worst distance to float64 of the reference's float32 runs
+    # on inputs perturbed far below float32 resolution of the result (``_reference_spread``).
+    reference_spread: Optional[float] = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -89,6 +100,9 @@ class _Errors:
             return
         err = max(float(np.max(np.abs(a - b))) for a, b in pairs)
         scale = max(float(np.max(np.abs(b))) for _, b in pairs)
+        if not np.isfinite(scale) or scale > DIVERGED:
+            # Overflowing numbers agree or disagree by chance: such a case must change, not pass.
+            self.mismatches.append(f"{what}: the reference diverged (max |entry| {scale:.3g})")
         self.max_abs = max(self.max_abs, err)
         self.max_rel = max(self.max_rel, err / scale if scale > 0 else err)
 
@@ -374,23 +388,61 @@ def _compare_outputs(case, errors, torch_model, cfg, ours, ours_true, ref) -> No
         errors.equal("true_data.labels", ours_true.labels, true_data["labels"])
 
 
-def _distance_to_exact(case, torch_model, users_data, cfg, multi_step, ours, ref) -> tuple[float, float]:
+def _exact_reference(case, torch_model, users_data, cfg, multi_step) -> dict:
+    """The reference's shared data computed in float64 from the same (float32) weights and data."""
+    model64 = copy.deepcopy(torch_model).double()
+    data64 = [{k: v.double() if v.is_floating_point() else v for k, v in d.items()} for d in users_data]
+    case64 = dataclasses.replace(case, precision="float64")
+    return _reference_shared(case, _run_reference(case64, model64, data64, cfg, multi_step, case.queries), cfg)
+
+
+def _distance(gradients: list, exact: dict) -> float:
+    errors = _Errors()
+    errors.tensor_lists("gradients", gradients, exact["gradients"])
+    return errors.max_rel
+
+
+def _distance_to_exact(case, torch_model, users_data, cfg, multi_step, ours, ref, exact) -> tuple[float, float]:
     """Relative distance of our float32 result and of the reference's to the reference in float64.
 
     Several SGD steps amplify float32 rounding (and a parameter difference loses digits to
     cancellation), so two correct float32 implementations can differ by more than the bound. The
     reference's own float32 error against its float64 run is the yardstick then.
     """
-    model64 = copy.deepcopy(torch_model).double()
-    data64 = [{k: v.double() if v.is_floating_point() else v for k, v in d.items()} for d in users_data]
-    case64 = dataclasses.replace(case, precision="float64")
-    exact = _reference_shared(case, _run_reference(case64, model64, data64, cfg, multi_step, case.queries), cfg)
-    ours_errors, reference_errors = _Errors(), _Errors()
-    ours_errors.tensor_lists("gradients", interop.grads_to_torch_list(ours.gradients, torch_model),
-                             exact["gradients"])
-    reference_errors.tensor_lists("gradients", _reference_shared(case, ref, cfg)["gradients"],
-                                  exact["gradients"])
-    return ours_errors.max_rel, reference_errors.max_rel
+    return (_distance(interop.grads_to_torch_list(ours.gradients, torch_model), exact),
+            _distance(_reference_shared(case, ref, cfg)["gradients"], exact))
+
+
+def _jitter(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``tensor`` times ``1 + u``, ``u`` uniform in +-SPREAD_PERTURBATION, in its own dtype."""
+    u = torch.rand(tensor.shape, generator=generator, dtype=torch.float64) * 2.0 - 1.0
+    return (tensor.double() * (1.0 + SPREAD_PERTURBATION * u)).to(tensor.dtype)
+
+
+def _reference_spread(case, torch_model, users_data, cfg, multi_step, exact) -> float:
+    """Worst distance to ``exact`` of the reference's float32 result over slightly perturbed runs.
+
+    With ReLU after BatchNorm (ConvNet), a few of the millions of pre-activations of every forward
+    pass lie within float32 rounding (~1e-6) of zero; which side of the kink each lands on is chance,
+    and every flip changes the gradient by up to ~1e-2 of its scale. Any float32 implementation, the
+    reference included, is then only determined up to those flips: its own result moves by ~1e-2
+    when its inputs move by a few ulp, so a single float32 run of it (which may happen to flip
+    nothing that matters) is no yardstick. The perturbation's smooth effect stays below the float32
+    bound; the spread it measures is the discontinuity.
+    """
+    generator = torch.Generator().manual_seed(case.seed + 31)
+    worst = 0.0
+    for _ in range(SPREAD_DRAWS):
+        model = copy.deepcopy(torch_model)
+        with torch.no_grad():
+            for tensor in itertools.chain(model.parameters(), model.buffers()):
+                if tensor.is_floating_point():
+                    tensor.copy_(_jitter(tensor, generator))
+        data = [{k: _jitter(v, generator) if v.is_floating_point() else v for k, v in d.items()}
+                for d in users_data]
+        shared = _reference_shared(case, _run_reference(case, model, data, cfg, multi_step, case.queries), cfg)
+        worst = max(worst, _distance(shared["gradients"], exact))
+    return worst
 
 
 def run_case(case: Case) -> Result:
@@ -416,13 +468,21 @@ def run_case(case: Case) -> Result:
                                ours)
     bound = case.bound
     passed = not errors.mismatches and errors.max_rel <= bound
-    ours_exact = reference_exact = None
+    ours_exact = reference_exact = spread = None
     if not errors.mismatches and not passed and case.precision == "float32":
-        ours_exact, reference_exact = _distance_to_exact(case, torch_model, users_data, cfg, multi_step, ours, ref)
+        exact = _exact_reference(case, torch_model, users_data, cfg, multi_step)
+        ours_exact, reference_exact = _distance_to_exact(case, torch_model, users_data, cfg, multi_step, ours, ref,
+                                                         exact)
         passed = ours_exact <= max(2.0 * reference_exact, bound)
         details.append(f"vs float64 reference: ours {ours_exact:.2e}, reference float32 {reference_exact:.2e}")
+        if not passed:
+            spread = _reference_spread(case, torch_model, users_data, cfg, multi_step, exact)
+            passed = ours_exact <= 2.0 * spread
+            details.append(f"reference float32 on {SPREAD_DRAWS} inputs perturbed by "
+                           f"{SPREAD_PERTURBATION:.0e}: up to {spread:.2e}")
     detail = "; ".join(errors.mismatches[:3] + details)
-    return Result(case.name, errors.max_abs, errors.max_rel, bound, passed, detail, ours_exact, reference_exact)
+    return Result(case.name, errors.max_abs, errors.max_rel, bound, passed, detail, ours_exact, reference_exact,
+                  spread)
 
 
 def _as_reference_layout(data):

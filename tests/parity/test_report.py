@@ -1,0 +1,49 @@
+"""The parity report's marks and the perturbation behind the reference-spread yardstick."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+harness = pytest.importorskip("parity.harness")
+report = pytest.importorskip("parity.report")
+
+
+def _row(name, passed, ours=None, ref=None, spread=None):
+    return harness.Result(name, 1e-3, 1e-3, 1e-5, passed, "", ours, ref, spread)
+
+
+def test_marks_say_which_yardstick_passed_a_case():
+    table = report.format_table([
+        _row("a", True), _row("b", True, 1e-3, 1e-3), _row("c", True, 1e-2, 1e-6, 8e-3),
+        _row("d", False, 1e-1, 1e-6, 1e-3),
+    ]).splitlines()
+    marks = {line.split()[0]: line.split()[4] for line in table[1:5]}
+    assert marks == {"a": "yes", "b": "yes*", "c": "yes~", "d": "NO"}
+    assert "8.00e-03" in table[3]
+    assert table[-1] == "3 passed, 1 failed"
+
+
+def test_rows_without_a_spread_still_load():
+    row = _row("a", True, 1e-3, 1e-3).as_dict()
+    del row["reference_spread"]
+    assert harness.Result(**row).reference_spread is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_jitter_is_a_relative_perturbation_of_the_stated_size(dtype):
+    tensor = torch.linspace(-3.0, 3.0, 10_001, dtype=dtype)
+    moved = harness._jitter(tensor, torch.Generator().manual_seed(0))
+    assert moved.dtype == dtype
+    relative = ((moved.double() - tensor.double()).abs() / tensor.double().abs().clamp_min(1e-30)).max().item()
+    # Rounding back to float32 adds at most half an ulp (6e-8) to the perturbation itself.
+    assert 0.5 * harness.SPREAD_PERTURBATION < relative <= harness.SPREAD_PERTURBATION + 6e-8
+
+
+def test_a_diverged_reference_is_a_mismatch_not_a_pass():
+    import numpy as np
+
+    errors = harness._Errors()
+    errors.tensor_lists("gradients", [np.array([1e30, 1.0])], [np.array([1e30, 1.0])])
+    assert errors.mismatches and "diverged" in errors.mismatches[0]
+    errors = harness._Errors()
+    errors.tensor_lists("gradients", [np.array([0.5, 1.0])], [np.array([0.5, 1.0])])
+    assert not errors.mismatches and errors.max_rel == 0.0
