@@ -95,6 +95,8 @@ def _memory(rows: list[dict]) -> list[str]:
     for r in rows:
         who = f"{r['users']} x {r['steps'] * r['batch']} ({r['steps']} steps x {r['batch']})"
         chunk = r["users_per_chunk"] or "auto"
+        if r.get("chunks"):
+            chunk = f"{chunk} ({r['chunks']} chunks)"
         if "error" in r:
             cells = [r["model"], who, chunk, f"failed: {r['error']}"] + [""] * 4
         else:

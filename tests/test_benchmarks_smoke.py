@@ -15,7 +15,7 @@ pytest.importorskip("matplotlib")
 
 import benchmarks  # noqa: E402
 import fedjax_users as fu  # noqa: E402
-from benchmarks import grid, problems, torch_func  # noqa: E402
+from benchmarks import grid, memory, problems, torch_func  # noqa: E402
 from parity import reference  # noqa: E402
 
 
@@ -65,9 +65,10 @@ def test_markdown_and_plot(smoke_outputs):
 
 
 def test_memory_run_reports_a_peak():
-    result = benchmarks.memory.run(benchmarks.memory.SMOKE_SPECS, log=lambda _: None)["runs"][0]
+    result = memory.run(memory.SMOKE_SPECS, log=lambda _: None)["runs"][0]
     assert "error" not in result, result
     assert result["finite"] and result["users"] == 4
+    assert result["chunks"] == 2  # 4 users in chunks of 2, counted by the progress callback
     assert result["peak_rss_mib"] >= 0.9 * result["rss_before_mib"] > 0
 
 
