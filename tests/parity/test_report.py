@@ -47,3 +47,15 @@ def test_a_diverged_reference_is_a_mismatch_not_a_pass():
     errors = harness._Errors()
     errors.tensor_lists("gradients", [np.array([0.5, 1.0])], [np.array([0.5, 1.0])])
     assert not errors.mismatches and errors.max_rel == 0.0
+
+
+def test_summary_groups_by_model_and_precision(tmp_path):
+    rows = [_row("m/local_gradient/buffers/none", True), _row("m/aggregate/buffers/clip", True, 2e-2, 1e-2),
+            _row("m/local_update/buffers/none/float64", True), _row("n/local_update/buffers/none", False)]
+    path = tmp_path / "r.json"
+    report.write_json(rows, str(path), {"quick": False})
+    meta, loaded = report.load(str(path))
+    assert meta == {"quick": False} and [r.name for r in loaded] == [r.name for r in rows]
+    lines = report.summary(loaded).splitlines()
+    assert lines[2] == "| m | float32 | 2 | 2 | 1 / 1 / 0 | 1.0e-03 (1e-05) | 2.0e-02 (1.0e-02) |"
+    assert lines[3].startswith("| m | float64 | 1 | 1 |") and lines[4].startswith("| n | float32 | 1 | 0 |")
