@@ -28,9 +28,9 @@ def _parse(argv):
 
 
 def _run(precision, args):
-    if precision == "float64":
-        import jax
+    import jax
 
+    if precision == "float64":
         jax.config.update("jax_enable_x64", True)
     from parity.cases import all_cases
     from parity.harness import Result, run_case
@@ -48,6 +48,10 @@ def _run(precision, args):
             print(f"  {result.name}: rel {result.max_rel:.2e} ({time.perf_counter() - start:.1f}s) {result.detail}",
                   file=sys.stderr, flush=True)
         results.append(result)
+        # Every case compiles its own executables (new model objects are new static arguments), and
+        # XLA:CPU maps each one's code: ~170 cases into one process it ran out of memory mappings
+        # ("LLVM ERROR: Unable to allocate section memory"). Nothing compiled carries to the next case.
+        jax.clear_caches()
         if args.partial:
             # A long run leaves what it has done so far.
             from parity.report import write_json
