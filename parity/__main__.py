@@ -20,7 +20,8 @@ def _parse(argv):
     parser = argparse.ArgumentParser(prog="python -m parity", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="the subset CI runs on every push")
     parser.add_argument("--json", metavar="PATH", help="also write the table as JSON")
-    parser.add_argument("--filter", default="", help="only cases whose name contains this text")
+    parser.add_argument("--filter", default="",
+                        help="only cases whose name contains this text (or one of several, comma-separated)")
     parser.add_argument("--precision", choices=("float32", "float64"), help="run one precision only")
     parser.add_argument("--verbose", action="store_true", help="print details of every case")
     parser.add_argument("--partial", metavar="PATH", help="rewrite PATH with the results so far after each case")
@@ -37,7 +38,7 @@ def _run(precision, args):
 
     results = []
     for case in all_cases(quick=args.quick, precision=precision):
-        if args.filter and args.filter not in case.name:
+        if args.filter and not any(text in case.name for text in args.filter.split(",")):
             continue
         start = time.perf_counter()
         try:

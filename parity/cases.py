@@ -153,7 +153,9 @@ def all_cases(quick: bool = False, precision: Optional[str] = None) -> list[Case
                for b in (False, True) for d in ("none", "clip")]
     else:
         f32 = _grid(VISION_MODELS) + _special(("resnet20",)) + _text()
-        f64 = _grid(("lenet_zhu", "ConvNet", "resnet20"), precision="float64", defences=("none", "clip")) + [
+        # Every vision model but ConvNetSmall (15M parameters: one float64 aggregate takes minutes here).
+        f64_models = ("linear", "MLP", "lenet_zhu", "ConvNet", "cnn6", "resnet18", "resnet20")
+        f64 = _grid(f64_models, precision="float64", defences=("none", "clip")) + [
             Case(m, "local_update", False, precision="float64", num_examples=5, tag="ragged",
                  user_overrides=(("num_local_updates", 4), ("num_data_per_local_update_step", 2)))
             for m in ("ConvNet", "resnet20")] + [Case("ConvNetSmall", "aggregate", False, precision="float64")] + [
