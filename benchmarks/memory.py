@@ -101,7 +101,7 @@ def measure_here(
         users_per_chunk=users_per_chunk, chunks=len(reports) - 1, input_mib=input_mib, rss_before_mib=rss_before,
         peak_rss_mib=_peak_mib(reset), peak_since_data_built=reset,
         first_call_s=times[0], second_call_s=times[1] if calls > 1 else None, finite=finite,
-        backend=jax.default_backend(),
+        backend=jax.default_backend(), devices=jax.device_count(),
     )
 
 
