@@ -497,7 +497,8 @@ def aggregate(
             model, loss, compute_config(user_cfg), size, mesh, shared_args, users_args, valid, chunk
         )
 
-    traced = isinstance(inputs, jax.core.Tracer)
+    # Under an outer jit the loop below runs once, at trace time: no progress to report.
+    traced = isinstance(inputs, jax.core.Tracer) or isinstance(labels, jax.core.Tracer)
     total, (users_stats, recorded) = chunking.sum_chunks(
         step, per_device, size, num_users, None if traced else progress
     )
@@ -513,7 +514,7 @@ def aggregate(
         # users at once and hand out numpy views rather than one device op per user.
         slices = step_slices(cfg.num_data_points, cfg.num_data_per_local_update_step, cfg.num_local_updates)
         # Under an outer jit the labels are tracers and must stay JAX arrays.
-        host = (lambda a: a) if isinstance(labels, jax.core.Tracer) else np.asarray
+        host = (lambda a: a) if traced else np.asarray
         per_step = [host(jnp.sort(labels[:, start : start + length], axis=-1)) for start, length in slices]
         step_labels = [step[u] for u in range(num_users) for step in per_step]
     metadata = Metadata(
