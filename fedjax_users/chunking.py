@@ -6,13 +6,17 @@ grows with the users in flight, not with their total. Within a chunk a *chunk fu
 the kept users' summed update; ``vmap_sum`` builds one from a per-user function.
 ``auto_users_per_chunk`` picks the chunk from what XLA says one user needs and a memory budget.
 
-The loop is a Python loop, not ``lax.scan``: XLA's CPU backend runs convolution weight
-gradients inside a while loop about 50x slower than outside one (measured with jax 0.10.2), and
-all chunks have one shape, so the jitted step compiles once.
+The loop is a Python loop, not ``lax.scan``, for users with convolutions: XLA's CPU backend runs
+convolution weight gradients inside a while loop about 50x slower than outside one (measured
+with jax 0.10.2), and all chunks have one shape, so the jitted step compiles once. Users whose
+convolutions run as matmuls (``fedjax_users.patches``) loop over their chunks in one
+``lax.scan`` (``scan_chunks``), which saves the host loop's dispatch and, under an outer ``jit``,
+keeps the program from growing with the number of chunks.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, Hashable, Optional, Sequence
 
@@ -26,8 +30,8 @@ PyTree = Any
 UserFn = Callable[..., tuple[PyTree, PyTree]]
 # chunk_fn(shared, users of one chunk, keep [chunk] bool) -> (sum of the kept users' updates, per-user outputs)
 ChunkFn = Callable[[PyTree, PyTree, Array], tuple[PyTree, PyTree]]
-# step(chunk index) -> (the chunk's summed update, its per-user outputs [groups, chunk, ...])
-StepFn = Callable[[int], tuple[PyTree, PyTree]]
+# step(first chunk, count) -> (the chunks' summed update, their per-user outputs [count, groups, size, ...])
+StepFn = Callable[[int, int], tuple[PyTree, PyTree]]
 
 # Share of the free memory a chunk of users may use by default: the rest is headroom for the
 # inputs, the per-user outputs and XLA's own buffers.
@@ -83,49 +87,89 @@ def run_chunk(
     return chunk_fn(shared, take(users), keep)
 
 
+def scan_chunks(run_one: Callable[[Array], tuple[PyTree, PyTree]], first: Array, count: int) -> tuple[PyTree, PyTree]:
+    """Chunks ``first .. first + count - 1`` of ``run_one(chunk)``: summed updates, outputs stacked ``[count, ...]``.
+
+    More than one chunk runs as a ``lax.scan``, for users whose computation has no convolutions
+    left (XLA:CPU runs convolution weight gradients inside a loop far slower than outside one).
+    """
+    if count == 1:
+        total, outputs = run_one(first)
+        return total, jax.tree_util.tree_map(lambda a: a[None], outputs)
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run_one, first)[0])
+
+    def body(running, chunk):
+        total, outputs = run_one(chunk)
+        return jax.tree_util.tree_map(jnp.add, running, total), outputs
+
+    return jax.lax.scan(body, zeros, first + jnp.arange(count))
+
+
 def sum_chunks(
     step: StepFn,
     users_per_group: int,
     size: int,
     num_users: int,
     progress: Optional[Callable[[int, int], None]] = None,
+    chunks_per_step: int = 1,
 ) -> tuple[PyTree, PyTree]:
-    """Run ``step`` on every chunk; the summed update and the per-user outputs in user order.
+    """Run every chunk through ``step``; the summed update and the per-user outputs in user order.
 
-    ``step(chunk)`` returns outputs shaped ``[groups, size, ...]``: each group (a device) holds
-    ``users_per_group`` consecutive users and computes its ``chunk``-th block of them.
-    ``progress(done, num_users)``, if given, is called before the first chunk and after each one;
-    each chunk is then waited for, so the host no longer queues chunks ahead of the devices.
+    ``step(first, count)`` computes chunks ``first .. first + count - 1`` and returns their summed
+    update and outputs shaped ``[count, groups, size, ...]``: each group (a device) holds
+    ``users_per_group`` consecutive users and computes its ``chunk``-th block of them. A chunk
+    index past the last one must add nothing (``run_chunk`` keeps none of its users).
+    ``chunks_per_step`` > 1 hands ``step`` all chunks at once, or ``progress`` permitting about a
+    tenth of them per call, always the same count, so that ``step`` compiles once.
+    ``progress(done, num_users)``, if given, is called before the first call and after each one;
+    each call is then waited for, so the host no longer queues work ahead of the devices.
     """
     groups = -(-num_users // users_per_group)
+    chunks = num_chunks(users_per_group, size)
+    count = min(chunks_per_step, chunks if progress is None else -(-chunks // 10))
     total, outputs = None, []
     if progress is not None:
         progress(0, num_users)
-    for chunk in range(num_chunks(users_per_group, size)):
-        chunk_total, chunk_outputs = step(chunk)
-        total = chunk_total if total is None else _tree_add(total, chunk_total)
-        outputs.append(chunk_outputs)
+    for first in range(0, chunks, count):
+        step_total, step_outputs = step(first, count)
+        total = step_total if total is None else _tree_add(total, step_total)
+        outputs.append(step_outputs)
         if progress is not None:
             jax.block_until_ready(total)
-            progress(min(num_users, groups * min(users_per_group, (chunk + 1) * size)), num_users)
-    ordered = jax.tree_util.tree_map(lambda *o: _in_user_order(o, users_per_group, size, num_users), *outputs)
+            done = min(chunks, first + count)
+            progress(min(num_users, groups * min(users_per_group, done * size)), num_users)
+    ordered = jax.tree_util.tree_map(
+        lambda *o: _in_user_order(o, chunks, users_per_group, size, num_users), *outputs
+    )
     return total, ordered
 
 
 def chunked_sum(
-    fn: UserFn, shared: PyTree, users: PyTree, users_per_chunk: int, valid: Optional[Array] = None
+    fn: UserFn,
+    shared: PyTree,
+    users: PyTree,
+    users_per_chunk: int,
+    valid: Optional[Array] = None,
+    chunks_per_step: int = 1,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> tuple[PyTree, PyTree]:
-    """On one device: ``sum_u fn(shared, *u)[0]`` over the users with ``valid[u]``, and ``fn(shared, *u)[1]`` stacked."""
+    """On one device: ``sum_u fn(shared, *u)[0]`` over the users with ``valid[u]``, and ``fn(shared, *u)[1]`` stacked.
+
+    ``chunks_per_step`` and ``progress`` are those of ``sum_chunks``.
+    """
     num_users = jax.tree_util.tree_leaves(users)[0].shape[0]
     size = max(1, min(users_per_chunk, num_users))
     valid = jnp.ones((num_users,), bool) if valid is None else valid
 
-    @jax.jit
-    def step(chunk):
+    def run_one(chunk):
         total, outputs = run_chunk(vmap_sum(fn), shared, users, valid, chunk, size)
-        return total, jax.tree_util.tree_map(lambda a: a[None], outputs)
+        return total, jax.tree_util.tree_map(lambda a: a[None], outputs)  # one group
 
-    return sum_chunks(step, num_users, size, num_users)
+    @functools.partial(jax.jit, static_argnums=1)
+    def step(first, count):
+        return scan_chunks(run_one, first, count)
+
+    return sum_chunks(step, num_users, size, num_users, progress, chunks_per_step)
 
 
 @jax.jit
@@ -133,12 +177,19 @@ def _tree_add(a: PyTree, b: PyTree) -> PyTree:
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
-def _in_user_order(chunks: Sequence[Array], users_per_group: int, size: int, num_users: int) -> Array:
-    """Per-chunk outputs ``[groups, size, ...]`` as ``[num_users, ...]``, dropping the last chunk's repeats."""
-    full = (len(chunks) - 1) * size
-    last = chunks[-1][:, full - (users_per_group - size) :]
-    per_group = jnp.concatenate(list(chunks[:-1]) + [last], axis=1) if full else last
-    return per_group.reshape((-1,) + per_group.shape[2:])[:num_users]
+def _in_user_order(steps: Sequence[Array], chunks: int, users_per_group: int, size: int, num_users: int) -> Array:
+    """Per-step outputs ``[count, groups, size, ...]`` as ``[num_users, ...]``.
+
+    Chunks past the last one are dropped, and so are the users the last chunk repeats.
+    """
+    stacked = jnp.concatenate(steps, axis=0)[:chunks] if len(steps) > 1 else steps[0][:chunks]
+    full = (chunks - 1) * size
+    last = stacked[-1][:, full - (users_per_group - size) :]
+    if full:
+        before = jnp.moveaxis(stacked[:-1], 0, 1)
+        before = before.reshape((before.shape[0], full) + before.shape[3:])
+        last = jnp.concatenate([before, last], axis=1)
+    return last.reshape((-1,) + last.shape[2:])[:num_users]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,9 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.linen.linear import canonicalize_padding
 
-from fedjax_users import privacy
+from fedjax_users import patches, privacy
 
 Array = jax.Array
 PyTree = Any
@@ -61,7 +60,7 @@ class _Layer:
     def kernel_shape(self) -> tuple[int, ...]:
         in_features = self.input_shape[-1]
         if self.is_conv:
-            return _conv_window(self.module) + (in_features, self.module.features)
+            return patches.conv_window(self.module) + (in_features, self.module.features)
         return (in_features, self.module.features)
 
 
@@ -69,46 +68,16 @@ class _Layer:
 # Which layers take the fast path
 
 
-def _conv_window(module: nn.Conv) -> tuple[int, ...]:
-    size = module.kernel_size
-    return (size,) if isinstance(size, int) else tuple(size)
-
-
-def _spatial(module: nn.Conv, value, default: int = 1) -> tuple[int, ...]:
-    rank = len(_conv_window(module))
-    value = default if value is None else value
-    return (value,) * rank if isinstance(value, int) else tuple(value)
-
-
-def _padding_supported(module: nn.Conv) -> bool:
-    try:
-        padding = canonicalize_padding(module.padding, len(_conv_window(module)))
-    except ValueError:
-        return False
-    # CIRCULAR / REFLECT / CAUSAL pad inside the layer, so its input is not what the kernel sees.
-    return not isinstance(padding, str) or padding in ("SAME", "VALID")
-
-
 def _supported(module: nn.Module, inputs: Array, kernel: Any) -> bool:
     """Plain ``nn.Dense`` / ``nn.Conv`` computing in their kernel's dtype (no custom kernels)."""
-    if type(module) is nn.Dense:
-        plain = module.dot_general is None and module.dot_general_cls is None
-    elif type(module) is nn.Conv:
-        plain = (
-            module.conv_general_dilated is None
-            and module.conv_general_dilated_cls is None
-            and module.mask is None
-            and module.feature_group_count == 1
-            and all(d == 1 for d in _spatial(module, module.input_dilation))
-            and _padding_supported(module)
-            and inputs.ndim > len(_conv_window(module))
-        )
-    else:
+    if type(module) is nn.Conv:
+        return patches.is_plain_conv(module, inputs, kernel)
+    if type(module) is not nn.Dense or module.dot_general is not None or module.dot_general_cls is not None:
         return False
     dtypes = {jnp.dtype(inputs.dtype), jnp.dtype(kernel.dtype)}
     if module.dtype is not None:
         dtypes.add(jnp.dtype(module.dtype))
-    return plain and len(dtypes) == 1
+    return len(dtypes) == 1
 
 
 def _get(tree: PyTree, path: Path) -> Optional[Any]:
@@ -190,48 +159,14 @@ def fast_layers(objective: Objective, params: PyTree, example: PyTree) -> list[_
 # Kernel gradients from layer inputs and output cotangents
 
 
-def _conv_padding(layer: _Layer) -> list[tuple[int, int]]:
-    module = layer.module
-    window = _conv_window(module)
-    padding = canonicalize_padding(module.padding, len(window))
-    if isinstance(padding, str):
-        dilated = [(k - 1) * d + 1 for k, d in zip(window, _spatial(module, module.kernel_dilation))]
-        spatial = layer.input_shape[-len(window) - 1 : -1]
-        padding = jax.lax.padtype_to_pads(spatial, dilated, _spatial(module, module.strides), padding)
-    return [tuple(p) for p in padding]
-
-
-def _im2col(layer: _Layer, x: Array) -> Array:
-    """Patches ``[N, *out_spatial, prod(window) * C]`` in the kernel's ``(*window, C)`` order."""
-    module = layer.module
-    window = _conv_window(module)
-    rank = len(window)
-    strides = _spatial(module, module.strides)
-    dilation = _spatial(module, module.kernel_dilation)
-    pads = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in _conv_padding(layer)] + [(0, 0, 0)]
-    x = jax.lax.pad(x, jnp.zeros((), x.dtype), pads)
-    # One spatial axis at a time, last first: stacking the strided slices of one axis shrinks the
-    # array before the next axis multiplies it, and copies longer contiguous runs than slicing
-    # every kernel offset of the full window (lax's patches op would run an identity convolution).
-    for axis in reversed(range(1, rank + 1)):
-        k, d, s = window[axis - 1], dilation[axis - 1], strides[axis - 1]
-        out = (x.shape[axis] - (k - 1) * d - 1) // s + 1
-        slices = [
-            jax.lax.slice_in_dim(x, o * d, o * d + (out - 1) * s + 1, stride=s, axis=axis) for o in range(k)
-        ]
-        # Kernel-offset axes collect after the spatial ones, ahead of those already stacked.
-        x = jnp.stack(slices, axis=rank + 1)
-    return x.reshape(x.shape[: rank + 1] + (-1,))
-
-
 def _rows(layer: _Layer, inputs: Array, cotangents: Array) -> tuple[Array, Array]:
     """Per example ``A [B, positions, fan_in]`` and ``D [B, positions, features]`` with ``G_i = A_i^T D_i``."""
     batch = inputs.shape[0]
     if layer.is_conv:
-        rank = len(_conv_window(layer.module))
+        rank = len(patches.conv_window(layer.module))
         # Fold any extra leading axes of one example into the convolution batch.
         inputs = inputs.reshape((-1,) + inputs.shape[-rank - 1 :])
-        inputs = _im2col(layer, inputs)
+        inputs = patches.im2col(layer.module, inputs)
     rows = inputs.reshape(batch, -1, inputs.shape[-1])
     cols = cotangents.reshape(batch, -1, cotangents.shape[-1])
     if rows.shape[1] != cols.shape[1]:

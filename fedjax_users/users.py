@@ -13,6 +13,7 @@ with those buffers; none sent -> train mode with the user's own persistent stati
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Optional, Sequence
 
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_users import chunking, clipping, privacy, sharding
+from fedjax_users import chunking, clipping, patches, privacy, sharding
 from fedjax_users.batchnorm import fold_batch_stats
 from fedjax_users.config import ConfigError, UserConfig
 from fedjax_users.losses import softmax_cross_entropy
@@ -203,8 +204,16 @@ def _step_indices(cfg: UserConfig) -> tuple[np.ndarray, Optional[np.ndarray]]:
 MAX_UNROLLED_STEPS = 16
 
 
-def _multi_step(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key):
-    """Parameter difference after the local SGD steps, and the stats after training."""
+def _multi_step(
+    model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key, per_user_convs=False
+):
+    """Parameter difference after the local SGD steps, and the stats after training.
+
+    ``per_user_convs``: the caller ``vmap``s over users, so after the first step every user's
+    kernels differ; the steps then run their convolutions as im2col matmuls
+    (``fedjax_users.patches``) instead of the grouped convolutions ``vmap`` would make. The first
+    step too: it costs about the same, and leaves no convolution to slow a loop over chunks.
+    """
     train = server_stats is None
     stats = user_stats if train else server_stats
     dp = cfg.local_diff_privacy
@@ -216,9 +225,10 @@ def _multi_step(model, loss_fn, cfg, params, server_stats, user_stats, inputs, l
         idx, mask, step_key = xs
         input_key, grad_key = jax.random.split(step_key)
         x = _noised_inputs(input_key, inputs[idx], cfg)
-        grads, new_stats = _loss_and_grad(
-            model, loss_fn, current, current_stats, x, labels[idx], train, mask, MULTI_STEP_MOMENTUM
-        )
+        with patches.convolutions_as_matmuls() if per_user_convs else contextlib.nullcontext():
+            grads, new_stats = _loss_and_grad(
+                model, loss_fn, current, current_stats, x, labels[idx], train, mask, MULTI_STEP_MOMENTUM
+            )
         if dp.per_example_clipping > 0:
             # The reference clips the *batch* gradient of each step, not each example's.
             grads = privacy.clip_by_global_norm(grads, dp.per_example_clipping)
@@ -252,10 +262,13 @@ def compute_config(cfg: UserConfig) -> UserConfig:
     )
 
 
-def _user_core(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key):
+def _user_core(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key, per_user_convs=False):
     """One user of the config's kind: multi-step users train, single-step users take one gradient."""
-    compute = _multi_step if cfg.is_multi_step else _single_step
-    return compute(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key)
+    if cfg.is_multi_step:
+        return _multi_step(
+            model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key, per_user_convs
+        )
+    return _single_step(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "loss_fn", "cfg"))
@@ -365,13 +378,15 @@ def _tree_mean_over_users(tree: PyTree, num_users: int) -> PyTree:
     return jax.tree_util.tree_map(mean, tree)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "loss_fn", "cfg", "size", "mesh"))
-def _aggregate_chunk_jit(model, loss_fn, cfg, size, mesh, shared, users, valid, chunk):
-    """One chunk of users on every device: their summed update, and per user the stats and noised inputs.
+@functools.partial(
+    jax.jit, static_argnames=("model", "loss_fn", "cfg", "size", "mesh", "per_user_convs", "count")
+)
+def _aggregate_chunks_jit(model, loss_fn, cfg, size, mesh, per_user_convs, shared, users, valid, first, count):
+    """Chunks of users on every device: their summed update, and per user the stats and noised inputs.
 
     ``users`` = (inputs, labels, keys, own stats) as placed by ``sharding.place_users``; each device
-    runs the ``chunk``-th block of ``size`` of its users. ``aggregate`` loops over the chunks, so
-    memory grows with the chunk, not with the number of users.
+    runs blocks ``first .. first + count - 1`` of ``size`` of its users, one after another, so
+    memory grows with the chunk, not with the number of users. ``per_user_convs``: see ``_multi_step``.
     """
     dp = cfg.local_diff_privacy
     # Only a single-step user without clipping records noised inputs; otherwise they are the inputs
@@ -380,7 +395,7 @@ def _aggregate_chunk_jit(model, loss_fn, cfg, size, mesh, shared, users, valid, 
 
     def one_user(shared, user_inputs, user_labels, user_key, user_stats):
         grads, stats, recorded = _user_core(
-            model, loss_fn, cfg, *shared, user_stats, user_inputs, user_labels, user_key
+            model, loss_fn, cfg, *shared, user_stats, user_inputs, user_labels, user_key, per_user_convs
         )
         return grads, (stats, recorded if records_noise else None)
 
@@ -420,7 +435,9 @@ def _aggregate_chunk_jit(model, loss_fn, cfg, size, mesh, shared, users, valid, 
 
     per_user = cfg.is_multi_step or dp.per_example_clipping > 0
     chunk_fn = chunking.vmap_sum(one_user) if per_user else single_step_chunk
-    return sharding.run_chunk(chunk_fn, shared, users, valid, chunk, size, mesh)
+    return chunking.scan_chunks(
+        lambda chunk: sharding.run_chunk(chunk_fn, shared, users, valid, chunk, size, mesh), first, count
+    )
 
 
 def aggregate(
@@ -434,6 +451,7 @@ def aggregate(
     users_per_chunk: Optional[int] = None,
     devices: Optional[Sequence[jax.Device]] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    per_user_convs: Optional[bool] = None,
 ) -> tuple[SharedData, TrueUserData]:
     """breaching's ``MultiUserAggregate`` as intended: the mean of the users' shared updates.
 
@@ -448,6 +466,10 @@ def aggregate(
     fits a quarter of the free memory (``fedjax_users.chunking.auto_users_per_chunk``).
     ``progress(users done, users)`` is called on the host as chunks finish (for example
     ``fedjax_users.progress.TextProgress()``); it is not called under an outer ``jit``.
+    ``per_user_convs``: run multi-step users' convolutions after their first step as im2col
+    matmuls (``fedjax_users.patches``) rather than the grouped convolutions that ``vmap`` makes of
+    per-user kernels. ``None`` turns it on on CPU devices when a chunk holds more than one user
+    (2-3x faster there); on other platforms it is off unless asked for (not measured).
     """
     inputs, labels = jnp.asarray(users_data.inputs), jnp.asarray(users_data.labels)
     if inputs.ndim < 2 or labels.ndim < 1:
@@ -479,28 +501,37 @@ def aggregate(
     users_stats_in = users_state if train else None
     mesh = sharding.users_mesh(devices)
     per_device = sharding.users_per_device(num_users, mesh)
+    if per_user_convs is None:
+        platform = (list(devices) if devices else jax.devices())[0].platform
+        per_user_convs = platform == "cpu"
     if users_per_chunk is None:
-        one_user = functools.partial(_user_core, model, loss, compute_config(user_cfg))
+        # Sized with the im2col steps when they may run: their patches take more memory.
+        one_user = functools.partial(_user_core, model, loss, compute_config(user_cfg), per_user_convs=per_user_convs)
         first = jax.tree_util.tree_map(lambda a: a[0], (users_stats_in, inputs, labels, keys))
         users_per_chunk = chunking.auto_users_per_chunk(
             one_user,
             (payload.params, payload.batch_stats) + first,
             per_device,
-            cache_key=(model, loss, compute_config(user_cfg)),
+            cache_key=(model, loss, compute_config(user_cfg), per_user_convs),
         )
     size = min(users_per_chunk, per_device)
+    # One user per chunk has one set of kernels: vmap keeps its convolutions plain.
+    per_user_convs = bool(per_user_convs) and size > 1 and user_cfg.is_multi_step
     shared_args = sharding.to_global((payload.params, payload.batch_stats), mesh)
     users_args, valid = sharding.place_users((inputs, labels, keys, users_stats_in), mesh)
 
-    def step(chunk):
-        return _aggregate_chunk_jit(
-            model, loss, compute_config(user_cfg), size, mesh, shared_args, users_args, valid, chunk
+    def step(first, count):
+        return _aggregate_chunks_jit(
+            model, loss, compute_config(user_cfg), size, mesh, per_user_convs,
+            shared_args, users_args, valid, first, count,
         )
 
     # Under an outer jit the loop below runs once, at trace time: no progress to report.
     traced = isinstance(inputs, jax.core.Tracer) or isinstance(labels, jax.core.Tracer)
+    # Users without convolutions run all chunks in one scan (see chunking); others one per call.
+    chunks_per_step = chunking.num_chunks(per_device, size) if per_user_convs else 1
     total, (users_stats, recorded) = chunking.sum_chunks(
-        step, per_device, size, num_users, None if traced else progress
+        step, per_device, size, num_users, None if traced else progress, chunks_per_step
     )
     mean_grads = jax.tree_util.tree_map(lambda t: t / num_users, total)
     mean_stats = _tree_mean_over_users(users_stats, num_users)

@@ -109,6 +109,24 @@ def test_aggregate_is_the_mean_of_the_users(case):
         assert hp.labels == []  # single-step users report no per-step labels, as in the reference
 
 
+@pytest.mark.parametrize("buffers", [True, False], ids=["eval", "train"])
+def test_per_user_convs_give_the_same_update(buffers):
+    # Steps after the first run their convolutions as im2col matmuls (the CPU default); forcing
+    # either form must not change what the users share.
+    model = TinyBNNet()
+    xs, ys = _users_data(seed=9)
+    payload = server_payload(model, xs[0], buffers=buffers)
+    cfg = _cfg(steps=3, provide_buffers=True)
+    data = fu.UserData(inputs=xs, labels=ys)
+    runs = [fu.aggregate(model, payload, data, cfg, jax.random.key(4), users_per_chunk=USERS, per_user_convs=flag)
+            for flag in (True, False)]
+    (matmuls, matmul_data), (convs, conv_data) = runs
+    assert_trees_close(matmuls.gradients, convs.gradients, rtol=1e-4, atol=1e-7)
+    assert_trees_close(matmuls.batch_stats, convs.batch_stats, rtol=1e-5)
+    if not buffers:
+        assert_trees_close(matmul_data.user_state, conv_data.user_state, rtol=1e-5)
+
+
 def test_users_state_persists_across_queries():
     changes, _, chunk = CASES["single-train-noise-chunk2"]
     model = TinyBNNet()

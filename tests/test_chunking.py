@@ -30,6 +30,23 @@ def test_chunked_sum_equals_plain_sum_in_user_order(chunk):
     np.testing.assert_allclose(plus_one, x + 1.0)
 
 
+@pytest.mark.parametrize("chunks_per_step", [2, 100])
+@pytest.mark.parametrize("with_progress", [False, True])
+def test_chunks_scanned_in_one_step_give_the_same_sum(chunks_per_step, with_progress):
+    # 25 users in chunks of 2: 13 chunks, the last shifted back; with progress, steps of 2 chunks
+    # (a tenth, rounded up), so the last step also runs one chunk past the end, which adds nothing.
+    x, k = _users(25)
+    calls = []
+    progress = (lambda done, total: calls.append((done, total))) if with_progress else None
+    total, (plus_one, ids) = chunking.chunked_sum(_user, 2.0, (x, k), 2, None, chunks_per_step, progress)
+    np.testing.assert_allclose(total["a"], 2.0 * x.sum())
+    np.testing.assert_allclose(total["b"], [x.sum(), -x.sum()])
+    np.testing.assert_array_equal(ids, np.arange(25))
+    np.testing.assert_allclose(plus_one, x + 1.0)
+    if with_progress:
+        assert calls == [(0, 25)] + [(min(25, 4 * i), 25) for i in range(1, 7)] + [(25, 25)]
+
+
 @pytest.mark.parametrize("chunk", [2, 3, 4])
 def test_invalid_users_are_left_out_even_when_not_finite(chunk):
     x, k = _users(7)

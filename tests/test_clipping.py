@@ -182,14 +182,3 @@ def test_fast_false_is_the_vmap_path():
     plain, _ = clipping.clipped_mean_gradient(objective, params, examples, 1.0, fast=False)
     direct, _ = clipping.clipped_mean_gradient_vmap(objective, params, examples, 1.0)
     jax.tree_util.tree_map(np.testing.assert_array_equal, plain, direct)
-
-
-def test_im2col_matches_the_convolution():
-    layer_module = nn.Conv(3, (3, 2), strides=(2, 1), kernel_dilation=(1, 2), padding="SAME")
-    x = jax.random.normal(jax.random.key(9), (2, 7, 6, 4))
-    params = layer_module.init(jax.random.key(10), x)["params"]
-    out = layer_module.apply({"params": params}, x)
-    layer = clipping._Layer(("conv",), layer_module, x.shape[1:], out.shape[1:])
-    patches = clipping._im2col(layer, x)
-    via_patches = patches @ params["kernel"].reshape(-1, 3) + params["bias"]
-    np.testing.assert_allclose(via_patches, out, rtol=1e-5, atol=1e-5)

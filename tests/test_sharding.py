@@ -104,9 +104,11 @@ _FOUR_DEVICES = _COMMON + textwrap.dedent(
     fn = lambda w, x: ({"s": x * w}, x + 1.0)
     users, valid = sharding.place_users((jnp.arange(7.0),), mesh)
     assert users[0].shape == (8,) and len(users[0].sharding.device_set) == 4
-    step = jax.jit(lambda c: sharding.run_chunk(chunking.vmap_sum(fn), 3.0, users, valid, c, 1, mesh))
-    total, out = chunking.sum_chunks(step, 2, 1, 7)
-    assert float(total["s"]) == 63.0 and np.array_equal(np.asarray(out), np.arange(7.0) + 1.0)
+    run_one = lambda c: sharding.run_chunk(chunking.vmap_sum(fn), 3.0, users, valid, c, 1, mesh)
+    step = jax.jit(lambda first, count: chunking.scan_chunks(run_one, first, count), static_argnums=1)
+    for per_step in (1, 2):  # a host loop over chunks, and both chunks in one scan
+        total, out = chunking.sum_chunks(step, 2, 1, 7, chunks_per_step=per_step)
+        assert float(total["s"]) == 63.0 and np.array_equal(np.asarray(out), np.arange(7.0) + 1.0)
     print("checked", checked)
     """
 )

@@ -1,0 +1,129 @@
+"""Convolutions as patches times kernel (im2col), for layers whose kernel differs per user.
+
+Under ``vmap`` over users whose parameters differ (every local step after the first), XLA lowers a
+convolution with a batched kernel to a grouped convolution, which XLA:CPU runs 2-5x slower than
+the same arithmetic written as im2col patches and one batched matmul: ``[users, positions, window
+* C] @ [users, window * C, features]``. ``convolutions_as_matmuls()`` swaps plain ``nn.Conv``
+layers for that form inside a Flax ``apply``; the result is the same convolution up to float
+rounding. Per-example clipping (``fedjax_users.clipping``) forms kernel gradients from the same
+patches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.linear import canonicalize_padding
+
+Array = jax.Array
+
+
+def conv_window(module: nn.Conv) -> tuple[int, ...]:
+    """The kernel's spatial size, one entry per spatial axis."""
+    size = module.kernel_size
+    return (size,) if isinstance(size, int) else tuple(size)
+
+
+def per_axis(module: nn.Conv, value: Any, default: int = 1) -> tuple[int, ...]:
+    """A stride or dilation setting as one int per spatial axis."""
+    rank = len(conv_window(module))
+    value = default if value is None else value
+    return (value,) * rank if isinstance(value, int) else tuple(value)
+
+
+def padding_supported(module: nn.Conv) -> bool:
+    """Zero padding (explicit, SAME or VALID): the padded input is what the kernel sees."""
+    try:
+        padding = canonicalize_padding(module.padding, len(conv_window(module)))
+    except ValueError:
+        return False
+    # CIRCULAR / REFLECT / CAUSAL pad inside the layer with something other than zeros.
+    return not isinstance(padding, str) or padding in ("SAME", "VALID")
+
+
+def is_plain_conv(module: nn.Module, inputs: Array, kernel: Any) -> bool:
+    """An ``nn.Conv`` with no custom kernel, mask, groups or input dilation, in one dtype."""
+    if type(module) is not nn.Conv:
+        return False
+    plain = (
+        module.conv_general_dilated is None
+        and module.conv_general_dilated_cls is None
+        and module.mask is None
+        and module.feature_group_count == 1
+        and all(d == 1 for d in per_axis(module, module.input_dilation))
+        and padding_supported(module)
+        and inputs.ndim > len(conv_window(module))
+    )
+    dtypes = {jnp.dtype(inputs.dtype), jnp.dtype(kernel.dtype)}
+    if module.dtype is not None:
+        dtypes.add(jnp.dtype(module.dtype))
+    return plain and len(dtypes) == 1
+
+
+def zero_padding(module: nn.Conv, spatial: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(low, high) zero padding per spatial axis for inputs of spatial size ``spatial``."""
+    window = conv_window(module)
+    padding = canonicalize_padding(module.padding, len(window))
+    if isinstance(padding, str):
+        dilated = [(k - 1) * d + 1 for k, d in zip(window, per_axis(module, module.kernel_dilation))]
+        padding = jax.lax.padtype_to_pads(spatial, dilated, per_axis(module, module.strides), padding)
+    return [tuple(p) for p in padding]
+
+
+def im2col(module: nn.Conv, x: Array) -> Array:
+    """Patches ``[N, *out_spatial, prod(window) * C]`` of ``x [N, *spatial, C]``, in the kernel's order."""
+    window = conv_window(module)
+    rank = len(window)
+    strides = per_axis(module, module.strides)
+    dilation = per_axis(module, module.kernel_dilation)
+    pads = zero_padding(module, tuple(x.shape[1 : rank + 1]))
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)])
+    # One spatial axis at a time, last first: stacking the strided slices of one axis shrinks the
+    # array before the next axis multiplies it, and copies longer contiguous runs than slicing
+    # every kernel offset of the full window (lax's patches op would run an identity convolution).
+    for axis in reversed(range(1, rank + 1)):
+        k, d, s = window[axis - 1], dilation[axis - 1], strides[axis - 1]
+        out = (x.shape[axis] - (k - 1) * d - 1) // s + 1
+        slices = [
+            jax.lax.slice_in_dim(x, o * d, o * d + (out - 1) * s + 1, stride=s, axis=axis) for o in range(k)
+        ]
+        # Kernel-offset axes collect after the spatial ones, ahead of those already stacked.
+        x = jnp.stack(slices, axis=rank + 1)
+    return x.reshape(x.shape[: rank + 1] + (-1,))
+
+
+def conv_as_matmul(module: nn.Conv, x: Array, kernel: Array, bias: Array | None) -> Array:
+    """``module``'s convolution of ``x`` computed as im2col patches times the flattened kernel."""
+    rank = len(conv_window(module))
+    lead = x.shape[: -rank - 1]
+    # nn.Conv folds any number of leading axes into one batch; an unbatched input gets one.
+    batched = x.reshape((-1,) + x.shape[-rank - 1 :])
+    cols = im2col(module, batched)
+    y = jnp.einsum(
+        "n...k,kf->n...f", cols, kernel.reshape(-1, kernel.shape[-1]), precision=module.precision
+    )
+    if bias is not None:
+        y = y + bias
+    return y.reshape(lead + y.shape[1:])
+
+
+def _intercept(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or type(module) is not nn.Conv or len(args) != 1 or kwargs:
+        return next_fun(*args, **kwargs)
+    params = module.variables.get("params", {})
+    kernel = params.get("kernel")
+    if kernel is None or not is_plain_conv(module, args[0], kernel):
+        return next_fun(*args, **kwargs)
+    return conv_as_matmul(module, args[0], kernel, params.get("bias") if module.use_bias else None)
+
+
+@contextlib.contextmanager
+def convolutions_as_matmuls() -> Iterator[None]:
+    """Within this context, plain ``nn.Conv`` calls run as :func:`conv_as_matmul` (others unchanged)."""
+    with nn.intercept_methods(_intercept):
+        yield
