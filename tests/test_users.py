@@ -624,3 +624,17 @@ def test_public_functions_jit(fn, cfg):
     jitted = jax.jit(fn, static_argnums=(0, 3))
     _assert_same_outputs(jitted(model, payload, data, cfg, jax.random.key(1), state),
                          fn(model, payload, data, cfg, jax.random.key(1), state))
+
+
+def test_cached_initial_stats_hold_no_tracers():
+    # Shapes and fresh statistics are cached per (model, input shape); the first request may come
+    # under an outer jit, and what it caches must still work eagerly afterwards.
+    model = TinyBNNet(num_classes=7)  # a model no other test builds, so the first call is the jitted one
+    x = jnp.ones((3, 6, 6, 2))
+    under_jit = jax.jit(lambda inputs: fu.users.initial_batch_stats(model, inputs))(x)
+    eager = fu.users.initial_batch_stats(model, x)
+    for leaf in jax.tree_util.tree_leaves(eager):
+        assert not isinstance(leaf, jax.core.Tracer)
+    fresh = model.init(jax.random.key(1), x[:1])["batch_stats"]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, under_jit, fresh)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, eager, fresh)
