@@ -73,7 +73,8 @@ class SharedData:
 class TrueUserData:
     """The user's real data, kept for scoring attacks; never sent.
 
-    ``user_state`` is the users' own BatchNorm state after the query (stacked for ``aggregate``).
+    ``data`` from ``aggregate`` is a NumPy view of ``users_data.inputs`` when those are a NumPy
+    array and no input noise was recorded. ``user_state`` is the users' own BatchNorm state after the query (stacked for ``aggregate``).
     """
 
     data: Array

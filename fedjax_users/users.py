@@ -563,7 +563,11 @@ def aggregate(
     )
     mean_grads = jax.tree_util.tree_map(lambda t: t / num_users, total)
     mean_stats = _tree_mean_over_users(users_stats, num_users)
-    recorded = inputs if recorded is None else recorded
+    if recorded is None:
+        # The users' own inputs. Given as NumPy, they come back as a view of the caller's array
+        # rather than a second copy of the whole cohort's data (938 MiB for 10,000 CIFAR users of 8).
+        given = users_data.inputs
+        recorded = given[:, : cfg.num_data_points] if isinstance(given, np.ndarray) else inputs
 
     users_share_buffers = train or user_cfg.is_multi_step
     buffers = mean_stats if users_share_buffers else None

@@ -127,6 +127,23 @@ def test_per_user_convs_give_the_same_update(buffers):
         assert_trees_close(matmul_data.user_state, conv_data.user_state, rtol=1e-5)
 
 
+def test_numpy_inputs_come_back_without_a_copy():
+    model = TinyDense()
+    xs, ys = _users_data(users=3, seed=10)
+    xs = np.asarray(xs)
+    cfg = _cfg(users=3, steps=2)
+    _, true_data = fu.aggregate(model, server_payload(model, xs[0]), fu.UserData(inputs=xs, labels=ys), cfg,
+                                jax.random.key(0))
+    assert isinstance(true_data.data, np.ndarray) and np.shares_memory(true_data.data, xs)
+    np.testing.assert_array_equal(true_data.data, xs.reshape((-1,) + xs.shape[2:]))
+    # Recorded input noise is new data, and comes back as such.
+    noisy = cfg.replace(num_local_updates=1, local_diff_privacy=INPUT_NOISE)
+    _, true_data = fu.aggregate(model, server_payload(model, xs[0]), fu.UserData(inputs=xs, labels=ys), noisy,
+                                jax.random.key(0))
+    assert not np.shares_memory(np.asarray(true_data.data), xs)
+    assert not np.allclose(true_data.data, xs.reshape((-1,) + xs.shape[2:]))
+
+
 def test_users_state_persists_across_queries():
     changes, _, chunk = CASES["single-train-noise-chunk2"]
     model = TinyBNNet()
