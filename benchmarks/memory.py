@@ -67,7 +67,6 @@ def measure_here(
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     import fedjax_users as fu
     from fedjax_users import models
@@ -78,10 +77,7 @@ def measure_here(
     workload = Workload("aggregate", model, batch=batch, steps=steps, users=users)
     flax_model = models.get(model, num_classes=problems.NUM_CLASSES)
     data = problems.data_for(workload)
-    # NumPy, as a cohort read from disk usually is: aggregate then returns the inputs in
-    # true_data as a view instead of a device copy of the whole cohort.
-    inputs = np.ascontiguousarray(np.moveaxis(data.images_nchw, -3, -1))
-    labels = data.labels
+    inputs, labels = data.jax()
     input_mib = data.images_nchw.nbytes / _MIB
     del data
     variables = flax_model.init(jax.random.key(0), inputs[0, :1])
@@ -90,19 +86,19 @@ def measure_here(
     gc.collect()
     rss_before = _status_kib("VmRSS") / 1024
     reset = _reset_peak()
-    times, reports = [], []
+    plan = fu.plan_chunks(flax_model, payload, fu.UserData(inputs=inputs, labels=labels), cfg,
+                          users_per_chunk=users_per_chunk)
+    times = []
     for call in range(calls):
         start = time.perf_counter()
-        # The first (compiling) call counts its chunks through the progress callback.
-        progress = (lambda done, total: reports.append(done)) if call == 0 else None
         shared, _ = fu.aggregate(flax_model, payload, fu.UserData(inputs=inputs, labels=labels), cfg,
-                                 jax.random.key(1), users_per_chunk=users_per_chunk, progress=progress)
+                                 jax.random.key(1), users_per_chunk=users_per_chunk)
         jax.block_until_ready(shared.gradients)
         times.append(time.perf_counter() - start)
     finite = all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(shared.gradients))
     return dict(
         model=model, users=users, steps=steps, batch=batch, examples_per_user=steps * batch,
-        users_per_chunk=users_per_chunk, chunks=len(reports) - 1, input_mib=input_mib, rss_before_mib=rss_before,
+        users_per_chunk=users_per_chunk, chunks=plan.chunks, chunk_users=plan.users_per_chunk, input_mib=input_mib, rss_before_mib=rss_before,
         peak_rss_mib=_peak_mib(reset), peak_since_data_built=reset,
         first_call_s=times[0], second_call_s=times[1] if calls > 1 else None, finite=finite,
         backend=jax.default_backend(), devices=jax.device_count(),

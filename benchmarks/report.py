@@ -94,9 +94,9 @@ def _memory(rows: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         who = f"{r['users']} x {r['steps'] * r['batch']} ({r['steps']} steps x {r['batch']})"
-        chunk = r["users_per_chunk"] or "auto"
+        chunk = r["users_per_chunk"] or (f"auto: {r['chunk_users']}" if r.get("chunk_users") else "auto")
         if r.get("chunks"):
-            chunk = f"{chunk} ({r['chunks']} chunks)"
+            chunk = f"{chunk} ({r['chunks']} chunks a device)"
         if "error" in r:
             cells = [r["model"], who, chunk, f"failed: {r['error']}"] + [""] * 4
         else:

@@ -9,11 +9,12 @@ from fedjax_users.types import (
     TrueUserData,
     UserData,
 )
-from fedjax_users.users import aggregate, local_gradient, local_update, step_slices
+from fedjax_users.users import ChunkPlan, aggregate, local_gradient, local_update, plan_chunks, step_slices
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChunkPlan",
     "ConfigError",
     "LocalDiffPrivacy",
     "LocalHyperparams",
@@ -26,5 +27,6 @@ __all__ = [
     "aggregate",
     "local_gradient",
     "local_update",
+    "plan_chunks",
     "step_slices",
 ]

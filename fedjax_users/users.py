@@ -14,6 +14,7 @@ with those buffers; none sent -> train mode with the user's own persistent stati
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from typing import Any, Callable, Optional, Sequence
 
@@ -468,6 +469,69 @@ def _aggregate_chunks_jit(model, loss_fn, cfg, size, mesh, per_user_convs, share
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class ChunkPlan:
+    """How ``aggregate`` runs a cohort: per device, ``chunks`` chunks of ``users_per_chunk`` users."""
+
+    users_per_device: int
+    users_per_chunk: int
+    chunks: int
+    per_user_convs: bool  # convolutions as im2col matmuls, all chunks in one scan
+
+
+def _plan_chunks(model, loss, user_cfg, payload, users, mesh, devices, users_per_chunk, per_user_convs):
+    """The chunking ``aggregate`` uses for ``users`` = (own stats, inputs, labels, keys), all stacked."""
+    num_users = users[1].shape[0]
+    per_device = sharding.users_per_device(num_users, mesh)
+    if per_user_convs is None:
+        platform = (list(devices) if devices else jax.devices())[0].platform
+        per_user_convs = platform == "cpu"
+    if users_per_chunk is None:
+        # Sized with the im2col steps when they may run: their patches take more memory.
+        cfg = compute_config(user_cfg)
+        one_user = functools.partial(_user_core, model, loss, cfg, per_user_convs=per_user_convs)
+        first = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), users)
+        users_per_chunk = chunking.auto_users_per_chunk(
+            one_user, (payload.params, payload.batch_stats) + first, per_device,
+            cache_key=(model, loss, cfg, per_user_convs),
+        )
+    size = min(users_per_chunk, per_device)
+    # One user per chunk has one set of kernels: vmap keeps its convolutions plain.
+    per_user_convs = bool(per_user_convs) and size > 1 and user_cfg.is_multi_step
+    return ChunkPlan(per_device, size, chunking.num_chunks(per_device, size), per_user_convs)
+
+
+def plan_chunks(
+    model,
+    payload: ServerPayload,
+    users_data: UserData,
+    cfg: UserConfig,
+    loss: LossFn = softmax_cross_entropy,
+    users_per_chunk: Optional[int] = None,
+    devices: Optional[Sequence[jax.Device]] = None,
+    per_user_convs: Optional[bool] = None,
+) -> ChunkPlan:
+    """The chunks ``aggregate`` would run these users in, with the same arguments (nothing computed)."""
+    inputs, labels = users_data.inputs, users_data.labels
+    num_users = np.shape(inputs)[0]
+    n = cfg.num_data_points
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+    stats = None
+    if payload.batch_stats is None:
+        fresh = initial_batch_stats(model, jnp.zeros(np.shape(inputs)[1:], jnp.result_type(inputs)))
+        stats = jax.tree_util.tree_map(lambda s: spec((num_users,) + s.shape, s.dtype), fresh)
+    users = (
+        stats,
+        spec((num_users, n) + tuple(np.shape(inputs))[2:], jnp.result_type(inputs)),
+        spec((num_users, n) + tuple(np.shape(labels))[2:], jnp.result_type(labels)),
+        jax.eval_shape(lambda: jax.random.split(jax.random.key(0), num_users)),
+    )
+    user_cfg = cfg.replace(user_type="local_update" if cfg.is_multi_step else "local_gradient", user_range=None)
+    return _plan_chunks(
+        model, loss, user_cfg, payload, users, sharding.users_mesh(devices), devices, users_per_chunk, per_user_convs
+    )
+
+
 def aggregate(
     model,
     payload: ServerPayload,
@@ -528,23 +592,11 @@ def aggregate(
     keys = jax.random.split(key, num_users)
     users_stats_in = users_state if train else None
     mesh = sharding.users_mesh(devices)
-    per_device = sharding.users_per_device(num_users, mesh)
-    if per_user_convs is None:
-        platform = (list(devices) if devices else jax.devices())[0].platform
-        per_user_convs = platform == "cpu"
-    if users_per_chunk is None:
-        # Sized with the im2col steps when they may run: their patches take more memory.
-        one_user = functools.partial(_user_core, model, loss, compute_config(user_cfg), per_user_convs=per_user_convs)
-        first = jax.tree_util.tree_map(lambda a: a[0], (users_stats_in, inputs, labels, keys))
-        users_per_chunk = chunking.auto_users_per_chunk(
-            one_user,
-            (payload.params, payload.batch_stats) + first,
-            per_device,
-            cache_key=(model, loss, compute_config(user_cfg), per_user_convs),
-        )
-    size = min(users_per_chunk, per_device)
-    # One user per chunk has one set of kernels: vmap keeps its convolutions plain.
-    per_user_convs = bool(per_user_convs) and size > 1 and user_cfg.is_multi_step
+    plan = _plan_chunks(
+        model, loss, user_cfg, payload, (users_stats_in, inputs, labels, keys), mesh, devices,
+        users_per_chunk, per_user_convs,
+    )
+    per_device, size, per_user_convs = plan.users_per_device, plan.users_per_chunk, plan.per_user_convs
     shared_args = sharding.to_global((payload.params, payload.batch_stats), mesh)
     users_args, valid = sharding.place_users((inputs, labels, keys, users_stats_in), mesh)
 
@@ -557,7 +609,7 @@ def aggregate(
     # Under an outer jit the loop below runs once, at trace time: no progress to report.
     traced = isinstance(inputs, jax.core.Tracer) or isinstance(labels, jax.core.Tracer)
     # Users without convolutions run all chunks in one scan (see chunking); others one per call.
-    chunks_per_step = chunking.num_chunks(per_device, size) if per_user_convs else 1
+    chunks_per_step = plan.chunks if per_user_convs else 1
     total, (users_stats, recorded) = chunking.sum_chunks(
         step, per_device, size, num_users, None if traced else progress, chunks_per_step
     )

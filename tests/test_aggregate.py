@@ -246,3 +246,24 @@ def test_aggregate_data_errors():
     with pytest.raises(ValueError, match=r"params\['fc'\]\['kernel'\] has shape"):
         bad = fu.ServerPayload(params={**payload.params, "fc": {**payload.params["fc"], "kernel": jnp.zeros((4, 5))}})
         fu.aggregate(model, bad, fu.UserData(inputs=xs, labels=ys), _cfg(), jax.random.key(0))
+
+
+def test_plan_chunks_is_the_plan_aggregate_runs():
+    # 5 multi-step users: the plan's chunk count is how often a per-chunk progress fires when the
+    # chunks run one per call (per_user_convs off), and its flag what the users' steps run as.
+    model = TinyBNNet()
+    xs, ys = _users_data(seed=11)
+    payload, data, cfg = server_payload(model, xs[0]), fu.UserData(inputs=xs, labels=ys), _cfg(steps=2)
+    for chunk, flag, expected in ((2, False, (2, 3, False)), (2, True, (2, 3, True)), (1, True, (1, 5, False))):
+        plan = fu.plan_chunks(model, payload, data, cfg, users_per_chunk=chunk, per_user_convs=flag, devices=jax.devices()[:1])
+        assert (plan.users_per_chunk, plan.chunks, plan.per_user_convs) == expected
+        assert plan.users_per_device == USERS
+    plan = fu.plan_chunks(model, payload, data, cfg, per_user_convs=False, devices=jax.devices()[:1])
+    reports = []
+    fu.aggregate(model, payload, data, cfg, jax.random.key(0), per_user_convs=False, devices=jax.devices()[:1],
+                 progress=lambda done, total: reports.append(done))
+    assert len(reports) == plan.chunks + 1  # before the first chunk, then after each
+    # Single-step users never take the matmul path (their kernels are the server's).
+    single = fu.plan_chunks(model, payload, data, _cfg(steps=1), users_per_chunk=2, per_user_convs=True,
+                            devices=jax.devices()[:1])
+    assert not single.per_user_convs

@@ -69,8 +69,9 @@ def test_memory_run_reports_a_peak():
     assert "error" not in result, result
     assert result["finite"] and result["users"] == 4
     # 4 users split over the child's devices (4 under the test command's XLA_FLAGS), in chunks of
-    # at most 2 a device, counted by the progress callback.
+    # at most 2 a device, as fu.plan_chunks reports them.
     per_device = -(-4 // result["devices"])
+    assert result["chunk_users"] == min(2, per_device)
     assert result["chunks"] == -(-per_device // min(2, per_device))
     assert result["peak_rss_mib"] >= 0.9 * result["rss_before_mib"] > 0
 
