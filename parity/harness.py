@@ -402,7 +402,7 @@ def _distance(gradients: list, exact: dict) -> float:
     return errors.max_rel
 
 
-def _distance_to_exact(case, torch_model, users_data, cfg, multi_step, ours, ref, exact) -> tuple[float, float]:
+def _distance_to_exact(case, torch_model, cfg, ours, ref, exact) -> tuple[float, float]:
     """Relative distance of our float32 result and of the reference's to the reference in float64.
 
     Several SGD steps amplify float32 rounding (and a parameter difference loses digits to
@@ -471,8 +471,7 @@ def run_case(case: Case) -> Result:
     ours_exact = reference_exact = spread = None
     if not errors.mismatches and not passed and case.precision == "float32":
         exact = _exact_reference(case, torch_model, users_data, cfg, multi_step)
-        ours_exact, reference_exact = _distance_to_exact(case, torch_model, users_data, cfg, multi_step, ours, ref,
-                                                         exact)
+        ours_exact, reference_exact = _distance_to_exact(case, torch_model, cfg, ours, ref, exact)
         passed = ours_exact <= max(2.0 * reference_exact, bound)
         details.append(f"vs float64 reference: ours {ours_exact:.2e}, reference float32 {reference_exact:.2e}")
         if not passed:
