@@ -98,7 +98,8 @@ def measure_here(
     finite = all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(shared.gradients))
     return dict(
         model=model, users=users, steps=steps, batch=batch, examples_per_user=steps * batch,
-        users_per_chunk=users_per_chunk, chunks=plan.chunks, chunk_users=plan.users_per_chunk, input_mib=input_mib, rss_before_mib=rss_before,
+        users_per_chunk=users_per_chunk, chunks=plan.chunks, chunk_users=plan.users_per_chunk,
+        input_mib=input_mib, rss_before_mib=rss_before,
         peak_rss_mib=_peak_mib(reset), peak_since_data_built=reset,
         first_call_s=times[0], second_call_s=times[1] if calls > 1 else None, finite=finite,
         backend=jax.default_backend(), devices=jax.device_count(),

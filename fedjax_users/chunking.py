@@ -182,7 +182,7 @@ def _in_user_order(steps: Sequence[Array], chunks: int, users_per_group: int, si
 
     Chunks past the last one are dropped, and so are the users the last chunk repeats.
     """
-    stacked = jnp.concatenate(steps, axis=0)[:chunks] if len(steps) > 1 else steps[0][:chunks]
+    stacked = jnp.concatenate(steps, axis=0)[:chunks]
     full = (chunks - 1) * size
     last = stacked[-1][:, full - (users_per_group - size) :]
     if full:

@@ -72,12 +72,12 @@ def _supported(module: nn.Module, inputs: Array, kernel: Any) -> bool:
     """Plain ``nn.Dense`` / ``nn.Conv`` computing in their kernel's dtype (no custom kernels)."""
     if type(module) is nn.Conv:
         return patches.is_plain_conv(module, inputs, kernel)
-    if type(module) is not nn.Dense or module.dot_general is not None or module.dot_general_cls is not None:
-        return False
-    dtypes = {jnp.dtype(inputs.dtype), jnp.dtype(kernel.dtype)}
-    if module.dtype is not None:
-        dtypes.add(jnp.dtype(module.dtype))
-    return len(dtypes) == 1
+    return (
+        type(module) is nn.Dense
+        and module.dot_general is None
+        and module.dot_general_cls is None
+        and patches.computes_in_one_dtype(module, inputs, kernel)
+    )
 
 
 def _get(tree: PyTree, path: Path) -> Optional[Any]:

@@ -45,11 +45,19 @@ def padding_supported(module: nn.Conv) -> bool:
     return not isinstance(padding, str) or padding in ("SAME", "VALID")
 
 
+def computes_in_one_dtype(module: nn.Module, inputs: Array, kernel: Any) -> bool:
+    """Inputs, kernel and the layer's ``dtype`` (when set) agree: no promotion inside the layer."""
+    dtypes = {jnp.dtype(inputs.dtype), jnp.dtype(kernel.dtype)}
+    if module.dtype is not None:
+        dtypes.add(jnp.dtype(module.dtype))
+    return len(dtypes) == 1
+
+
 def is_plain_conv(module: nn.Module, inputs: Array, kernel: Any) -> bool:
     """An ``nn.Conv`` with no custom kernel, mask, groups or input dilation, in one dtype."""
     if type(module) is not nn.Conv:
         return False
-    plain = (
+    return (
         module.conv_general_dilated is None
         and module.conv_general_dilated_cls is None
         and module.mask is None
@@ -57,11 +65,8 @@ def is_plain_conv(module: nn.Module, inputs: Array, kernel: Any) -> bool:
         and all(d == 1 for d in per_axis(module, module.input_dilation))
         and padding_supported(module)
         and inputs.ndim > len(conv_window(module))
+        and computes_in_one_dtype(module, inputs, kernel)
     )
-    dtypes = {jnp.dtype(inputs.dtype), jnp.dtype(kernel.dtype)}
-    if module.dtype is not None:
-        dtypes.add(jnp.dtype(module.dtype))
-    return plain and len(dtypes) == 1
 
 
 def zero_padding(module: nn.Conv, spatial: tuple[int, ...]) -> list[tuple[int, int]]:

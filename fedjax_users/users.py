@@ -282,11 +282,15 @@ def _multi_step(
     return delta, final_stats, inputs
 
 
+def _per_user_config(cfg: UserConfig, multi_step: bool) -> UserConfig:
+    """``cfg`` as one user of its kind runs it (an aggregate's users are local users)."""
+    return cfg.replace(user_type="local_update" if multi_step else "local_gradient", user_range=None)
+
+
 def compute_config(cfg: UserConfig) -> UserConfig:
     """Only the keys the computation depends on: metadata-only keys are reset so they share a compile."""
-    return cfg.replace(
-        user_type="local_update" if cfg.is_multi_step else "local_gradient", user_range=None, user_idx=None,
-        provide_buffers=False, provide_labels=False, provide_num_data_points=True,
+    return _per_user_config(cfg, cfg.is_multi_step).replace(
+        user_idx=None, provide_buffers=False, provide_labels=False, provide_num_data_points=True,
         provide_local_hyperparams=False if cfg.is_multi_step else None,
     )
 
@@ -353,7 +357,7 @@ def _run_user(model, payload, data, cfg, key, user_state, loss, expect_multi_ste
     labels = jnp.asarray(data.labels)[: cfg.num_data_points]
     if payload.batch_stats is None and user_state is None:
         user_state = initial_batch_stats(model, inputs)
-    user_cfg = cfg.replace(user_type="local_update" if expect_multi_step else "local_gradient", user_range=None)
+    user_cfg = _per_user_config(cfg, expect_multi_step)
     grads, new_stats, recorded = _user_jit(
         model, loss, compute_config(user_cfg), payload.params, payload.batch_stats, user_state, inputs, labels, key
     )
@@ -518,17 +522,17 @@ def plan_chunks(
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
     stats = None
     if payload.batch_stats is None:
-        fresh = initial_batch_stats(model, jnp.zeros(np.shape(inputs)[1:], jnp.result_type(inputs)))
-        stats = jax.tree_util.tree_map(lambda s: spec((num_users,) + s.shape, s.dtype), fresh)
+        one = _variable_shapes(model, (1,) + tuple(np.shape(inputs))[2:], jnp.result_type(inputs))
+        stats = jax.tree_util.tree_map(lambda s: spec((num_users,) + s.shape, s.dtype), one.get("batch_stats", {}))
     users = (
         stats,
         spec((num_users, n) + tuple(np.shape(inputs))[2:], jnp.result_type(inputs)),
         spec((num_users, n) + tuple(np.shape(labels))[2:], jnp.result_type(labels)),
         jax.eval_shape(lambda: jax.random.split(jax.random.key(0), num_users)),
     )
-    user_cfg = cfg.replace(user_type="local_update" if cfg.is_multi_step else "local_gradient", user_range=None)
     return _plan_chunks(
-        model, loss, user_cfg, payload, users, sharding.users_mesh(devices), devices, users_per_chunk, per_user_convs
+        model, loss, _per_user_config(cfg, cfg.is_multi_step), payload, users, sharding.users_mesh(devices), devices,
+        users_per_chunk, per_user_convs,
     )
 
 
@@ -582,9 +586,7 @@ def aggregate(
 
     inputs = inputs[:, : cfg.num_data_points]
     labels = labels[:, : cfg.num_data_points]
-    user_cfg = cfg.replace(
-        user_type="local_update" if cfg.is_multi_step else "local_gradient", user_range=None
-    )
+    user_cfg = _per_user_config(cfg, cfg.is_multi_step)
     train = payload.batch_stats is None
     if train and users_state is None:
         fresh = initial_batch_stats(model, inputs[0])
