@@ -1,5 +1,6 @@
 """fedjax_users: breaching's federated-learning users as pure JAX functions."""
 
+from fedjax_users.compilation import compiler_options, jit
 from fedjax_users.config import ConfigError, LocalDiffPrivacy, UserConfig
 from fedjax_users.types import (
     LocalHyperparams,
@@ -25,6 +26,8 @@ __all__ = [
     "UserConfig",
     "UserData",
     "aggregate",
+    "compiler_options",
+    "jit",
     "local_gradient",
     "local_update",
     "plan_chunks",

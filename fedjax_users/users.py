@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_users import chunking, clipping, patches, privacy, sharding
+from fedjax_users import chunking, clipping, compilation, patches, privacy, sharding
 from fedjax_users.batchnorm import fold_batch_stats
 from fedjax_users.config import ConfigError, UserConfig
 from fedjax_users.losses import softmax_cross_entropy
@@ -304,7 +304,7 @@ def _user_core(model, loss_fn, cfg, params, server_stats, user_stats, inputs, la
     return _single_step(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "loss_fn", "cfg"))
+@functools.partial(compilation.top_level_jit, static_argnames=("model", "loss_fn", "cfg"))
 def _user_jit(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key):
     return _user_core(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key)
 
@@ -412,7 +412,8 @@ def _tree_mean_over_users(tree: PyTree, num_users: int) -> PyTree:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model", "loss_fn", "cfg", "size", "mesh", "per_user_convs", "count")
+    compilation.top_level_jit,
+    static_argnames=("model", "loss_fn", "cfg", "size", "mesh", "per_user_convs", "count"),
 )
 def _aggregate_chunks_jit(model, loss_fn, cfg, size, mesh, per_user_convs, shared, users, valid, first, count):
     """Chunks of users on every device: their summed update, and per user the stats and noised inputs.

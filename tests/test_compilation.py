@@ -1,0 +1,83 @@
+"""Compile options (``fedjax_users.compilation``): where they apply and where they may not."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fedjax_users as fu
+from fedjax_users import compilation
+from fedjax_users.models import vision
+
+
+def test_options_only_on_cpu():
+    assert compilation.compiler_options("cpu") == compilation.CPU_COMPILER_OPTIONS
+    assert compilation.compiler_options("gpu") == {}
+    assert compilation.compiler_options("tpu") == {}
+    assert fu.compiler_options() == compilation.compiler_options(jax.default_backend())
+
+
+def test_fedjax_jit_takes_the_options_and_the_callers():
+    f = lambda x: jnp.sin(x) * 2  # noqa: E731
+    x = jnp.arange(4.0)
+    np.testing.assert_array_equal(fu.jit(f)(x), jax.jit(f)(x))
+    # A caller's own option is kept beside ours (an invalid value proves it reached XLA).
+    bad = fu.jit(f, compiler_options={"xla_cpu_enable_fast_math": "not a bool"})
+    try:
+        bad(x)
+    except Exception as error:  # XLA rejects the value at compile time
+        assert "xla_cpu_enable_fast_math" in str(error)
+    else:
+        raise AssertionError("the caller's compile option did not reach XLA")
+
+
+def test_memory_optimized_schedule_reuses_chunk_buffers():
+    # Eight independent chunks with a 12 MiB intermediate each: the default CPU schedule keeps
+    # them all alive, the options run them in one chunk's buffers.
+    def chunks(x):
+        total = 0.0
+        for i in range(8):
+            part = x[i * 32 : (i + 1) * 32]
+            big = jnp.sin(part[:, :, None] * jnp.arange(100.0))
+            total = total + jnp.einsum("bik,bi->k", big, part)
+        return total
+
+    x = jnp.ones((256, 1000))
+    chunk_bytes = 32 * 1000 * 100 * 4
+    tuned = fu.jit(chunks).lower(x).compile().memory_analysis().temp_size_in_bytes
+    assert tuned < 2 * chunk_bytes
+
+
+def test_top_level_jit_inside_and_outside_a_trace():
+    calls = []
+
+    def double(x):
+        calls.append(compilation.tracing())
+        return 2 * x
+
+    step = compilation.top_level_jit(double)
+    x = jnp.arange(3.0)
+    np.testing.assert_array_equal(step(x), 2 * x)  # at top level: jitted with the options
+    np.testing.assert_array_equal(jax.jit(lambda y: step(y) + 1)(x), 2 * x + 1)  # nested: plainly
+    np.testing.assert_array_equal(jax.jit(lambda: step(x))(), 2 * x)  # nested, closed-over constant
+    np.testing.assert_array_equal(jax.vmap(step)(x[:, None])[:, 0], 2 * x)
+    assert calls and all(calls)  # the body itself is always traced
+    assert not compilation.tracing()
+
+
+def test_local_gradient_inside_jit_with_closed_over_data():
+    model = vision.LeNetZhu(num_classes=10)
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    y = jnp.arange(4) % 10
+    variables = model.init(jax.random.key(1), x[:1])
+    cfg = fu.UserConfig(
+        user_type="local_gradient", num_data_points=4, local_diff_privacy=fu.LocalDiffPrivacy(per_example_clipping=1.0)
+    )
+    payload = fu.ServerPayload(params=variables["params"], batch_stats=None)
+    data = fu.UserData(inputs=x, labels=y)
+    key = jax.random.key(2)
+    eager = fu.local_gradient(model, payload, data, cfg, key)[0].gradients
+    closed = jax.jit(lambda: fu.local_gradient(model, payload, data, cfg, key)[0].gradients)()
+    wrapped = fu.jit(lambda k: fu.local_gradient(model, payload, data, cfg, k)[0].gradients)(key)
+    for a, b, c in zip(*(jax.tree_util.tree_leaves(t) for t in (eager, closed, wrapped))):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(c, a, rtol=1e-6, atol=1e-7)
