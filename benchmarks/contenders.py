@@ -54,7 +54,7 @@ def _fedjax_args(pair: ModelPair, data: Data) -> tuple:
 
 def fedjax_jit(pair: ModelPair, workload: Workload, data: Data) -> Contender:
     """fedjax_users under an outer ``jax.jit``: validation and metadata are traced away."""
-    jitted, args = jax.jit(_fedjax_call(pair, workload)), _fedjax_args(pair, data)
+    jitted, args = fu.jit(_fedjax_call(pair, workload)), _fedjax_args(pair, data)
     return lambda: jax.block_until_ready(jitted(*args))
 
 

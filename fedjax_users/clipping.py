@@ -219,39 +219,23 @@ def _weighted_sum(weights: Array, tree: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda leaf: jnp.tensordot(weights.astype(leaf.dtype), leaf, 1), tree)
 
 
-def clipped_mean_gradient_vmap(
-    objective: Objective, params: PyTree, examples: PyTree, clip_value: float
+def _clipped_sum_vmap(
+    objective: Objective, params: PyTree, examples: PyTree, clip_value: float, divisor: int
 ) -> tuple[PyTree, PyTree]:
-    """The reference's rule done directly: ``vmap`` of per-example gradients, clipped, averaged."""
+    """The sum of the examples' clipped gradients over ``divisor``, by ``vmap`` of per-example gradients."""
 
     def clipped(example):
         grads, aux = jax.grad(objective, has_aux=True)(params, example)
         return privacy.clip_by_global_norm(grads, clip_value), aux
 
     grads, aux = jax.vmap(clipped)(examples)
-    count = jax.tree_util.tree_leaves(examples)[0].shape[0]
-    return jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0) / count, grads), aux
+    return jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0) / divisor, grads), aux
 
 
-def clipped_mean_gradient(
-    objective: Objective,
-    params: PyTree,
-    examples: PyTree,
-    clip_value: float,
-    fast: bool = True,
+def _clipped_sum_fast(
+    objective: Objective, params: PyTree, examples: PyTree, clip_value: float, divisor: int, layers: list[_Layer]
 ) -> tuple[PyTree, PyTree]:
-    """Mean over examples of each example's gradient clipped to global norm ``clip_value``.
-
-    ``objective(params, example) -> (loss, aux)`` evaluates one example as a batch of one;
-    ``examples`` stacks the examples on a leading axis. Returns the mean clipped gradient and the
-    stacked ``aux``. Dense and convolution kernels take the fast path described in the module
-    docstring (``fast=False`` forces plain ``vmap`` for every parameter).
-    """
-    first = jax.tree_util.tree_map(lambda leaf: leaf[0], examples)
-    layers = fast_layers(objective, params, first) if fast else []
-    if not layers:
-        return clipped_mean_gradient_vmap(objective, params, examples, clip_value)
-
+    """The sum of the examples' clipped gradients over ``divisor``; ``layers``' kernels from inputs and cotangents."""
     kernels = [_get(params, layer.path + ("kernel",)) for layer in layers]
     others = params
     for layer in layers:
@@ -277,7 +261,7 @@ def clipped_mean_gradient(
             loss, aux = objective(merged, example)
         return loss, (aux, captured)
 
-    count = jax.tree_util.tree_leaves(examples)[0].shape[0]
+    count = _count(examples)
     zeros = [jnp.zeros((count,) + layer.output_shape, kernels[i].dtype) for i, layer in enumerate(layers)]
     grad_fn = jax.grad(one_example, argnums=(0, 1), has_aux=True)
     (other_grads, cotangents), (aux, inputs) = jax.vmap(grad_fn, in_axes=(None, 0, 0))(others, zeros, examples)
@@ -290,9 +274,106 @@ def clipped_mean_gradient(
         layer_squares, weighted = _kernel_norms_and_sum(layer, x, delta, layer.module.precision)
         squares = squares + layer_squares
         kernel_sums.append(weighted)
-    factors = privacy.clip_factor(jnp.sqrt(squares), clip_value) / count
+    factors = privacy.clip_factor(jnp.sqrt(squares), clip_value) / divisor
 
-    mean = _weighted_sum(factors, other_grads)
+    total = _weighted_sum(factors, other_grads)
     for layer, weighted in zip(layers, kernel_sums):
-        mean = _replace(mean, layer.path + ("kernel",), weighted(factors))
-    return mean, aux
+        total = _replace(total, layer.path + ("kernel",), weighted(factors))
+    return total, aux
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunks of examples
+
+# Per-example working set a chunk of examples may take on CPU. XLA:CPU allocates a program's
+# scratch on every call; past glibc's mmap threshold that scratch is fresh pages each time, and
+# page faults then cost more than the arithmetic (lenet_zhu, 256 examples, 66 MiB of patches:
+# 24 ms of kernel time in a 30 ms call). Chunks this size keep the scratch small and in cache.
+CPU_CHUNK_BYTES = 8 * 2**20
+# Chunks are unrolled (a loop would put the convolutions inside a while loop, which XLA:CPU runs
+# 2-3x slower); past this many, chunks grow instead, to bound the program's size.
+MAX_UNROLLED_CHUNKS = 16
+# Smaller chunks lose more to small convolutions than they save in scratch (resnet18, 32
+# examples: 720 ms in 16 chunks of 2, 556 ms in one).
+MIN_EXAMPLES_PER_CHUNK = 32
+
+
+def _count(examples: PyTree) -> int:
+    return jax.tree_util.tree_leaves(examples)[0].shape[0]
+
+
+def example_bytes(layers: list[_Layer], example: PyTree) -> int:
+    """Scratch one example takes on the fast path: its inputs, cotangents and kernel gradients, one layer's patches."""
+    total = sum(np.size(leaf) * jnp.result_type(leaf).itemsize for leaf in jax.tree_util.tree_leaves(example))
+    patches_bytes = 0
+    for layer in layers:
+        positions = int(np.prod(layer.output_shape[:-1]))
+        fan_in = int(np.prod(layer.kernel_shape[:-1]))
+        features = layer.kernel_shape[-1]
+        itemsize = jnp.dtype(layer.module.param_dtype).itemsize
+        total += (int(np.prod(layer.input_shape)) + positions * features + fan_in * features) * itemsize
+        # Each layer's patches are freed once its kernel gradients are formed.
+        patches_bytes = max(patches_bytes, positions * fan_in * itemsize)
+    return int(total + patches_bytes)
+
+
+def auto_examples_per_chunk(count: int, per_example_bytes: int, budget_bytes: Optional[int] = None) -> int:
+    """Examples per chunk: the whole batch off CPU; on CPU what fits ``CPU_CHUNK_BYTES`` (at least 32), in at most 16 even chunks."""
+    if budget_bytes is None:
+        if jax.default_backend() != "cpu":
+            return count
+        budget_bytes = CPU_CHUNK_BYTES
+    size = max(MIN_EXAMPLES_PER_CHUNK, budget_bytes // max(per_example_bytes, 1))
+    chunks = min(-(-count // size), MAX_UNROLLED_CHUNKS)
+    # Even chunks (128 examples in 4 of 32, not 3 of 41 and one of 5): one shape for all but the last.
+    return int(-(-count // chunks))
+
+
+def chunk_bounds(count: int, size: int) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive chunks of ``size`` examples covering ``count`` (the last may be shorter)."""
+    return [(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def clipped_mean_gradient_vmap(
+    objective: Objective, params: PyTree, examples: PyTree, clip_value: float
+) -> tuple[PyTree, PyTree]:
+    """The reference's rule done directly: ``vmap`` of per-example gradients, clipped, averaged."""
+    return _clipped_sum_vmap(objective, params, examples, clip_value, _count(examples))
+
+
+def clipped_mean_gradient(
+    objective: Objective,
+    params: PyTree,
+    examples: PyTree,
+    clip_value: float,
+    fast: bool = True,
+    examples_per_chunk: Optional[int] = None,
+) -> tuple[PyTree, PyTree]:
+    """Mean over examples of each example's gradient clipped to global norm ``clip_value``.
+
+    ``objective(params, example) -> (loss, aux)`` evaluates one example as a batch of one;
+    ``examples`` stacks the examples on a leading axis. Returns the mean clipped gradient and the
+    stacked ``aux``. Dense and convolution kernels take the fast path described in the module
+    docstring (``fast=False`` forces plain ``vmap`` for every parameter). The examples run
+    ``examples_per_chunk`` at a time (``None``: ``auto_examples_per_chunk``); each example's
+    clipping is its own, so chunks change only the order of the final sum.
+    """
+    count = _count(examples)
+    first = jax.tree_util.tree_map(lambda leaf: leaf[0], examples)
+    layers = fast_layers(objective, params, first) if fast else []
+    if examples_per_chunk is None:
+        examples_per_chunk = auto_examples_per_chunk(count, example_bytes(layers, first))
+    if examples_per_chunk < 1:
+        raise ValueError(f"examples_per_chunk must be >= 1, got {examples_per_chunk}")
+    total, auxes = None, []
+    for start, stop in chunk_bounds(count, examples_per_chunk):
+        chunk = jax.tree_util.tree_map(lambda leaf: leaf[start:stop], examples)
+        if layers:
+            part, aux = _clipped_sum_fast(objective, params, chunk, clip_value, count, layers)
+        else:
+            part, aux = _clipped_sum_vmap(objective, params, chunk, clip_value, count)
+        total = part if total is None else jax.tree_util.tree_map(jnp.add, total, part)
+        auxes.append(aux)
+    if len(auxes) == 1:
+        return total, auxes[0]
+    return total, jax.tree_util.tree_map(lambda *parts: jnp.concatenate(parts), *auxes)

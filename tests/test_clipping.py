@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_users import clipping, privacy
+from fedjax_users import clipping, compilation, privacy
 from fedjax_users.batchnorm import BatchNorm
 from fedjax_users.losses import softmax_cross_entropy
 from fedjax_users.models import vision
@@ -182,3 +182,97 @@ def test_fast_false_is_the_vmap_path():
     plain, _ = clipping.clipped_mean_gradient(objective, params, examples, 1.0, fast=False)
     direct, _ = clipping.clipped_mean_gradient_vmap(objective, params, examples, 1.0)
     jax.tree_util.tree_map(np.testing.assert_array_equal, plain, direct)
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunks of examples
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "vmap"])
+@pytest.mark.parametrize("size", [1, 4, 7])
+def test_chunks_equal_one_batch(fast, size):
+    # 7 examples: chunks of 4 leave a short last chunk; train-mode BatchNorm makes the aux per
+    # example. float64, so that the chunks' other summation order is far below the tolerance.
+    build, shape = CASES["ConvNet"]
+    with jax.enable_x64(True):
+        model = build()
+        inputs = jax.random.normal(jax.random.key(9), (7,) + shape, jnp.float64)
+        labels = jax.random.randint(jax.random.key(10), (7,), 0, 3)
+        variables = jax.tree_util.tree_map(
+            lambda v: v.astype(jnp.float64) if v.dtype == jnp.float32 else v, model.init(jax.random.key(11), inputs[:1])
+        )
+        objective, params = _objective(model, variables["batch_stats"], True), variables["params"]
+        examples = (inputs, labels)
+        clip_value = _median_clip(objective, params, examples)
+        whole, whole_aux = clipping.clipped_mean_gradient(objective, params, examples, clip_value, fast, 7)
+        parts, parts_aux = clipping.clipped_mean_gradient(objective, params, examples, clip_value, fast, size)
+    # One scale for the whole gradient: a conv bias before train-mode BatchNorm has an exact zero
+    # gradient, and rounding noise around zero has no relative error of its own.
+    scale = max(float(np.max(np.abs(leaf))) for leaf in jax.tree_util.tree_leaves(whole))
+    for got, want in zip(jax.tree_util.tree_leaves(parts), jax.tree_util.tree_leaves(whole)):
+        assert got.dtype == jnp.float64
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * scale)
+    assert jax.tree_util.tree_structure(parts_aux) == jax.tree_util.tree_structure(whole_aux)
+    for got, want in zip(jax.tree_util.tree_leaves(parts_aux), jax.tree_util.tree_leaves(whole_aux)):
+        assert got.shape[0] == 7  # every example's statistics, in order
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_chunk_size_must_be_positive():
+    model = vision.LeNetZhu(num_classes=3)
+    objective, params, examples = _setup(model, jax.random.normal(jax.random.key(10), (3, 8, 8, 3)))
+    with pytest.raises(ValueError, match="examples_per_chunk must be >= 1, got 0"):
+        clipping.clipped_mean_gradient(objective, params, examples, 1.0, examples_per_chunk=0)
+
+
+def test_chunk_bounds_cover_the_batch():
+    assert clipping.chunk_bounds(7, 3) == [(0, 3), (3, 6), (6, 7)]
+    assert clipping.chunk_bounds(4, 4) == [(0, 4)]
+    assert clipping.chunk_bounds(2, 5) == [(0, 2)]
+
+
+def test_auto_chunk_follows_the_budget_and_the_unroll_cap(monkeypatch):
+    assert clipping.MIN_EXAMPLES_PER_CHUNK == 32
+    assert clipping.auto_examples_per_chunk(256, 1000, budget_bytes=64_000) == 64
+    assert clipping.auto_examples_per_chunk(128, 1000, budget_bytes=41_000) == 32  # 4 even chunks, not 41+41+41+5
+    assert clipping.auto_examples_per_chunk(10, 1000, budget_bytes=64_000) == 10  # at most the batch
+    assert clipping.auto_examples_per_chunk(256, 10**9, budget_bytes=64_000) == 32  # at least the minimum
+    assert clipping.auto_examples_per_chunk(20, 10**9, budget_bytes=64_000) == 20
+    # Past MAX_UNROLLED_CHUNKS chunks, chunks grow instead.
+    assert clipping.auto_examples_per_chunk(4096, 1000, budget_bytes=32_000) == 4096 // clipping.MAX_UNROLLED_CHUNKS
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert clipping.auto_examples_per_chunk(256, 10**9) == 256  # off CPU: one chunk
+
+
+def test_example_bytes_tracks_xla_scratch():
+    # lenet_zhu at CIFAR size: im2col patches dominate (75 KiB a layer an example); the estimate must
+    # stay within 2x of XLA's own scratch per example, or the automatic chunk is mis-sized.
+    model = vision.LeNetZhu(num_classes=10)
+    inputs = jax.random.normal(jax.random.key(11), (16, 32, 32, 3))
+    objective, params, examples = _setup(model, inputs, num_classes=10)
+    first = jax.tree_util.tree_map(lambda a: a[0], examples)
+    estimate = clipping.example_bytes(clipping.fast_layers(objective, params, first), first)
+    program = jax.jit(
+        lambda p, e: clipping.clipped_mean_gradient(objective, p, e, 1.0, examples_per_chunk=16),
+        compiler_options=compilation.compiler_options("cpu"),
+    )
+    scratch = program.lower(params, examples).compile().memory_analysis().temp_size_in_bytes / 16
+    assert 0.5 < estimate / scratch < 2.0, (estimate, scratch)
+
+
+def test_chunked_scratch_is_one_chunk_under_fedjax_jit():
+    # The reason for chunks (see compilation): XLA:CPU's default scheduler keeps every chunk's
+    # scratch alive; under fu.jit's options the chunks share one chunk's buffers.
+    model = vision.LeNetZhu(num_classes=10)
+    objective, params, examples = _setup(model, jax.random.normal(jax.random.key(12), (64, 32, 32, 3)), num_classes=10)
+
+    def scratch(options, size):
+        program = jax.jit(
+            lambda p, e: clipping.clipped_mean_gradient(objective, p, e, 1.0, examples_per_chunk=size),
+            compiler_options=options or None,
+        )
+        return program.lower(params, examples).compile().memory_analysis().temp_size_in_bytes
+
+    options = compilation.compiler_options("cpu")
+    # Four chunks of 16 in under half the scratch of one batch of 64 (measured: 4.1 vs 9.7 MB).
+    assert scratch(options, 16) < 0.5 * scratch(options, 64)
