@@ -1,6 +1,8 @@
 """The contenders of each workload, as zero-argument calls that block until their result is ready.
 
-* ``fedjax_users``: the public function under ``jax.jit`` (how a simulation loop calls it);
+* ``fedjax_users``: the public function under an outer jit, as the README says to write it: clipped
+  ``local_gradient`` under ``fu.jit`` (the compile options of ``fedjax_users.compilation``), the
+  rest under ``jax.jit``;
   ``fedjax_users_eager``: the same call without the outer jit (its Python-side validation included).
 * ``breaching``: breaching's own user classes, unmodified (``UserSingleStep`` loops over examples
   when clipping; ``MultiUserAggregate`` runs its users one after another; its mean is defective but
@@ -53,8 +55,9 @@ def _fedjax_args(pair: ModelPair, data: Data) -> tuple:
 
 
 def fedjax_jit(pair: ModelPair, workload: Workload, data: Data) -> Contender:
-    """fedjax_users under an outer ``jax.jit``: validation and metadata are traced away."""
-    jitted, args = fu.jit(_fedjax_call(pair, workload)), _fedjax_args(pair, data)
+    """fedjax_users under an outer jit: validation and metadata are traced away."""
+    jit = fu.jit if problems.user_config(workload).local_diff_privacy.per_example_clipping > 0 else jax.jit
+    jitted, args = jit(_fedjax_call(pair, workload)), _fedjax_args(pair, data)
     return lambda: jax.block_until_ready(jitted(*args))
 
 

@@ -17,8 +17,12 @@ TITLES = {
 X_AXIS = {"local_gradient": "batch", "local_update": "steps", "aggregate": "users"}
 NOTES = """\
 Contenders, all in one process, alternating (first call timed apart; then warm-up and rounds in
-rotating order; cells are median [interquartile range] of the rounds):
-- `fedjax_users`: the public function under `jax.jit`; `compile` is its first call minus the median.
+rotating order, each contender called once untimed and once timed per round, so that no timed call
+pays for the previous contender's caches and thread pool; cells are median [interquartile range]
+of the rounds):
+- `fedjax_users`: the public function under an outer jit: `fu.jit` (`jax.jit` with the memory-optimized
+  XLA:CPU scheduler, see fedjax_users/compilation.py) for clipped local_gradient, `jax.jit` for the
+  rest; `compile` is its first call minus the median.
   `fedjax_users_eager`: the same call without the outer jit (Python-side validation each call).
 - `torch_func`: `benchmarks/torch_func.py`: `vmap(grad)` over `functional_call`, breaching's clipping
   rule; for aggregates `vmap` over users of their local SGD steps. None for `local_update`.
@@ -26,7 +30,8 @@ rotating order; cells are median [interquartile range] of the rounds):
   Python; `UserMultiStep`; `MultiUserAggregate` running its users one after another; its mean is
   defective, see tests/parity, but its cost is the intended computation's).
 - `floor_jax` / `floor_torch`: the plain unclipped batch gradient over all the workload's examples
-  (U x k x examples for aggregates): the arithmetic no implementation can avoid.
+  (U x k x examples for aggregates): the arithmetic no implementation can avoid. `floor_jax` is
+  under plain `jax.jit` (the compile options do not change it: lenet_zhu B=8-512 within noise).
 Ratios: `fedjax/floor` = fedjax_users over floor_jax (issue 5 target <= 1.3); `torch.func/fedjax`
 and `breaching/fedjax` are speed-ups of fedjax_users (> 1: fedjax_users is faster). `load`: the
 machine's 1-minute load average after the row (above the core count, other work competed).

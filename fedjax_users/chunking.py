@@ -24,8 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_users import compilation
-
 Array = jax.Array
 PyTree = Any
 # user_fn(shared, *one_user) -> (the user's update, to be summed; per-user outputs, kept for every user)
@@ -167,7 +165,7 @@ def chunked_sum(
         total, outputs = run_chunk(vmap_sum(fn), shared, users, valid, chunk, size)
         return total, jax.tree_util.tree_map(lambda a: a[None], outputs)  # one group
 
-    @functools.partial(compilation.top_level_jit, static_argnums=1)
+    @functools.partial(jax.jit, static_argnums=1)
     def step(first, count):
         return scan_chunks(run_one, first, count)
 
@@ -227,9 +225,7 @@ def _spec(leaf: Any) -> jax.ShapeDtypeStruct:
 def per_user_bytes(fn: UserFn, *one_user_args: Any) -> int:
     """Bytes one user needs beyond the shared inputs: XLA's scratch plus the user's outputs."""
     specs = jax.tree_util.tree_map(_spec, one_user_args)
-    # Under the options the chunks will compile with: they decide which buffers share memory.
-    options = {} if compilation.tracing() else compilation.compiler_options()
-    stats = jax.jit(fn, compiler_options=options or None).lower(*specs).compile().memory_analysis()
+    stats = jax.jit(fn).lower(*specs).compile().memory_analysis()
     if stats is None:  # a backend without memory analysis: count every intermediate (an upper bound)
         jaxpr = jax.make_jaxpr(fn)(*specs).jaxpr
         return sum(v.aval.size * v.aval.dtype.itemsize for eqn in jaxpr.eqns for v in eqn.outvars)

@@ -304,7 +304,12 @@ def _user_core(model, loss_fn, cfg, params, server_stats, user_stats, inputs, la
     return _single_step(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key)
 
 
-@functools.partial(compilation.top_level_jit, static_argnames=("model", "loss_fn", "cfg"))
+def _clips_examples(model, loss_fn, cfg: UserConfig, *args) -> bool:
+    """Whether the user clips per example, in chunks of examples (see ``fedjax_users.compilation``)."""
+    return not cfg.is_multi_step and cfg.local_diff_privacy.per_example_clipping > 0
+
+
+@functools.partial(compilation.top_level_jit, wants_options=_clips_examples, static_argnames=("model", "loss_fn", "cfg"))
 def _user_jit(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key):
     return _user_core(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key)
 
@@ -412,8 +417,7 @@ def _tree_mean_over_users(tree: PyTree, num_users: int) -> PyTree:
 
 
 @functools.partial(
-    compilation.top_level_jit,
-    static_argnames=("model", "loss_fn", "cfg", "size", "mesh", "per_user_convs", "count"),
+    jax.jit, static_argnames=("model", "loss_fn", "cfg", "size", "mesh", "per_user_convs", "count")
 )
 def _aggregate_chunks_jit(model, loss_fn, cfg, size, mesh, per_user_convs, shared, users, valid, first, count):
     """Chunks of users on every device: their summed update, and per user the stats and noised inputs.

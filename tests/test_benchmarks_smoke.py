@@ -155,8 +155,10 @@ def test_measure_calls_every_contender_in_rotating_rounds():
     contenders = {name: (lambda name=name: calls.append(name)) for name in "abc"}
     measured = timing.measure(contenders, warmup=1, min_rounds=4, max_rounds=4, budget_s=1.0)
     assert calls[:6] == list("abcabc")  # first calls, then the warm-up
-    rounds = [calls[6 + 3 * r: 9 + 3 * r] for r in range(4)]
-    assert rounds == [list("abc"), list("bca"), list("cab"), list("abc")]
+    rounds = [calls[6 + 6 * r: 12 + 6 * r] for r in range(4)]
+    # Each contender twice in a row per round: an untimed switch-in call, then the timed one.
+    assert rounds == [list("aabbcc"), list("bbccaa"), list("ccaabb"), list("aabbcc")]
+    assert len(calls) == 6 + 6 * 4
     assert all(len(m.times_s) == 4 for m in measured.values())
     summary = measured["a"].summary()
     assert summary["rounds"] == 4 and summary["min_s"] <= summary["q1_s"] <= summary["median_s"] <= summary["q3_s"]

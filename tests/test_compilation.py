@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fedjax_users as fu
-from fedjax_users import compilation
+from fedjax_users import compilation, users
 from fedjax_users.models import vision
 
 
@@ -50,18 +50,30 @@ def test_memory_optimized_schedule_reuses_chunk_buffers():
 def test_top_level_jit_inside_and_outside_a_trace():
     calls = []
 
-    def double(x):
+    def double(x, tune=True):
         calls.append(compilation.tracing())
         return 2 * x
 
-    step = compilation.top_level_jit(double)
+    step = compilation.top_level_jit(double, wants_options=lambda x, tune=True: tune, static_argnames=("tune",))
     x = jnp.arange(3.0)
     np.testing.assert_array_equal(step(x), 2 * x)  # at top level: jitted with the options
+    np.testing.assert_array_equal(step(x, tune=False), 2 * x)  # at top level, plainly
     np.testing.assert_array_equal(jax.jit(lambda y: step(y) + 1)(x), 2 * x + 1)  # nested: plainly
     np.testing.assert_array_equal(jax.jit(lambda: step(x))(), 2 * x)  # nested, closed-over constant
     np.testing.assert_array_equal(jax.vmap(step)(x[:, None])[:, 0], 2 * x)
     assert calls and all(calls)  # the body itself is always traced
     assert not compilation.tracing()
+
+
+def test_only_clipping_users_take_the_options():
+    cfg = fu.UserConfig(user_type="local_gradient", num_data_points=4)
+    clipped = cfg.replace(local_diff_privacy=fu.LocalDiffPrivacy(per_example_clipping=1.0))
+    multi = fu.UserConfig(user_type="local_update", num_data_points=4, num_local_updates=2,
+                          num_data_per_local_update_step=2, local_learning_rate=0.1,
+                          local_diff_privacy=clipped.local_diff_privacy)
+    assert users._clips_examples(None, None, clipped)
+    assert not users._clips_examples(None, None, cfg)
+    assert not users._clips_examples(None, None, multi)  # clips each step's batch gradient, no chunks
 
 
 def test_local_gradient_inside_jit_with_closed_over_data():
