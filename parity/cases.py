@@ -137,6 +137,15 @@ def _special(models=("ConvNet", "resnet20")) -> list[Case]:
     return cases
 
 
+def _chunked(buffers=(False,), precision="float32") -> list[Case]:
+    """Clipping users with enough examples that they run in chunks of examples (clipping.auto_examples_per_chunk):
+    lenet_zhu's 80 in 2 chunks (3 in float64), resnet20's 40 in 2, its train-mode statistics folded across them."""
+    return [Case("lenet_zhu", "local_gradient", False, "clip", precision=precision, num_examples=80, tag="chunked")] + [
+        Case("resnet20", "local_gradient", b, "clip", precision=precision, num_examples=40, tag="chunked")
+        for b in buffers
+    ]
+
+
 def _text(precision="float32") -> list[Case]:
     return [Case(model, user, False, defence, precision=precision, num_examples=4)
             for model in TEXT_MODELS for user in USERS for defence in ("none", "clip", "gradient_noise")]
@@ -148,18 +157,19 @@ def all_cases(quick: bool = False, precision: Optional[str] = None) -> list[Case
         # resnet20 carries the BatchNorm paths at a fraction of ConvNet's cost on a CI CPU.
         f32 = _grid(("lenet_zhu", "resnet20"), defences=("none", "clip", "gradient_noise")) + [
             c for c in _special(("resnet20",)) if c.tag in ("ragged", "second-query")
-        ] + [Case("transformer3", "local_update", False, "none")]
+        ] + [Case("transformer3", "local_update", False, "none")] + _chunked()
         f64 = [Case(m, u, b, d, precision="float64") for m in ("resnet20",) for u in USERS
                for b in (False, True) for d in ("none", "clip")]
     else:
-        f32 = _grid(VISION_MODELS) + _special(("resnet20",)) + _text()
+        f32 = _grid(VISION_MODELS) + _special(("resnet20",)) + _text() + _chunked((False, True))
         # Every vision model but ConvNetSmall (15M parameters: one float64 aggregate takes minutes here).
         f64_models = ("linear", "MLP", "lenet_zhu", "ConvNet", "cnn6", "resnet18", "resnet20")
         f64 = _grid(f64_models, precision="float64", defences=("none", "clip")) + [
             Case(m, "local_update", False, precision="float64", num_examples=5, tag="ragged",
                  user_overrides=(("num_local_updates", 4), ("num_data_per_local_update_step", 2)))
             for m in ("ConvNet", "resnet20")] + [Case("ConvNetSmall", "aggregate", False, precision="float64")] + [
-            Case(m, u, False, d, precision="float64") for m in TEXT_MODELS for u in USERS for d in ("none", "clip")]
+            Case(m, u, False, d, precision="float64") for m in TEXT_MODELS for u in USERS for d in ("none", "clip")
+        ] + _chunked(precision="float64")
     if precision == "float32":
         return f32
     if precision == "float64":

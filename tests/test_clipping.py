@@ -276,3 +276,17 @@ def test_chunked_scratch_is_one_chunk_under_fedjax_jit():
     options = compilation.compiler_options("cpu")
     # Four chunks of 16 in under half the scratch of one batch of 64 (measured: 4.1 vs 9.7 MB).
     assert scratch(options, 16) < 0.5 * scratch(options, 64)
+
+
+@pytest.mark.parametrize("name, count, chunks", [("lenet_zhu", 80, 2), ("resnet20", 40, 2)])
+def test_parity_chunked_cases_do_run_in_chunks(name, count, chunks):
+    # parity/cases.py's "chunked" cases compare chunked clipping with breaching only if they chunk.
+    from fedjax_users import models
+    from parity import cases
+
+    assert any(c.model == name and c.num_examples == count and c.tag == "chunked" for c in cases.all_cases(quick=True))
+    model = models.get(name, num_classes=10, num_channels=3)
+    objective, params, examples = _setup(model, jnp.zeros((count, 32, 32, 3)), num_classes=10)
+    first = jax.tree_util.tree_map(lambda a: a[0], examples)
+    size = clipping.auto_examples_per_chunk(count, clipping.example_bytes(clipping.fast_layers(objective, params, first), first))
+    assert len(clipping.chunk_bounds(count, size)) == chunks
