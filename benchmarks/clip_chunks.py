@@ -1,0 +1,75 @@
+"""``python -m benchmarks.clip_chunks``: clipped lenet_zhu gradients by chunk of examples, and why chunks.
+
+For each batch size, times ``clipping.clipped_mean_gradient`` in chunks of several sizes, jitted
+with ``fu.jit`` (the memory-optimized XLA:CPU scheduler) and with plain ``jax.jit``, alternating
+the variants after an untimed switch-in call each. Prints the median ms, XLA's scratch (MiB) and
+the minor page faults per call of each variant: without the scheduler the chunks' scratch adds
+up, and every call faults it in afresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fedjax_users as fu
+from fedjax_users import clipping, models
+from fedjax_users.losses import softmax_cross_entropy
+
+
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Print one line per batch size and variant."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.clip_chunks", description=__doc__)
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256, 512])
+    parser.add_argument("--chunks", type=int, nargs="+", default=[0, 32, 64],
+                        help="examples per chunk; 0 = the automatic choice (clipping.auto_examples_per_chunk)")
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args(argv)
+
+    model = models.get("lenet_zhu", num_classes=10, num_channels=3)
+
+    def objective(params, example):
+        x, y = example
+        return jnp.mean(softmax_cross_entropy(model.apply({"params": params}, x[None]), y[None])), ()
+
+    print(f"JAX {jax.__version__} on {jax.default_backend()}; median ms, XLA scratch MiB, page faults per call")
+    for batch in args.batches:
+        inputs = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
+        labels = jnp.arange(batch) % 10
+        params = model.init(jax.random.key(1), inputs[:1])["params"]
+        variants = {}
+        for size in args.chunks:
+            chunk = None if size == 0 else min(size, batch)
+            fn = lambda p, x, y, chunk=chunk: clipping.clipped_mean_gradient(  # noqa: E731
+                objective, p, (x, y), 1.0, examples_per_chunk=chunk)[0]
+            for name, jit in (("fu.jit", fu.jit), ("jax.jit", jax.jit)):
+                compiled = jit(fn).lower(params, inputs, labels).compile()
+                scratch = compiled.memory_analysis().temp_size_in_bytes / 2**20
+                variants[f"chunk {size or 'auto'}, {name}"] = (compiled, scratch)
+        times = {name: [] for name in variants}
+        faults = dict.fromkeys(variants, 0)
+        for _ in range(args.rounds):
+            for name, (compiled, _) in variants.items():
+                jax.block_until_ready(compiled(params, inputs, labels))  # switch in
+                before, start = _faults(), time.perf_counter()
+                jax.block_until_ready(compiled(params, inputs, labels))
+                times[name].append(time.perf_counter() - start)
+                faults[name] += _faults() - before
+        for name, (_, scratch) in variants.items():
+            print(f"B={batch:<4} {name:<22} {np.median(times[name]) * 1e3:7.2f} ms  "
+                  f"{scratch:6.1f} MiB  {faults[name] // args.rounds:6d} faults")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
