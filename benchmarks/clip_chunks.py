@@ -2,9 +2,9 @@
 
 For each batch size, times ``clipping.clipped_mean_gradient`` in chunks of several sizes, jitted
 with ``fu.jit`` (the memory-optimized XLA:CPU scheduler) and with plain ``jax.jit``, alternating
-the variants after an untimed switch-in call each. Prints the median ms, XLA's scratch (MiB) and
-the minor page faults per call of each variant: without the scheduler the chunks' scratch adds
-up, and every call faults it in afresh.
+the variants after an untimed switch-in call each. Prints the median ms, XLA's scratch (MiB), and
+the minor page faults and kernel (system) ms per call of each variant: without the scheduler the
+chunks' scratch adds up, and every call faults it in afresh.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ from fedjax_users import clipping, models
 from fedjax_users.losses import softmax_cross_entropy
 
 
-def _faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def _usage() -> tuple[int, float]:
+    """Minor page faults and kernel seconds of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_stime
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -42,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         x, y = example
         return jnp.mean(softmax_cross_entropy(model.apply({"params": params}, x[None]), y[None])), ()
 
-    print(f"JAX {jax.__version__} on {jax.default_backend()}; median ms, XLA scratch MiB, page faults per call")
+    print(f"JAX {jax.__version__} on {jax.default_backend()}; median ms, XLA scratch, page faults and kernel ms a call")
     for batch in args.batches:
         inputs = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
         labels = jnp.arange(batch) % 10
@@ -57,17 +59,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 scratch = compiled.memory_analysis().temp_size_in_bytes / 2**20
                 variants[f"chunk {size or 'auto'}, {name}"] = (compiled, scratch)
         times = {name: [] for name in variants}
-        faults = dict.fromkeys(variants, 0)
+        faults, kernel_s = dict.fromkeys(variants, 0), dict.fromkeys(variants, 0.0)
         for _ in range(args.rounds):
             for name, (compiled, _) in variants.items():
                 jax.block_until_ready(compiled(params, inputs, labels))  # switch in
-                before, start = _faults(), time.perf_counter()
+                (faults_before, kernel_before), start = _usage(), time.perf_counter()
                 jax.block_until_ready(compiled(params, inputs, labels))
                 times[name].append(time.perf_counter() - start)
-                faults[name] += _faults() - before
+                faults_after, kernel_after = _usage()
+                faults[name] += faults_after - faults_before
+                kernel_s[name] += kernel_after - kernel_before
         for name, (_, scratch) in variants.items():
             print(f"B={batch:<4} {name:<22} {np.median(times[name]) * 1e3:7.2f} ms  "
-                  f"{scratch:6.1f} MiB  {faults[name] // args.rounds:6d} faults")
+                  f"{scratch:6.1f} MiB  {faults[name] // args.rounds:6d} faults  "
+                  f"{kernel_s[name] / args.rounds * 1e3:6.1f} kernel ms")
     return 0
 
 

@@ -285,10 +285,11 @@ def _clipped_sum_fast(
 # ----------------------------------------------------------------------------------------------
 # Chunks of examples
 
-# Per-example working set a chunk of examples may take on CPU. XLA:CPU allocates a program's
-# scratch on every call; past glibc's mmap threshold that scratch is fresh pages each time, and
-# page faults then cost more than the arithmetic (lenet_zhu, 256 examples, 66 MiB of patches:
-# 24 ms of kernel time in a 30 ms call). Chunks this size keep the scratch small and in cache.
+# Scratch a chunk of examples may take on CPU. XLA:CPU allocates a program's scratch on every
+# call; past glibc's mmap threshold that scratch is fresh pages each time, and page faults then
+# cost more than the arithmetic (lenet_zhu, 256 examples in one program of 63 MiB: 16,000 faults
+# a call). Under the memory-optimized scheduler (fedjax_users.compilation) chunks share one
+# chunk's buffers, and chunks this size keep the program's scratch far below that threshold.
 CPU_CHUNK_BYTES = 8 * 2**20
 # Chunks are unrolled (a loop would put the convolutions inside a while loop, which XLA:CPU runs
 # 2-3x slower); past this many, chunks grow instead, to bound the program's size.

@@ -93,3 +93,10 @@ def test_local_gradient_inside_jit_with_closed_over_data():
     for a, b, c in zip(*(jax.tree_util.tree_leaves(t) for t in (eager, closed, wrapped))):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(c, a, rtol=1e-6, atol=1e-7)
+
+
+def test_without_jax_trace_state_the_options_are_left_out(monkeypatch):
+    monkeypatch.setattr(compilation, "_trace_state_clean", None)  # a JAX without it
+    assert compilation.tracing()
+    step = compilation.top_level_jit(lambda x: x + 1, wants_options=lambda x: True)
+    np.testing.assert_array_equal(jax.jit(lambda y: step(y))(jnp.zeros(2)), jnp.ones(2))
