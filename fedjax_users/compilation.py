@@ -9,18 +9,21 @@ pages, whose faults cost more than the arithmetic (16,000 faults, 33 against 16 
 ``python -m benchmarks.clip_chunks``). The memory-optimized scheduler runs the chunks one after
 another in reused buffers.
 
-It is no general win: programs of small independent convolutions gain from running them side by
-side (resnet18, 4 users of an aggregate: 300 ms memory-optimized, 255 ms by default), and
-elsewhere it measured within noise. So fedjax_users' own jitted step uses it for clipping users
-only, when that step is the program (an eager call); a caller that jits a program around a
-clipped ``local_gradient`` gets it with ``fedjax_users.jit``. A compile option applies to a
-whole program, and only the outermost ``jax.jit`` takes one.
+It is no general win: programs of small independent operations gain from running them side by
+side on the cores (resnet18, 4 users of an aggregate: 300 ms memory-optimized, 255 ms by default;
+clipped lenet_zhu at 128 examples, 31.5 MiB of scratch by default: 13.3 against 9.7 ms in two of
+three runs of ``benchmarks.clip_chunks``). So it is
+taken only where the scratch of the default program passes glibc's mmap threshold, where the
+page faults cost more than the lost overlap: fedjax_users' own jitted step does so for clipping
+users, when that step is the program (an eager call), and ``fedjax_users.jit`` does so for a
+caller's program around one. A compile option applies to a whole program, and only the
+outermost ``jax.jit`` takes one.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Hashable, Optional
 
 import jax
 from jax._src import core as _jax_core
@@ -28,6 +31,9 @@ from jax._src import core as _jax_core
 # JAX's own test for "no transformation is tracing"; it has no public alias.
 _trace_state_clean: Optional[Callable[[], bool]] = getattr(_jax_core, "trace_state_clean", None)
 
+# glibc's largest mmap threshold: larger blocks are always mapped afresh, so XLA:CPU's scratch
+# past this size is faulted in page by page on every call.
+MMAP_THRESHOLD_BYTES = 32 * 2**20
 # Valid on every backend (XLA ignores another backend's options); given only on CPU.
 CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
@@ -39,9 +45,8 @@ def compiler_options(platform: Optional[str] = None) -> dict[str, Any]:
 
 
 def jit(fun: Callable, **jit_kwargs: Any) -> Callable:
-    """``jax.jit`` with :func:`compiler_options` added: how to jit a program around a clipped ``local_gradient``."""
-    options = {**compiler_options(), **(jit_kwargs.pop("compiler_options", None) or {})}
-    return jax.jit(fun, compiler_options=options or None, **jit_kwargs)
+    """``jax.jit`` that adds :func:`compiler_options` to programs whose scratch would be page-faulted every call."""
+    return top_level_jit(fun, lambda *args, **kwargs: True, **jit_kwargs)
 
 
 def tracing() -> bool:
@@ -50,19 +55,42 @@ def tracing() -> bool:
     return True if _trace_state_clean is None else not _trace_state_clean()
 
 
+def _signature(args: tuple, kwargs: dict) -> Hashable:
+    """Shapes and dtypes of the array arguments, the other (static) arguments as they are."""
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    return treedef, tuple(
+        (tuple(leaf.shape), str(leaf.dtype)) if hasattr(leaf, "shape") and hasattr(leaf, "dtype") else leaf
+        for leaf in leaves
+    )
+
+
 def top_level_jit(fun: Callable, wants_options: Callable[..., bool], **jit_kwargs: Any) -> Callable:
-    """``fun`` jitted, with :func:`compiler_options` when ``wants_options(*args, **kwargs)`` and no trace is on."""
-    plain = jax.jit(fun, **jit_kwargs)
+    """``fun`` jitted, with :func:`compiler_options` where they pay: see the module docstring.
+
+    Options are considered when ``wants_options(*args, **kwargs)`` and no trace is on, and taken
+    when the program compiled without them needs more than ``MMAP_THRESHOLD_BYTES`` of scratch
+    (decided once per argument signature, at the cost of that one extra compile).
+    """
+    own = jit_kwargs.pop("compiler_options", None) or {}  # the caller's, kept in both programs
+    plain = jax.jit(fun, compiler_options=own or None, **jit_kwargs)
     tuned: dict[tuple, Callable] = {}
+    decided: dict[Hashable, bool] = {}
 
     @functools.wraps(fun)
     def call(*args, **kwargs):
         options = compiler_options() if wants_options(*args, **kwargs) and not tracing() else {}
         if not options:
             return plain(*args, **kwargs)
+        signature = _signature(args, kwargs)
+        if signature not in decided:
+            stats = plain.lower(*args, **kwargs).compile().memory_analysis()
+            decided[signature] = stats is not None and stats.temp_size_in_bytes > MMAP_THRESHOLD_BYTES
+        if not decided[signature]:
+            return plain(*args, **kwargs)
         key = tuple(sorted(options.items()))
         if key not in tuned:
-            tuned[key] = jax.jit(fun, compiler_options=options, **jit_kwargs)
+            tuned[key] = jax.jit(fun, compiler_options={**options, **own}, **jit_kwargs)
         return tuned[key](*args, **kwargs)
 
+    call.decided = decided  # signature -> options taken, for tests and the curious
     return call

@@ -16,11 +16,11 @@ def test_options_only_on_cpu():
     assert fu.compiler_options() == compilation.compiler_options(jax.default_backend())
 
 
-def test_fedjax_jit_takes_the_options_and_the_callers():
+def test_fedjax_jit_keeps_the_callers_options():
     f = lambda x: jnp.sin(x) * 2  # noqa: E731
     x = jnp.arange(4.0)
     np.testing.assert_array_equal(fu.jit(f)(x), jax.jit(f)(x))
-    # A caller's own option is kept beside ours (an invalid value proves it reached XLA).
+    # A caller's own option reaches XLA (an invalid value proves it).
     bad = fu.jit(f, compiler_options={"xla_cpu_enable_fast_math": "not a bool"})
     try:
         bad(x)
@@ -30,21 +30,36 @@ def test_fedjax_jit_takes_the_options_and_the_callers():
         raise AssertionError("the caller's compile option did not reach XLA")
 
 
-def test_memory_optimized_schedule_reuses_chunk_buffers():
-    # Eight independent chunks with a 12 MiB intermediate each: the default CPU schedule keeps
-    # them all alive, the options run them in one chunk's buffers.
-    def chunks(x):
-        total = 0.0
-        for i in range(8):
-            part = x[i * 32 : (i + 1) * 32]
-            big = jnp.sin(part[:, :, None] * jnp.arange(100.0))
-            total = total + jnp.einsum("bik,bi->k", big, part)
-        return total
+def _chunks(x):
+    """Eight independent chunks with a 12 MiB intermediate each."""
+    total = 0.0
+    for i in range(8):
+        part = x[i * 32 : (i + 1) * 32]
+        big = jnp.sin(part[:, :, None] * jnp.arange(100.0))
+        total = total + jnp.einsum("bik,bi->k", big, part)
+    return total
 
+
+def test_memory_optimized_schedule_reuses_chunk_buffers():
+    # The default CPU schedule keeps all eight alive (98 MiB); the options run them in one's buffers.
     x = jnp.ones((256, 1000))
     chunk_bytes = 32 * 1000 * 100 * 4
-    tuned = fu.jit(chunks).lower(x).compile().memory_analysis().temp_size_in_bytes
+    options = compilation.compiler_options("cpu")
+    tuned = jax.jit(_chunks, compiler_options=options).lower(x).compile().memory_analysis().temp_size_in_bytes
     assert tuned < 2 * chunk_bytes
+
+
+def test_options_only_past_the_mmap_threshold():
+    # Eight chunks (98 MiB of scratch by default) pass the threshold, one chunk (12 MiB) does not.
+    big, small = jnp.ones((256, 1000)), jnp.ones((32, 1000))
+    step = fu.jit(_chunks)
+    np.testing.assert_allclose(step(big), jax.jit(_chunks)(big), rtol=1e-6)
+    small_step = fu.jit(lambda x: jnp.einsum("bik,bi->k", jnp.sin(x[:, :, None] * jnp.arange(100.0)), x))
+    np.testing.assert_allclose(small_step(small), jax.jit(small_step.__wrapped__)(small), rtol=1e-6)
+    assert list(step.decided.values()) == [True]
+    assert list(small_step.decided.values()) == [False]
+    step(big)  # decided once per signature
+    assert len(step.decided) == 1
 
 
 def test_top_level_jit_inside_and_outside_a_trace():
