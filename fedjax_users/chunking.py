@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_users import compilation
+
 Array = jax.Array
 PyTree = Any
 # user_fn(shared, *one_user) -> (the user's update, to be summed; per-user outputs, kept for every user)
@@ -257,7 +259,7 @@ def auto_users_per_chunk(
     if cache_key is None:
         cost = per_user_bytes(fn, *one_user_args)
     else:
-        key = (cache_key, _signature(one_user_args))
+        key = (cache_key, compilation.signature(one_user_args))
         if key not in _BYTES_CACHE:
             _BYTES_CACHE[key] = per_user_bytes(fn, *one_user_args)
         cost = _BYTES_CACHE[key]
@@ -268,8 +270,3 @@ def auto_users_per_chunk(
 
         chunk = int(np.min(multihost_utils.process_allgather(np.asarray(chunk))))
     return chunk
-
-
-def _signature(args: Sequence[Any]) -> Hashable:
-    leaves, treedef = jax.tree_util.tree_flatten(tuple(args))
-    return treedef, tuple((tuple(_spec(leaf).shape), str(_spec(leaf).dtype)) for leaf in leaves)

@@ -55,9 +55,9 @@ def tracing() -> bool:
     return True if _trace_state_clean is None else not _trace_state_clean()
 
 
-def _signature(args: tuple, kwargs: dict) -> Hashable:
-    """Shapes and dtypes of the array arguments, the other (static) arguments as they are."""
-    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+def signature(args: tuple, kwargs: Optional[dict] = None) -> Hashable:
+    """A cache key for a call: shapes and dtypes of its array arguments, the others as they are."""
+    leaves, treedef = jax.tree_util.tree_flatten((tuple(args), kwargs or {}))
     return treedef, tuple(
         (tuple(leaf.shape), str(leaf.dtype)) if hasattr(leaf, "shape") and hasattr(leaf, "dtype") else leaf
         for leaf in leaves
@@ -69,7 +69,7 @@ def top_level_jit(fun: Callable, wants_options: Callable[..., bool], **jit_kwarg
 
     Options are considered when ``wants_options(*args, **kwargs)`` and no trace is on, and taken
     when the program compiled without them needs more than ``MMAP_THRESHOLD_BYTES`` of scratch
-    (decided once per argument signature, at the cost of that one extra compile).
+    (decided once per argument signature; the plain compile is the one the plain call reuses).
     """
     own = jit_kwargs.pop("compiler_options", None) or {}  # the caller's, kept in both programs
     plain = jax.jit(fun, compiler_options=own or None, **jit_kwargs)
@@ -81,16 +81,17 @@ def top_level_jit(fun: Callable, wants_options: Callable[..., bool], **jit_kwarg
         options = compiler_options() if wants_options(*args, **kwargs) and not tracing() else {}
         if not options:
             return plain(*args, **kwargs)
-        signature = _signature(args, kwargs)
-        if signature not in decided:
+        key = signature(args, kwargs)
+        if key not in decided:
+            # jit reuses this compile for the plain call below: the check costs no second compile.
             stats = plain.lower(*args, **kwargs).compile().memory_analysis()
-            decided[signature] = stats is not None and stats.temp_size_in_bytes > MMAP_THRESHOLD_BYTES
-        if not decided[signature]:
+            decided[key] = stats is not None and stats.temp_size_in_bytes > MMAP_THRESHOLD_BYTES
+        if not decided[key]:
             return plain(*args, **kwargs)
-        key = tuple(sorted(options.items()))
-        if key not in tuned:
-            tuned[key] = jax.jit(fun, compiler_options={**options, **own}, **jit_kwargs)
-        return tuned[key](*args, **kwargs)
+        chosen = tuple(sorted(options.items()))
+        if chosen not in tuned:
+            tuned[chosen] = jax.jit(fun, compiler_options={**options, **own}, **jit_kwargs)
+        return tuned[chosen](*args, **kwargs)
 
     call.decided = decided  # signature -> options taken, for tests and the curious
     return call
