@@ -31,7 +31,7 @@ of the rounds):
   defective, see tests/parity, but its cost is the intended computation's).
 - `floor_jax` / `floor_torch`: the plain unclipped batch gradient over all the workload's examples
   (U x k x examples for aggregates): the arithmetic no implementation can avoid. `floor_jax` is
-  under plain `jax.jit` (the compile options do not change it: lenet_zhu B=8-512 within noise).
+  under plain `jax.jit`.
 Ratios: `fedjax/floor` = fedjax_users over floor_jax (issue 5 target <= 1.3); `torch.func/fedjax`
 and `breaching/fedjax` are speed-ups of fedjax_users (> 1: fedjax_users is faster). `load`: the
 machine's 1-minute load average after the row (above the core count, other work competed).

@@ -8,9 +8,9 @@ processes, thermal state) spreads over all contenders alike.
 
 Each timed call follows an untimed call of the same contender: the first call after another
 contender finds caches holding the other's data and the other framework's threads still spinning,
-and is not the steady state a simulation loop of repeated calls sees. On 2 cores that first call
-cost JAX up to 1.5x and torch up to 1.1x (lenet_zhu, clipped, 256 examples: 25.8 vs 17.1 ms and
-17.4 vs 16.4 ms).
+and is not the steady state a simulation loop of repeated calls sees. On 2 cores, in an ad-hoc
+run, that first call cost JAX up to 1.5x and torch up to 1.1x (lenet_zhu, clipped, 256
+examples: 25.8 vs 17.1 ms and 17.4 vs 16.4 ms).
 """
 
 from __future__ import annotations

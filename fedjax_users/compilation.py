@@ -10,9 +10,9 @@ pages, whose faults cost more than the arithmetic (16,000 faults, 33 against 16 
 another in reused buffers.
 
 It is no general win: programs of small independent operations gain from running them side by
-side on the cores (resnet18, 4 users of an aggregate: 300 ms memory-optimized, 255 ms by default;
-clipped lenet_zhu at 128 examples, 31.5 MiB of scratch by default: 13.3 against 9.7 ms in two of
-three runs of ``benchmarks.clip_chunks``). So it is
+side on the cores (clipped lenet_zhu at 128 examples, 31.5 MiB of scratch by default: 13.3
+against 9.7 ms in two of three runs of ``benchmarks.clip_chunks``; 4 resnet18 users of an
+aggregate, about 20% slower in an ad-hoc run). So it is
 taken only where the scratch of the default program passes glibc's mmap threshold, where the
 page faults cost more than the lost overlap: fedjax_users' own jitted step does so for clipping
 users, when that step is the program (an eager call), and ``fedjax_users.jit`` does so for a
