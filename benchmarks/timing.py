@@ -11,6 +11,13 @@ contender finds caches holding the other's data and the other framework's thread
 and is not the steady state a simulation loop of repeated calls sees. On 2 cores, in an ad-hoc
 run, that first call cost JAX up to 1.5x and torch up to 1.1x (lenet_zhu, clipped, 256
 examples: 25.8 vs 17.1 ms and 17.4 vs 16.4 ms).
+
+Garbage is collected between rounds, so that no contender pays for another's, but the objects
+alive when timing starts (torch, breaching, JAX and the suite's data: some 300,000) are frozen
+first (``gc.freeze``), so that a round's collection scans only what the calls made. A full
+collection of that heap takes about 160 ms on one core, and the JAX calls after it run slow for
+tens of milliseconds (``python -m benchmarks.gc_pause``), which made every round's first calls
+slower than a simulation loop's.
 """
 
 from __future__ import annotations
@@ -80,10 +87,15 @@ def measure(
     per_round = 2 * sum(estimate.values())  # a timed and an untimed call each
     rounds = int(np.clip(budget_s // max(per_round, 1e-9), min_rounds, max_rounds))
     times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        gc.collect()
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            contenders[name]()  # switch in: see the module docstring
-            times[name].append(_timed(contenders[name]))
+    gc.collect()
+    gc.freeze()  # see the module docstring
+    try:
+        for r in range(rounds):
+            gc.collect()
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                contenders[name]()  # switch in: see the module docstring
+                times[name].append(_timed(contenders[name]))
+    finally:
+        gc.unfreeze()
     return {name: Measurement(first[name], times[name]) for name in names}

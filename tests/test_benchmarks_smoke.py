@@ -164,6 +164,19 @@ def test_measure_calls_every_contender_in_rotating_rounds():
     assert summary["rounds"] == 4 and summary["min_s"] <= summary["q1_s"] <= summary["median_s"] <= summary["q3_s"]
 
 
+def test_measure_freezes_the_heap_only_while_it_times():
+    import gc
+
+    from benchmarks import timing
+
+    frozen = []
+    contenders = {"a": lambda: frozen.append(gc.get_freeze_count())}
+    timing.measure(contenders, warmup=0, min_rounds=2, max_rounds=2, budget_s=1.0)
+    # First call unfrozen; in the rounds (switch-in and timed calls) the setup heap is frozen.
+    assert frozen[0] == 0 and all(count > 0 for count in frozen[1:]) and len(frozen) == 5
+    assert gc.get_freeze_count() == 0
+
+
 def _row(kind, ratio, label="B=8"):
     return dict(kind=kind, model="m", label=label,
                 ratios=dict(fedjax_over_floor_jax=ratio, torch_func_over_fedjax=1 / ratio, breaching_over_fedjax=9.0))
