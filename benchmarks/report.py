@@ -18,8 +18,9 @@ X_AXIS = {"local_gradient": "batch", "local_update": "steps", "aggregate": "user
 NOTES = """\
 Contenders, all in one process, alternating (first call timed apart; then warm-up and rounds in
 rotating order, each contender called once untimed and once timed per round, so that no timed call
-pays for the previous contender's caches and thread pool; cells are median [interquartile range]
-of the rounds):
+pays for the previous contender's caches and thread pool; garbage is collected between rounds
+with the heap alive at the start frozen, so that a collection does not idle a core for 100+ ms
+before the next calls; cells are median [interquartile range] of the rounds):
 - `fedjax_users`: the public function under an outer jit: `fu.jit` (`jax.jit` with the memory-optimized
   XLA:CPU scheduler, see fedjax_users/compilation.py) for clipped local_gradient, `jax.jit` for the
   rest; `compile` is its first call minus the median.
