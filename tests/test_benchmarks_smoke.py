@@ -204,3 +204,20 @@ def test_cli_grids():
     assert parse(["--grid", "smoke"]).grid == "smoke"
     with pytest.raises(SystemExit):
         parse(["--quick", "--grid", "smoke"])
+
+
+def test_gc_pause_prints_both_heap_states(capsys):
+    import gc
+
+    from benchmarks import gc_pause
+
+    assert gc_pause.main(["--batch", "2", "--calls", "3", "--repeats", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("heap ")]
+    labels = [line.split(" collection")[0].split() for line in lines]
+    assert labels == [
+        ["heap", "as", "it", "is", "fedjax_users"], ["heap", "as", "it", "is", "floor_jax"],
+        ["heap", "frozen", "fedjax_users"], ["heap", "frozen", "floor_jax"],
+    ]
+    # three call positions after each collection, and the heap unfrozen afterwards
+    assert all(len(line.split("|")[1].split(":")[1].split()) == 3 for line in lines)
+    assert gc.get_freeze_count() == 0
