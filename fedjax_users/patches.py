@@ -108,9 +108,12 @@ def conv_as_matmul(module: nn.Conv, x: Array, kernel: Array, bias: Array | None)
     # nn.Conv folds any number of leading axes into one batch; an unbatched input gets one.
     batched = x.reshape((-1,) + x.shape[-rank - 1 :])
     cols = im2col(module, batched)
-    y = jnp.einsum(
-        "n...k,kf->n...f", cols, kernel.reshape(-1, kernel.shape[-1]), precision=module.precision
-    )
+    # The kernel's gradient is a contraction over positions, which XLA:CPU forms faster into
+    # [features, fan_in] than into [fan_in, features] (batched over users under vmap: lenet_zhu's
+    # layer gradients 1.1-1.3x faster, ``python -m benchmarks.kernel_layout``). Passing the kernel
+    # through a transpose that the barrier keeps XLA from folding away gives its gradient that layout.
+    kernel = jax.lax.optimization_barrier(kernel.reshape(-1, kernel.shape[-1]).T).T
+    y = jnp.einsum("n...k,kf->n...f", cols, kernel, precision=module.precision)
     if bias is not None:
         y = y + bias
     return y.reshape(lead + y.shape[1:])

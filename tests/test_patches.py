@@ -95,3 +95,26 @@ def test_per_user_gradients_match_under_vmap(name):
     # Per-user kernels make vmap emit grouped convolutions; the matmul form has no convolution left.
     assert "feature_group_count = 3" in plain_text
     assert "convolution" not in matmul_text
+
+
+def test_kernel_gradient_layout_keeps_both_autodiff_modes():
+    # The kernel goes through a transpose behind an optimization barrier (for the layout of its
+    # gradient): forward mode and second derivatives must still see the plain convolution.
+    module, shape = CONVS["explicit-asymmetric"]
+    x = jax.random.normal(jax.random.key(6), shape)
+    kernel = module.init(jax.random.key(7), x)["params"]["kernel"]
+    dk = jax.random.normal(jax.random.key(8), kernel.shape)
+
+    def conv(k):
+        return module.apply({"params": {"kernel": k}}, x)
+
+    def as_matmul(k):
+        return patches.conv_as_matmul(module, x, k, None)
+
+    _, want = jax.jvp(conv, (kernel,), (dk,))
+    _, got = jax.jvp(as_matmul, (kernel,), (dk,))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    second = lambda f: jax.grad(lambda k: jnp.sum(jax.grad(lambda k2: jnp.sum(jnp.sin(f(k2))))(k) ** 2))  # noqa: E731
+    np.testing.assert_allclose(second(as_matmul)(kernel), second(conv)(kernel), rtol=1e-4, atol=1e-4)
+    text = jax.jit(jax.grad(lambda k: jnp.sum(as_matmul(k)))).lower(kernel).as_text()
+    assert "optimization_barrier" in text
