@@ -5,14 +5,14 @@ For each convolution of lenet_zhu, times the gradient in the kernel of a ``vmap`
 which passes the kernel through a transpose behind an optimization barrier, against the same
 im2col matmul with the kernel used as it is. XLA:CPU contracts the positions into ``[fan_in,
 features]`` in the second case and into ``[features, fan_in]`` in the first. Prints the median
-microseconds of each, alternating, and the largest difference between their gradients relative
+microseconds of each (``benchmarks.timing.measure``: alternating, each timed call after an
+untimed one), and the largest difference between their gradients relative
 to the largest gradient entry.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import timing
 from fedjax_users import models, patches
 
 
@@ -67,16 +68,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             loss = lambda k, x, conv=conv: jnp.sum(jnp.sin(conv(x, k)))  # noqa: E731
             variants[label] = jax.jit(jax.vmap(jax.grad(loss)))
         grads = {label: fn(kernels, x) for label, fn in variants.items()}
-        times = {label: [] for label in variants}
-        for _ in range(args.rounds):
-            for label, fn in variants.items():
-                jax.block_until_ready(fn(kernels, x))
-                start = time.perf_counter()
-                jax.block_until_ready(fn(kernels, x))
-                times[label].append(time.perf_counter() - start)
+        measured = timing.measure(
+            {label: lambda fn=fn: jax.block_until_ready(fn(kernels, x)) for label, fn in variants.items()},
+            min_rounds=args.rounds, max_rounds=args.rounds,
+        )
+        us = {label: m.summary()["median_s"] * 1e6 for label, m in measured.items()}
         diff = float(jnp.max(jnp.abs(grads["barrier"] - grads["plain"])) / jnp.max(jnp.abs(grads["plain"])))
-        print(f"{name:<8} kernel {kernel_shape}: barrier {np.median(times['barrier']) * 1e6:7.1f} us, "
-              f"plain {np.median(times['plain']) * 1e6:7.1f} us, largest difference {diff:.1e} of the largest entry")
+        print(f"{name:<8} kernel {kernel_shape}: barrier {us['barrier']:7.1f} us, "
+              f"plain {us['plain']:7.1f} us, largest difference {diff:.1e} of the largest entry")
     return 0
 
 

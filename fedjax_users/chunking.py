@@ -64,9 +64,9 @@ def vmap_sum(fn: UserFn) -> ChunkFn:
     return chunk_fn
 
 
-def num_chunks(num_users: int, size: int) -> int:
-    """Chunks of ``size`` users that cover ``num_users`` users."""
-    return -(-num_users // size)
+def num_chunks(count: int, size: int) -> int:
+    """Chunks of ``size`` items (users, or examples in ``clipping``) that cover ``count`` items."""
+    return -(-count // size)
 
 
 def run_chunk(

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_users import patches, privacy
+from fedjax_users import chunking, patches, privacy
 
 Array = jax.Array
 PyTree = Any
@@ -325,9 +325,9 @@ def auto_examples_per_chunk(count: int, per_example_bytes: int, budget_bytes: Op
             return count
         budget_bytes = CPU_CHUNK_BYTES
     size = max(MIN_EXAMPLES_PER_CHUNK, budget_bytes // max(per_example_bytes, 1))
-    chunks = min(-(-count // size), MAX_UNROLLED_CHUNKS)
+    chunks = min(chunking.num_chunks(count, size), MAX_UNROLLED_CHUNKS)
     # Even chunks (128 examples in 4 of 32, not 3 of 41 and one of 5): one shape for all but the last.
-    return int(-(-count // chunks))
+    return int(chunking.num_chunks(count, chunks))
 
 
 def chunk_bounds(count: int, size: int) -> list[tuple[int, int]]:
