@@ -15,8 +15,8 @@ examples: 25.8 vs 17.1 ms and 17.4 vs 16.4 ms).
 Garbage is collected between rounds, so that no contender pays for another's, but the objects
 alive when timing starts (torch, breaching, JAX and the suite's data: some 300,000) are frozen
 first (``gc.freeze``), so that a round's collection scans only what the calls made. A full
-collection of that heap takes about 160 ms on one core, and the JAX calls after it run slow for
-tens of milliseconds (``python -m benchmarks.gc_pause``), which made every round's first calls
+collection of that heap takes 135-160 ms on one core, and the next five or so JAX calls after it
+run 1.3-1.7x slower (``python -m benchmarks.gc_pause``), which made every round's first calls
 slower than a simulation loop's.
 """
 
