@@ -55,7 +55,8 @@ class Measurement:
         )
 
 
-def _timed(call: Contender) -> float:
+def time_call(call: Contender) -> float:
+    """Seconds of one call of ``call``, with the garbage collector held off during it."""
     gc.disable()  # a collection triggered by one contender must not be charged to another
     try:
         start = time.perf_counter()
@@ -79,11 +80,11 @@ def measure(
     at seconds per call the first call has already warmed every cache.
     """
     names = list(contenders)
-    first = {name: _timed(contenders[name]) for name in names}
+    first = {name: time_call(contenders[name]) for name in names}
     estimate = dict(first)
     for _ in range(warmup if sum(first.values()) < budget_s else 0):
         for name in names:
-            estimate[name] = _timed(contenders[name])
+            estimate[name] = time_call(contenders[name])
     per_round = 2 * sum(estimate.values())  # a timed and an untimed call each
     rounds = int(np.clip(budget_s // max(per_round, 1e-9), min_rounds, max_rounds))
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -95,7 +96,7 @@ def measure(
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
                 contenders[name]()  # switch in: see the module docstring
-                times[name].append(_timed(contenders[name]))
+                times[name].append(time_call(contenders[name]))
     finally:
         gc.unfreeze()
     return {name: Measurement(first[name], times[name]) for name in names}

@@ -209,7 +209,7 @@ def test_cli_grids():
 def test_gc_pause_prints_both_heap_states(capsys):
     import gc
 
-    from benchmarks import gc_pause
+    from benchmarks.studies import gc_pause
 
     assert gc_pause.main(["--batch", "2", "--calls", "3", "--repeats", "1"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("heap ")]

@@ -1,4 +1,4 @@
-"""``python -m benchmarks.gc_pause``: what a full garbage collection costs the JAX calls after it.
+"""``python -m benchmarks.studies.gc_pause``: what a full garbage collection costs the JAX calls after it.
 
 Builds the suite's lenet_zhu pair and one clipped ``local_gradient`` workload's contenders, as
 ``python -m benchmarks`` does (torch, breaching and the data alive), then, for the JAX floor
@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import time
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from benchmarks import contenders, pairs, problems
+from benchmarks import contenders, pairs, problems, timing
 from benchmarks.grid import Workload
 
 
@@ -26,28 +25,19 @@ def _after_collection(call, calls: int, repeats: int) -> tuple[float, np.ndarray
     """Median ms of a full collection, and of each of the ``calls`` calls after one."""
     collect_s, times = [], np.zeros((repeats, calls))
     for r in range(repeats):
-        start = time.perf_counter()
-        gc.collect()
-        collect_s.append(time.perf_counter() - start)
+        collect_s.append(timing.time_call(gc.collect))  # an explicit collection runs with gc disabled too
         for i in range(calls):
-            start = time.perf_counter()
-            call()
-            times[r, i] = time.perf_counter() - start
+            times[r, i] = timing.time_call(call)
     return float(np.median(collect_s)) * 1e3, np.median(times, axis=0) * 1e3
 
 
 def _back_to_back(call, count: int) -> float:
-    times = []
-    for _ in range(count):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    return float(np.median([timing.time_call(call) for _ in range(count)])) * 1e3
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Print one line per contender and heap state."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gc_pause", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.gc_pause", description=__doc__)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--calls", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=15)

@@ -1,6 +1,6 @@
 """Time the plain batch gradient (the benchmarks' JAX floor) under one setting of ``XLA_FLAGS``.
 
-``XLA_FLAGS=--xla_cpu_use_onednn=true python -m benchmarks.xla_cpu_flags`` prints one line: the
+``XLA_FLAGS=--xla_cpu_use_onednn=true python -m benchmarks.studies.xla_cpu_flags`` prints one line: the
 median of 7 jitted ``jax.grad`` calls of the mean loss for lenet_zhu (B=256), ConvNet (B=8) and
 resnet18 (B=8). XLA reads the flags when the backend starts, so each setting needs its own process.
 """
@@ -8,26 +8,21 @@ resnet18 (B=8). XLA reads the flags when the backend starts, so each setting nee
 from __future__ import annotations
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import timing
 from fedjax_users import losses, models
 
 WORKLOADS = (("lenet_zhu", 256), ("ConvNet", 8), ("resnet18", 8))
 
 
 def median_ms(fn, *args, reps: int = 7) -> float:
-    """Median wall time of ``fn(*args)`` after one warm-up call, in milliseconds."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    """Median wall time of ``fn(*args)`` after warm-up (``benchmarks.timing.measure``), in milliseconds."""
+    measured = timing.measure({"floor": lambda: jax.block_until_ready(fn(*args))}, min_rounds=reps, max_rounds=reps)
+    return measured["floor"].summary()["median_s"] * 1e3
 
 
 def floor_ms(name: str, batch: int) -> float:

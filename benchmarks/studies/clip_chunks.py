@@ -1,4 +1,4 @@
-"""``python -m benchmarks.clip_chunks``: clipped lenet_zhu gradients by chunk of examples, and why chunks.
+"""``python -m benchmarks.studies.clip_chunks``: clipped lenet_zhu gradients by chunk of examples, and why chunks.
 
 For each batch size, times ``clipping.clipped_mean_gradient`` in chunks of several sizes, jitted
 with the memory-optimized XLA:CPU scheduler (``fu.compiler_options()``) and with XLA's default
@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import resource
-import time
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import fedjax_users as fu
+from benchmarks import timing
 from fedjax_users import clipping, models
 from fedjax_users.losses import softmax_cross_entropy
 
@@ -33,7 +32,7 @@ def _usage() -> tuple[int, float]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Print one line per batch size and variant."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.clip_chunks", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.clip_chunks", description=__doc__)
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--chunks", type=int, nargs="+", default=[0, 32, 64],
                         help="examples per chunk; 0 = the automatic choice (clipping.auto_examples_per_chunk)")
@@ -60,21 +59,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 compiled = jax.jit(fn, compiler_options=options or None).lower(params, inputs, labels).compile()
                 scratch = compiled.memory_analysis().temp_size_in_bytes / 2**20
                 variants[f"chunk {size or 'auto'}, {name}"] = (compiled, scratch)
-        times = {name: [] for name in variants}
         faults, kernel_s = dict.fromkeys(variants, 0), dict.fromkeys(variants, 0.0)
-        for _ in range(args.rounds):
-            for name, (compiled, _) in variants.items():
-                jax.block_until_ready(compiled(params, inputs, labels))  # switch in
-                (faults_before, kernel_before), start = _usage(), time.perf_counter()
+        calls = dict.fromkeys(variants, 0)
+
+        def counted(name, compiled):
+            # Page faults and kernel time of every call (timed or not), averaged below.
+            def call():
+                faults_before, kernel_before = _usage()
                 jax.block_until_ready(compiled(params, inputs, labels))
-                times[name].append(time.perf_counter() - start)
                 faults_after, kernel_after = _usage()
                 faults[name] += faults_after - faults_before
                 kernel_s[name] += kernel_after - kernel_before
+                calls[name] += 1
+            return call
+
+        measured = timing.measure(
+            {name: counted(name, compiled) for name, (compiled, _) in variants.items()},
+            min_rounds=args.rounds, max_rounds=args.rounds,
+        )
         for name, (_, scratch) in variants.items():
-            print(f"B={batch:<4} {name:<22} {np.median(times[name]) * 1e3:7.2f} ms  "
-                  f"{scratch:6.1f} MiB  {faults[name] // args.rounds:6d} faults  "
-                  f"{kernel_s[name] / args.rounds * 1e3:6.1f} kernel ms")
+            print(f"B={batch:<4} {name:<22} {measured[name].summary()['median_s'] * 1e3:7.2f} ms  "
+                  f"{scratch:6.1f} MiB  {faults[name] // calls[name]:6d} faults  "
+                  f"{kernel_s[name] / calls[name] * 1e3:6.1f} kernel ms")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``python -m benchmarks.kernel_layout``: per-user kernel gradients of im2col convolutions, by layout.
+"""``python -m benchmarks.studies.kernel_layout``: per-user kernel gradients of im2col convolutions, by layout.
 
 For each convolution of lenet_zhu, times the gradient in the kernel of a ``vmap`` over users
 (each with its own kernel, as in an aggregate's local steps) of ``patches.conv_as_matmul``,
@@ -50,7 +50,7 @@ def _layers(inputs: jax.Array) -> list[tuple[str, nn.Conv, tuple[int, ...], tupl
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Print one line per layer."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_layout", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.kernel_layout", description=__doc__)
     parser.add_argument("--users", type=int, default=6, help="users in the vmap (the aggregate's automatic chunk)")
     parser.add_argument("--examples", type=int, default=2, help="examples per user and step")
     parser.add_argument("--rounds", type=int, default=200)
