@@ -14,6 +14,25 @@ from fedjax_users.users import ChunkPlan, aggregate, local_gradient, local_updat
 
 __version__ = "0.1.0"
 
+# Submodules reachable as ``fu.models`` etc. after ``import fedjax_users as fu``, imported on first
+# use so that ``import fedjax_users`` stays light (``interop`` imports torch, ``accounting``
+# dp-accounting).
+_LAZY_SUBMODULES = (
+    "accounting", "batchnorm", "data", "interop", "io", "losses", "models", "privacy", "progress", "strategy",
+)
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
 __all__ = [
     "ChunkPlan",
     "ConfigError",

@@ -1,4 +1,7 @@
-"""``fedjax-users``: run a case (``run``), the parity suite (``parity``) or the benchmarks (``bench``)."""
+"""``fedjax-users``: run a case (``run``), the parity suite (``parity``) or the benchmarks (``bench``).
+
+``parity`` and ``bench`` run from a checkout of the repository; the wheel holds ``fedjax_users`` only.
+"""
 
 from __future__ import annotations
 
@@ -123,17 +126,56 @@ def run(args) -> int:
     return 0
 
 
+# The parity suite and the benchmarks need torch and breaching and are not part of the wheel:
+# they run from a checkout of the repository, as ``python -m parity`` / ``python -m benchmarks``.
+CHECKOUT_SUITES = {"parity": ("parity", "main", []), "bench": ("benchmarks", "main", ["--quick"])}
+
+
+def find_checkout(start: Optional[str] = None, package_parent: Optional[str] = None) -> Optional[str]:
+    """The repository checkout holding ``parity/`` and ``benchmarks/``: ``start`` (default: the
+    current folder) or one above it, else ``package_parent`` (default: the folder above this
+    ``fedjax_users``, a checkout when installed with ``pip install -e``); ``None`` if none is."""
+    here = os.path.abspath(start or os.getcwd())
+    package_parent = package_parent or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidates = [here, *_parents(here), package_parent]
+    for folder in candidates:
+        if all(os.path.isfile(os.path.join(folder, name, "__main__.py")) for name in ("parity", "benchmarks")):
+            return folder
+    return None
+
+
+def _parents(folder: str) -> list[str]:
+    parents = []
+    while os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+        parents.append(folder)
+    return parents
+
+
+def _run_checkout_suite(command: str, argv: list[str]) -> int:
+    """``fedjax-users parity|bench``: run that suite from the repository checkout, or say how."""
+    import importlib
+
+    module_name, entry, default_argv = CHECKOUT_SUITES[command]
+    checkout = find_checkout()
+    if checkout is None:
+        print(
+            f"fedjax-users: error: `{command}` runs from a checkout of the fedjax_users repository "
+            f"(it is not in the wheel): clone it, cd into it and run `python -m {module_name}`",
+            file=sys.stderr,
+        )
+        return 2
+    if checkout not in sys.path:
+        sys.path.insert(0, checkout)
+    module = importlib.import_module(f"{module_name}.__main__" if module_name == "parity" else module_name)
+    return getattr(module, entry)(argv or default_argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``fedjax-users`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["parity"]:
-        from parity.__main__ import main as parity_main
-
-        return parity_main(argv[1:])
-    if argv[:1] == ["bench"]:
-        from benchmarks import main as bench_main
-
-        return bench_main(argv[1:] or ["--quick"])
+    if argv[:1] in (["parity"], ["bench"]):
+        return _run_checkout_suite(argv[0], argv[1:])
     args = _parser().parse_args(argv)
     try:
         return run(args)

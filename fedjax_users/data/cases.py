@@ -45,14 +45,8 @@ from fedjax_users.models.text import get_text_model
 from fedjax_users.types import ServerPayload, UserData
 
 
-def _config_root() -> str:
-    """Bundled configs: inside the package if they were installed there, else the source tree's."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    inside = os.path.join(package, "configs")
-    return inside if os.path.isdir(inside) else os.path.join(os.path.dirname(package), "configs")
-
-
-CONFIG_ROOT = _config_root()
+# The bundled configs ship inside the package (the checkout's top-level configs/ links to them).
+CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DEFAULT_CASE = os.path.join(CONFIG_ROOT, "case", "default.yaml")
 GROUPS = ("data", "user")
 SELF = "_self_"

@@ -1,0 +1,59 @@
+"""What the wheel holds and how the checkout-only suites are found."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from fedjax_users import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_wheel_ships_fedjax_users_only_with_its_configs_and_data(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), REPO],
+        check=True, capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert top_level == {"fedjax_users"}
+    assert "fedjax_users/configs/user/local_gradient.yaml" in names
+    assert "fedjax_users/configs/case/default.yaml" in names
+    assert "fedjax_users/data/digits.npz" in names
+
+
+def test_find_checkout_from_the_repository_and_below_it():
+    assert cli.find_checkout(REPO) == REPO
+    assert cli.find_checkout(os.path.join(REPO, "tests", "data")) == REPO
+
+
+def test_find_checkout_outside_any_checkout(tmp_path):
+    assert cli.find_checkout(str(tmp_path), package_parent=str(tmp_path)) is None
+
+
+def test_suite_outside_a_checkout_says_how_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "find_checkout", lambda *args, **kwargs: None)
+    assert cli.main(["parity", "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "python -m parity" in err and "checkout" in err
+
+
+def test_import_is_light_and_submodules_are_reachable():
+    code = (
+        "import sys, fedjax_users as fu; heavy = {'torch', 'dp_accounting'} & set(sys.modules); "
+        "assert not heavy, heavy; fu.models.get('lenet_zhu'); fu.data.load_case; "
+        "assert 'torch' not in sys.modules; fu.interop.to_torch; assert 'torch' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        import fedjax_users as fu
+
+        fu.nonexistent  # noqa: B018
