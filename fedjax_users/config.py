@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 from typing import Any, Mapping, Optional, Sequence
@@ -17,6 +18,50 @@ class ConfigError(ValueError):
     """A user configuration that breaching would reject or silently misread."""
 
 
+def _yaml_problem(err: Exception) -> str:
+    """``problem (line L, column C)`` of a YAML error, on one line."""
+    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return problem if mark is None else f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+
+
+def load_yaml_mapping(path: str | os.PathLike, what: str = "user config file", error: type = ConfigError):
+    """The YAML mapping in ``path`` as an OmegaConf ``DictConfig``; anything else is ``error`` naming ``path``.
+
+    A folder, an unreadable or binary file, broken YAML, an empty file and a file holding a list or
+    a bare string are each refused with their own one-line message.
+    """
+    import yaml
+    from omegaconf import OmegaConf
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise error(f"{what} {path} is a folder, not a YAML file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except UnicodeDecodeError:
+        raise error(f"{what} {path} is not a text file") from None
+    except OSError as err:
+        raise error(f"cannot read {what} {path}: {err.strerror}") from None
+    try:
+        # The node kind, before OmegaConf reads it: OmegaConf makes a bare string a mapping key.
+        node = yaml.compose(text)
+    except yaml.YAMLError as err:
+        raise error(f"{what} {path} is not valid YAML: {_yaml_problem(err)}") from None
+    if node is None:
+        raise error(f"{what} {path} is empty: it must hold a mapping of keys")
+    if not isinstance(node, yaml.MappingNode):
+        kind = "a list" if isinstance(node, yaml.SequenceNode) else f"the value {text.strip()[:40]!r}"
+        raise error(f"{what} {path} must hold a mapping of keys, got {kind}")
+    try:
+        return OmegaConf.create(text)
+    except Exception as err:  # noqa: BLE001  (OmegaConf's loader refuses, e.g., duplicate keys)
+        raise error(f"{what} {path} cannot be read: {_yaml_problem(err)}") from None
+
+
 def _check_keys(given: Mapping[str, Any], cls: type, where: str) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(given) - known)
@@ -24,8 +69,15 @@ def _check_keys(given: Mapping[str, Any], cls: type, where: str) -> None:
         raise ConfigError(f"unknown key {unknown[0]!r} in {where}; known keys: {', '.join(sorted(known))}")
 
 
+KIND_NAMES = {bool: "a bool", int: "an int", float: "a number"}
+
+
 def _check_type(name: str, value: Any, kind: type) -> None:
-    """Reject a value of the wrong type (YAML reads ``2.5``, ``abc`` and ``maybe`` happily)."""
+    """Reject a value of the wrong type (YAML reads ``2.5``, ``abc`` and ``maybe`` happily).
+
+    Numbers must be finite: YAML's ``.nan`` and ``.inf`` would pass every ``>= 0`` test and turn a
+    defence off (``nan > 0`` is false) or every update into NaN.
+    """
     if value is None:
         return
     is_bool = isinstance(value, (bool, np.bool_))
@@ -36,14 +88,33 @@ def _check_type(name: str, value: Any, kind: type) -> None:
     else:
         ok = isinstance(value, numbers.Real) and not is_bool
     if not ok:
-        raise ConfigError(f"{name} must be {'a number' if kind is float else 'an ' + kind.__name__ if kind is int else 'a ' + kind.__name__}, got {value!r}")
+        raise ConfigError(f"{name} must be {KIND_NAMES[kind]}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
 
 
-def _check_types(obj: Any) -> None:
+def _check_types(obj: Any, prefix: str = "") -> None:
+    """Check every bool/int/float field of the dataclass ``obj``; ``prefix`` names its YAML block."""
     for field in dataclasses.fields(obj):
         kind = {"int": int, "float": float, "bool": bool}.get(str(field.type).replace("Optional[", "").rstrip("]"))
         if kind is not None:
-            _check_type(field.name, getattr(obj, field.name), kind)
+            _check_type(prefix + field.name, getattr(obj, field.name), kind)
+
+
+def _check_required(obj: Any, names: Sequence[str]) -> None:
+    missing = [name for name in names if getattr(obj, name) is None]
+    if missing:
+        raise ConfigError(f"a user config needs {', '.join(missing)} (got None)")
+
+
+def _user_range(value: Any) -> tuple[int, int]:
+    """``[start, stop)`` as a tuple of two ints; ``[0.5, 3]`` or ``5`` is an error, never truncated."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)) or len(value) != 2:
+        raise ConfigError(f"user_range must be [start, stop) with stop > start, got {value!r}")
+    for bound in value:
+        if not isinstance(bound, numbers.Integral) or isinstance(bound, (bool, np.bool_)):
+            raise ConfigError(f"user_range must hold two ints, got {list(value)!r}")
+    return int(value[0]), int(value[1])
 
 
 def _non_negative(name: str, value: Optional[float]) -> None:
@@ -61,7 +132,7 @@ class LocalDiffPrivacy:
     per_example_clipping: float = 0.0
 
     def __post_init__(self):
-        _check_types(self)
+        _check_types(self, "local_diff_privacy.")
         if self.distribution not in DISTRIBUTIONS:
             raise ConfigError(
                 f"unknown distribution {self.distribution!r}; expected one of {', '.join(DISTRIBUTIONS)}"
@@ -98,10 +169,11 @@ class UserConfig:
             object.__setattr__(self, "local_diff_privacy", LocalDiffPrivacy(**self.local_diff_privacy))
         if not isinstance(self.local_diff_privacy, LocalDiffPrivacy):
             raise ConfigError(f"local_diff_privacy must be a mapping, got {self.local_diff_privacy!r}")
+        _check_required(self, ("user_type", "num_data_points"))
         _check_types(self)
         if self.user_range is not None:
-            object.__setattr__(self, "user_range", tuple(int(v) for v in self.user_range))
-            if len(self.user_range) != 2 or self.user_range[1] <= self.user_range[0]:
+            object.__setattr__(self, "user_range", _user_range(self.user_range))
+            if self.user_range[1] <= self.user_range[0]:
                 raise ConfigError(f"user_range must be [start, stop) with stop > start, got {list(self.user_range)}")
         if self.num_data_points < 1:
             raise ConfigError(f"num_data_points must be >= 1, got {self.num_data_points}")
@@ -114,6 +186,12 @@ class UserConfig:
         if self.num_data_per_local_update_step is not None and self.num_data_per_local_update_step < 1:
             raise ConfigError(
                 f"num_data_per_local_update_step must be >= 1, got {self.num_data_per_local_update_step}"
+            )
+        if self.user_type == "local_gradient" and (self.num_local_updates or 1) > 1:
+            # breaching's UserSingleStep would ignore the steps and take one gradient.
+            raise ConfigError(
+                f"a local_gradient user takes one gradient, got num_local_updates={self.num_local_updates}; "
+                "use user_type local_update for local training"
             )
         if self.user_type == "local_update" or (self.num_local_updates or 1) > 1:
             self.require_multi_step()
@@ -142,19 +220,23 @@ class UserConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "UserConfig":
-        """Build from a mapping of breaching's user keys; unknown keys are errors."""
+        """Build from a mapping of breaching's user keys; unknown or missing keys are errors."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"a user config must be a mapping of breaching's user keys, got {values!r}")
         _check_keys(values, cls, "user config")
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in values]
+        if missing:
+            raise ConfigError(f"a user config needs {', '.join(missing)}")
         return cls(**dict(values))
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> "UserConfig":
         """Read a breaching user YAML file as it is, then apply ``key=value`` overrides."""
         from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
 
-        try:
-            loaded = OmegaConf.load(path)
-        except FileNotFoundError as err:
-            raise ConfigError(f"user config file not found: {path}") from err
+        loaded = load_yaml_mapping(path)
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -162,8 +244,11 @@ class UserConfig:
             head = key.split(".")[0]
             if head not in {f.name for f in dataclasses.fields(cls)}:
                 raise ConfigError(f"unknown key {key!r} in overrides")
-        merged = OmegaConf.merge(loaded, OmegaConf.from_dotlist(list(overrides)))
-        values = OmegaConf.to_container(merged, resolve=True)
+        try:
+            merged = OmegaConf.merge(loaded, OmegaConf.from_dotlist(list(overrides)))
+            values = OmegaConf.to_container(merged, resolve=True)
+        except (OmegaConfBaseException, TypeError, ValueError) as err:  # OmegaConf raises all three
+            raise ConfigError(f"{path}: cannot apply overrides {' '.join(overrides)}: {_yaml_problem(err)}") from None
         try:
             return cls.from_dict(values)
         except ConfigError as err:

@@ -209,3 +209,91 @@ def test_missing_file(tmp_path):
 def test_values_of_the_wrong_type_are_named(override, key):
     with pytest.raises(fu.ConfigError, match=key):
         fu.UserConfig.from_yaml("configs/user/local_updates.yaml", [override])
+
+
+# ----------------------------------------------------------------------------------------------
+# No silent failures (issue 13): non-finite numbers, contradictory kinds, malformed files
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("local_diff_privacy.per_example_clipping=.nan", "local_diff_privacy.per_example_clipping"),
+        ("local_diff_privacy.gradient_noise=.nan", "local_diff_privacy.gradient_noise"),
+        ("local_diff_privacy.input_noise=.inf", "local_diff_privacy.input_noise"),
+        ("local_diff_privacy.gradient_noise=-.inf", "local_diff_privacy.gradient_noise"),
+        ("local_learning_rate=.inf", "local_learning_rate"),
+    ],
+)
+def test_non_finite_numbers_are_rejected(override, key):
+    path = os.path.join(OUR_DIR, "local_updates.yaml")
+    with pytest.raises(fu.ConfigError, match=rf"{key} must be a finite number, got -?(nan|inf)") as err:
+        fu.UserConfig.from_yaml(path, overrides=[override])
+    assert path in str(err.value)
+
+
+@pytest.mark.parametrize("field", ["per_example_clipping", "gradient_noise", "input_noise"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_privacy_values_are_rejected_in_code(field, value):
+    with pytest.raises(fu.ConfigError, match=f"local_diff_privacy.{field} must be a finite number"):
+        fu.LocalDiffPrivacy(**{field: value})
+    with pytest.raises(fu.ConfigError, match=f"local_diff_privacy.{field}"):
+        fu.UserConfig.from_dict({"user_type": "local_gradient", "num_data_points": 1,
+                                 "local_diff_privacy": {field: value}})
+
+
+def test_local_gradient_config_with_local_steps_is_rejected():
+    with pytest.raises(fu.ConfigError, match="local_gradient user takes one gradient, got num_local_updates=4"):
+        fu.UserConfig.from_yaml(os.path.join(OUR_DIR, "local_gradient.yaml"), ["num_local_updates=4"])
+    # One step is what a local_gradient user does: still a local_gradient config.
+    assert not fu.UserConfig(user_type="local_gradient", num_data_points=1, num_local_updates=1).is_multi_step
+
+
+@pytest.mark.parametrize("user_range, message", [("[0.5,3]", "two ints"), ("5", "user_range must be"),
+                                                 ("abc", "user_range must be")])
+def test_user_range_is_never_truncated(user_range, message):
+    with pytest.raises(fu.ConfigError, match=message):
+        fu.UserConfig.from_yaml(os.path.join(OUR_DIR, "multiuser_aggregate.yaml"), [f"user_range={user_range}"])
+
+
+@pytest.mark.parametrize("values, message", [
+    ({}, "needs user_type, num_data_points"),
+    ({"user_type": "local_gradient"}, "needs num_data_points"),
+    ([1, 2], "must be a mapping"),
+    ("local_gradient", "must be a mapping"),
+])
+def test_from_dict_needs_a_mapping_with_the_required_keys(values, message):
+    with pytest.raises(fu.ConfigError, match=message):
+        fu.UserConfig.from_dict(values)
+
+
+MALFORMED = {
+    # file name: (contents or None for a folder, message)
+    "empty.yaml": ("", "is empty"),
+    "list.yaml": ("- 1\n- 2\n", "must hold a mapping of keys, got a list"),
+    "string.yaml": ("just a string\n", "must hold a mapping of keys, got the value 'just a string'"),
+    "broken.yaml": ("user_type: [local_gradient\n", r"is not valid YAML: .* \(line \d+, column \d+\)"),
+    "two.yaml": ("user_type: local_gradient\n---\nnum_data_points: 1\n", "is not valid YAML"),
+    "binary.yaml": (b"\xff\xfe\x00\x01", "is not a text file"),
+    "folder.yaml": (None, "is a folder"),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_files_are_one_config_error_naming_the_path(tmp_path, name):
+    contents, message = MALFORMED[name]
+    path = tmp_path / name
+    if contents is None:
+        path.mkdir()
+    elif isinstance(contents, bytes):
+        path.write_bytes(contents)
+    else:
+        path.write_text(contents)
+    with pytest.raises(fu.ConfigError, match=message) as err:
+        fu.UserConfig.from_yaml(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_override_that_cannot_merge_is_a_config_error():
+    with pytest.raises(fu.ConfigError, match="cannot apply overrides local_diff_privacy"):
+        fu.UserConfig.from_yaml(os.path.join(OUR_DIR, "local_gradient.yaml"), ["local_diff_privacy=[1,2]"])
