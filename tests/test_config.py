@@ -297,3 +297,38 @@ def test_malformed_files_are_one_config_error_naming_the_path(tmp_path, name):
 def test_override_that_cannot_merge_is_a_config_error():
     with pytest.raises(fu.ConfigError, match="cannot apply overrides local_diff_privacy"):
         fu.UserConfig.from_yaml(os.path.join(OUR_DIR, "local_gradient.yaml"), ["local_diff_privacy=[1,2]"])
+
+
+# Case files (fedjax_users.data.load_case) are refused the same way, and each is also a DataError.
+CASE_BODY = "defaults:\n  - data: digits\n  - user: local_gradient\nmodel: linear\n"
+MALFORMED_CASES = {
+    "user5.yaml": (CASE_BODY + "user: 5\n", "user must be a mapping of user keys, got 5"),
+    "data_list.yaml": (CASE_BODY + "data: [1, 2]\n", "cannot merge"),
+    "defaults5.yaml": ("defaults: 5\nmodel: linear\n", "defaults must be a list"),
+    **{name: value for name, value in MALFORMED.items() if name != "two.yaml"},
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED_CASES))
+def test_malformed_case_files_are_one_config_error_naming_the_path(tmp_path, name):
+    from fedjax_users.data import DataError, load_case
+
+    contents, message = MALFORMED_CASES[name]
+    path = tmp_path / name
+    if contents is None:
+        path.mkdir()
+    elif isinstance(contents, bytes):
+        path.write_bytes(contents)
+    else:
+        path.write_text(contents)
+    with pytest.raises(fu.ConfigError, match=message) as err:
+        load_case(path)
+    assert isinstance(err.value, DataError)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_case_user_block_set_to_a_number_by_override():
+    from fedjax_users.data import load_case
+
+    with pytest.raises(fu.ConfigError, match="user must be a mapping of user keys, got 5"):
+        load_case(None, ["+user=5"])

@@ -33,12 +33,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedjax_users import losses, models
-from fedjax_users.config import UserConfig
-from fedjax_users.data.errors import DataError
+from fedjax_users.config import UserConfig, load_yaml_mapping
+from fedjax_users.data.errors import CaseConfigError, DataError
 from fedjax_users.data.partition import partition_indices
 from fedjax_users.data.sources import Examples, load_examples, normalize
 from fedjax_users.models.text import get_text_model
@@ -60,30 +60,25 @@ LOSSES: dict[str, Callable] = {
 
 
 def _read_yaml(path: str) -> DictConfig:
-    if not os.path.isfile(path):
-        raise DataError(f"config file not found: {path}")
-    try:
-        loaded = OmegaConf.load(path)
-    except Exception as err:  # YAML syntax errors come in several types
-        raise DataError(f"cannot read config file {path}: {err}".replace("\n", " ")) from None
-    if not isinstance(loaded, DictConfig):
-        raise DataError(f"config file {path} must hold a mapping")
-    return loaded
+    return load_yaml_mapping(path, "config file", CaseConfigError)
 
 
 def _defaults_list(case: DictConfig, path: str) -> list:
     """``[(group, name) | SELF, ...]`` from the case's ``defaults``; ``_self_`` last unless placed."""
+    defaults = case.get("defaults") or []
+    if not isinstance(defaults, (list, ListConfig)):
+        raise CaseConfigError(f"{path}: defaults must be a list of 'group: name' entries, got {defaults!r}")
     entries = []
-    for entry in case.get("defaults") or []:
+    for entry in defaults:
         if entry == SELF:
             entries.append(SELF)
         elif isinstance(entry, DictConfig) and len(entry) == 1:
             (group, name), = entry.items()
             if group not in GROUPS:
-                raise DataError(f"{path}: unknown defaults group {group!r}; known groups: {', '.join(GROUPS)}")
+                raise CaseConfigError(f"{path}: unknown defaults group {group!r}; known groups: {', '.join(GROUPS)}")
             entries.append((group, str(name)))
         else:
-            raise DataError(f"{path}: defaults entries must be '{SELF}' or 'group: name', got {entry!r}")
+            raise CaseConfigError(f"{path}: defaults entries must be '{SELF}' or 'group: name', got {entry!r}")
     return entries if SELF in entries else entries + [SELF]
 
 
@@ -94,7 +89,7 @@ def _group_file(group: str, name: str, case_path: str) -> str:
         candidate = os.path.join(folder, f"{name}.yaml")
         if os.path.isfile(candidate):
             return candidate
-    raise DataError(f"no {group} config named {name!r} (looked for {name}.yaml in {beside} and {CONFIG_ROOT}/{group})")
+    raise CaseConfigError(f"no {group} config named {name!r} (looked for {name}.yaml in {beside} and {CONFIG_ROOT}/{group})")
 
 
 def _split_overrides(overrides: Sequence[str]) -> tuple[dict[str, str], list[tuple[str, str, bool]]]:
@@ -102,12 +97,12 @@ def _split_overrides(overrides: Sequence[str]) -> tuple[dict[str, str], list[tup
     choices, keys = {}, []
     for item in overrides:
         if "=" not in item:
-            raise DataError(f"override {item!r} is not of the form key=value")
+            raise CaseConfigError(f"override {item!r} is not of the form key=value")
         key, value = (part.strip() for part in item.split("=", 1))
         may_add = key.startswith("+")
         key = key.lstrip("+")
         if not key:
-            raise DataError(f"override {item!r} has no key")
+            raise CaseConfigError(f"override {item!r} has no key")
         if key in GROUPS and not may_add:
             choices[key] = value
         else:
@@ -120,11 +115,11 @@ _ABSENT = object()
 
 def _apply_override(cfg: DictConfig, key: str, value: str, may_add: bool) -> DictConfig:
     if not may_add and OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
-        raise DataError(f"override key {key!r} is not in the case (use +{key}=... to add a new key)")
+        raise CaseConfigError(f"override key {key!r} is not in the case (use +{key}=... to add a new key)")
     try:
         return OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
-    except OmegaConfBaseException as err:
-        raise DataError(f"cannot apply override {key}={value}: {err}".replace("\n", " ")) from None
+    except (OmegaConfBaseException, TypeError, ValueError) as err:  # OmegaConf raises all three
+        raise CaseConfigError(f"cannot apply override {key}={value}: {err}".replace("\n", " ")) from None
 
 
 def load_case(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -135,18 +130,36 @@ def load_case(path: Optional[str | os.PathLike] = None, overrides: Sequence[str]
     entries = _defaults_list(case, path)
     unknown = sorted(set(choices) - {entry[0] for entry in entries if entry != SELF})
     if unknown:
-        raise DataError(f"the case has no {unknown[0]!r} entry in its defaults to replace")
+        raise CaseConfigError(f"the case has no {unknown[0]!r} entry in its defaults to replace")
     body = OmegaConf.masked_copy(case, [k for k in case if k != "defaults"])
     cfg = OmegaConf.create()
     for entry in entries:
         if entry == SELF:
-            cfg = OmegaConf.merge(cfg, body)
+            cfg = _merge(cfg, body, path)
         else:
             group, name = entry
-            cfg = OmegaConf.merge(cfg, {group: _read_yaml(_group_file(group, choices.get(group, name), path))})
+            group_path = _group_file(group, choices.get(group, name), path)
+            cfg = _merge(cfg, {group: _read_yaml(group_path)}, group_path)
     for key, value, may_add in key_overrides:
         cfg = _apply_override(cfg, key, value, may_add)
+    for group in GROUPS:
+        _require_mapping(cfg, group, path)
     return cfg
+
+
+def _merge(cfg: DictConfig, other: Any, where: str) -> DictConfig:
+    """``OmegaConf.merge``, a conflict (a list where the case has a mapping) named by its file."""
+    try:
+        return OmegaConf.merge(cfg, other)
+    except (OmegaConfBaseException, TypeError, ValueError) as err:  # OmegaConf raises all three
+        raise CaseConfigError(f"{where}: cannot merge: {err}".replace("\n", " ")) from None
+
+
+def _require_mapping(cfg: DictConfig, group: str, where: str) -> None:
+    """A case's ``data`` / ``user`` block, when present, is a mapping of keys (``user: 5`` is not)."""
+    value = cfg.get(group)
+    if value is not None and not isinstance(value, DictConfig):
+        raise CaseConfigError(f"{where}: {group} must be a mapping of {group} keys, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +286,8 @@ def construct_users(cfg_case: DictConfig, key: Optional[jax.Array] = None) -> Us
     init_key, choice_key, partition_key = jax.random.split(key, 3)
     cfg_data = _require(cfg_case, "data", "the case")
     user_block = _require(cfg_case, "user", "the case")
+    for group in GROUPS:
+        _require_mapping(cfg_case, group, "the case")
     user_cfg = UserConfig.from_dict(OmegaConf.to_container(user_block, resolve=True))
     loss = _loss(cfg_data)
 
