@@ -1,4 +1,4 @@
-"""``fedjax-users``: run a case (``run``), the parity suite (``parity``) or the benchmarks (``bench``).
+"""``fedjax-users``: run a case (``run``), its privacy guarantee (``privacy``), the parity suite (``parity``) or the benchmarks (``bench``).
 
 ``parity`` and ``bench`` run from a checkout of the repository; the wheel holds ``fedjax_users`` only.
 """
@@ -25,6 +25,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="shared_update.msgpack", help="where to save the shared update")
     run.add_argument("--seed", type=int, default=0, help="PRNG seed for noise and random partitions")
     run.add_argument("--no-progress", action="store_true", help="no progress bar for many users")
+    privacy = commands.add_parser(
+        "privacy", help="the differential-privacy guarantee of a case's defences (runs no computation)"
+    )
+    privacy.add_argument("case", nargs="?", help="case YAML (default: the embedded digits case)")
+    privacy.add_argument("overrides", nargs="*", help="key=value overrides, e.g. user.local_diff_privacy.gradient_noise=0.1")
+    privacy.add_argument("--delta", type=float, nargs="+", default=[1e-5, 1e-6, 1e-8], help="deltas to report")
+    privacy.add_argument("--queries", type=int, nargs="+", default=[1, 10, 100], help="numbers of queries")
+    privacy.add_argument("--epsilon", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0],
+                         help="target epsilons to find the gradient noise for (first delta and queries)")
+    # The choices are fedjax_users.accounting.UNITS and RELATIONS, spelled out to keep --help light.
+    privacy.add_argument("--unit", choices=("example", "user"), default="example", help="what is protected")
+    privacy.add_argument("--relation", choices=("replace_one", "add_remove"), default="replace_one",
+                         help="neighbouring relation")
     commands.add_parser("parity", help="run the parity suite (python -m parity)", add_help=False)
     commands.add_parser("bench", help="run the benchmarks (python -m benchmarks)", add_help=False)
     return parser
@@ -89,6 +102,99 @@ def _compute(case, key, progress: bool):
     return shared, timings[0], timings[1]
 
 
+def _privacy_sizes(cfg_case, params=None) -> dict:
+    """``guarantee`` keywords a case determines: parameter count, input bounds, server buffers.
+
+    Without ``params`` the count comes from the model's variable shapes (``jax.eval_shape``).
+    """
+    from fedjax_users import accounting, models
+    from fedjax_users.data.errors import DataError
+    from fedjax_users.models.text import get_text_model
+
+    cfg_data = cfg_case.data
+    if params is None:
+        modality, shape, name = cfg_data.get("modality"), list(cfg_data.get("shape") or []), str(cfg_case.model)
+        try:
+            if modality == "vision":
+                model = models.get(name, num_classes=int(cfg_data.classes), num_channels=int(shape[0]))
+                count = accounting.model_num_params(model, (1, int(shape[1]), int(shape[2]), int(shape[0])))
+            elif modality == "text":
+                model = get_text_model(name, vocab_size=int(cfg_data.vocab_size))
+                count = accounting.model_num_params(model, (1, int(shape[0])), "int32")
+            else:
+                raise DataError(f"unknown data.modality {modality!r}; expected vision or text")
+        except (TypeError, IndexError) as err:
+            raise DataError(f"the data config lacks what the model's shape needs: {err}") from None
+    else:
+        count = accounting.count_params(params)
+    bounds, size = accounting.data_input_bounds(cfg_data)
+    server = cfg_case.get("server") or {}
+    return dict(num_params=count, input_bounds=bounds, input_size=size,
+                server_sends_buffers=bool(server.get("provide_public_buffers", True)))
+
+
+def _privacy_line(cfg_case, user_cfg, params) -> str:
+    """The one ``privacy`` line of ``fedjax-users run``: the case's guarantee at the default delta."""
+    from fedjax_users import accounting
+
+    sizes = _privacy_sizes(cfg_case, params)
+    return f"privacy     {accounting.guarantee(user_cfg, accounting.DEFAULT_DELTA, **sizes).summary()}"
+
+
+def _fmt(value: float) -> str:
+    return "inf" if value == float("inf") else f"{value:.4g}"
+
+
+def privacy_report(args) -> int:
+    """``fedjax-users privacy``: a case's guarantee for several deltas and queries, and the noise for targets."""
+    from omegaconf import OmegaConf
+
+    from fedjax_users import UserConfig, accounting
+    from fedjax_users.data import load_case
+
+    case_path, overrides = _split_case_argument(args.case, list(args.overrides))
+    cfg_case = load_case(case_path, overrides)
+    cfg = UserConfig.from_dict(OmegaConf.to_container(cfg_case.user, resolve=True))
+    sizes = _privacy_sizes(cfg_case)
+    options = dict(unit=args.unit, relation=args.relation, **sizes)
+    dp = cfg.local_diff_privacy
+    print(f"case        {cfg_case.get('name', case_path or 'default')}")
+    steps = (f", {cfg.num_local_updates} steps of {cfg.num_data_per_local_update_step}" if cfg.is_multi_step else "")
+    users = f", {cfg.num_users} users" if cfg.user_type == "multiuser_aggregate" else ""
+    print(f"user        {cfg.user_type}{users}, {cfg.num_data_points} example{'s' if cfg.num_data_points != 1 else ''}{steps}; "
+          f"per_example_clipping {dp.per_example_clipping:g}, {dp.distribution} gradient_noise "
+          f"{dp.gradient_noise:g}, input_noise {dp.input_noise:g}")
+    print(f"model       {cfg_case.model}, {sizes['num_params']:,} parameters (from shapes only)")
+    first = accounting.guarantee(cfg, args.delta[0], args.queries[0], **options)
+    print(f"guarantee   {first.summary()}")
+    if first.finite:
+        norm = "L2" if first.distribution == "gaussian" else "L1"
+        print(f"mechanism   {first.defence}: {norm} sensitivity {first.sensitivity:.4g}, noise "
+              f"{first.noise_scale:.4g} ({'std' if norm == 'L2' else 'Laplace b'}), noise multiplier "
+              f"{first.noise_multiplier:.4g}; covers {first.covers}")
+        print(f"epsilon     per {args.unit}, {args.relation}; PLD (RDP)")
+        print("  queries   " + "".join(f"{'delta ' + format(d, 'g'):<22}" for d in args.delta))
+        for queries in args.queries:
+            cells = [accounting.guarantee(cfg, d, queries, **options) for d in args.delta]
+            print(f"  {queries:<10}" + "".join(f"{_fmt(g.epsilon) + ' (' + _fmt(g.epsilon_rdp) + ')':<22}" for g in cells))
+    if dp.per_example_clipping > 0:
+        # One row (the first delta and number of queries): each target is a bisection.
+        queries = args.queries[0]
+        print(f"noise for   {dp.distribution} gradient_noise reaching epsilon at delta {args.delta[0]:g}, "
+              f"{queries} quer{'y' if queries == 1 else 'ies'}, per {args.unit}, {args.relation}")
+        print("  epsilon   " + "".join(f"{format(e, 'g'):<14}" for e in args.epsilon))
+        found = [accounting.calibrate(cfg, e, args.delta[0], queries, args.unit, args.relation,
+                                      num_params=sizes["num_params"]) for e in args.epsilon]
+        print("  noise     " + "".join(f"{c.local_diff_privacy.gradient_noise:<14.4g}" for c in found))
+    else:
+        print("noise for   none: without per_example_clipping no gradient noise gives a finite epsilon")
+    for note in first.notes:
+        print(f"note        {note}")
+    for item in first.unprotected:
+        print(f"not covered {item}")
+    return 0
+
+
 def run(args) -> int:
     """``fedjax-users run``: build the users of a case, compute, summarise, save."""
     import jax
@@ -118,6 +224,7 @@ def run(args) -> int:
     print(f"update      {kind}, global norm {float(privacy.global_norm(shared.gradients)):.6g}")
     print(f"server sees {_describe_metadata(shared.metadata)}"
           f"{', buffers' if shared.batch_stats is not None else ''}")
+    print(_privacy_line(cfg_case, cfg, case.payload.params))
     print(f"wall time   {steady * 1e3:.1f} ms steady state, {max(first - steady, 0.0):.2f} s compile "
           f"(first call {first:.2f} s) on {jax.devices()[0].platform}")
     io.save_shared(args.out, shared, OmegaConf.to_container(cfg_case, resolve=True))
@@ -178,7 +285,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _run_checkout_suite(argv[0], argv[1:])
     args = _parser().parse_args(argv)
     try:
-        return run(args)
+        return privacy_report(args) if args.command == "privacy" else run(args)
     except USER_MISTAKES as err:
         # A user mistake (bad case, missing data folder, bad config) is one line, not a traceback.
         print(f"fedjax-users: error: {err}", file=sys.stderr)
