@@ -11,6 +11,7 @@ from fedjax_users.types import (
     UserData,
 )
 from fedjax_users.users import ChunkPlan, aggregate, local_gradient, local_update, plan_chunks, step_slices
+from fedjax_users.validation import InputError, InputTypeError, NonFiniteError
 
 __version__ = "0.1.0"
 
@@ -36,9 +37,12 @@ def __dir__() -> list[str]:
 __all__ = [
     "ChunkPlan",
     "ConfigError",
+    "InputError",
+    "InputTypeError",
     "LocalDiffPrivacy",
     "LocalHyperparams",
     "Metadata",
+    "NonFiniteError",
     "ServerPayload",
     "SharedData",
     "TrueUserData",

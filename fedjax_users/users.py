@@ -27,6 +27,7 @@ import optax
 from fedjax_users import chunking, clipping, compilation, patches, privacy, sharding
 from fedjax_users.batchnorm import fold_batch_stats
 from fedjax_users.config import ConfigError, UserConfig
+from fedjax_users import validation
 from fedjax_users.losses import softmax_cross_entropy
 from fedjax_users.types import LocalHyperparams, Metadata, ServerPayload, SharedData, TrueUserData, UserData
 
@@ -80,25 +81,9 @@ def _noised_inputs(key: Array, inputs: Array, cfg: UserConfig) -> Array:
     return inputs + privacy.sample(key, inputs.shape, inputs.dtype, dp.input_noise, dp.distribution)
 
 
-def _cached(fn):
-    """``functools.lru_cache`` for (model, shape, dtype) keys, bypassed for an unhashable model."""
-    cached = functools.lru_cache(maxsize=64)(fn)
-
-    @functools.wraps(fn)
-    def call(model, shape, dtype):
-        try:
-            hash(model)
-        except TypeError:
-            return fn(model, shape, dtype)
-        return cached(model, shape, dtype)
-
-    return call
-
-
-@_cached
-def _variable_shapes(model, shape: tuple[int, ...], dtype) -> PyTree:
-    """The shapes of ``model``'s variables for inputs of ``shape`` (cached: each trace costs ~5 ms)."""
-    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), jax.ShapeDtypeStruct(shape, dtype))
+# Cached per (model, input shape, dtype); validation traces the model with them before computing.
+_cached = validation.cached_by_model
+_variable_shapes = validation.variable_shapes
 
 
 @_cached
@@ -115,56 +100,6 @@ def initial_batch_stats(model, example_inputs: Array) -> PyTree:
     if "batch_stats" not in _variable_shapes(model, shape, dtype):
         return {}
     return _fresh_batch_stats(model, shape, dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation (shapes and config only: runs before any computation, also under an outer jit)
-
-
-def _check_payload(model, payload: ServerPayload, example_inputs: Array) -> None:
-    expected = _variable_shapes(model, (1,) + tuple(np.shape(example_inputs))[1:], example_inputs.dtype)
-    for collection, given in (("params", payload.params), ("batch_stats", payload.batch_stats)):
-        if collection == "batch_stats" and given is None:
-            continue
-        want = expected.get(collection, {})
-        want_paths = dict(jax.tree_util.tree_flatten_with_path(want)[0])
-        given_paths = dict(jax.tree_util.tree_flatten_with_path(given)[0])
-        for path, leaf in want_paths.items():
-            name = f"{collection}{jax.tree_util.keystr(path)}"
-            if path not in given_paths:
-                raise ValueError(f"payload does not fit the model: {name} is missing")
-            if tuple(np.shape(given_paths[path])) != tuple(leaf.shape):
-                raise ValueError(
-                    f"payload does not fit the model: {name} has shape {tuple(np.shape(given_paths[path]))}, "
-                    f"the model expects {tuple(leaf.shape)}"
-                )
-        extra = [p for p in given_paths if p not in want_paths]
-        if extra:
-            raise ValueError(
-                f"payload does not fit the model: unexpected entry {collection}{jax.tree_util.keystr(extra[0])}"
-            )
-
-
-def _check_data(inputs: Array, labels: Array, cfg: UserConfig, who: str = "the user") -> None:
-    if np.shape(inputs)[0] != np.shape(labels)[0]:
-        raise ValueError(
-            f"inputs and labels of {who} have different lengths: {np.shape(inputs)[0]} and {np.shape(labels)[0]}"
-        )
-    if np.shape(inputs)[0] < cfg.num_data_points:
-        raise ValueError(
-            f"{who} holds {np.shape(inputs)[0]} examples, fewer than num_data_points={cfg.num_data_points}"
-        )
-    if cfg.local_diff_privacy.input_noise > 0 and jnp.issubdtype(jnp.asarray(inputs).dtype, jnp.integer):
-        raise ConfigError(
-            "input_noise > 0 asks for float noise on integer token inputs (input_ids); set input_noise to 0"
-        )
-
-
-def _validate(model, payload, inputs, labels, cfg, who="the user"):
-    if not isinstance(payload, ServerPayload):
-        raise TypeError(f"payload must be a fedjax_users.ServerPayload, got {type(payload).__name__}")
-    _check_data(inputs, labels, cfg, who)
-    _check_payload(model, payload, inputs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,10 +289,10 @@ def _user_metadata(cfg: UserConfig, labels: Array, data_key: str) -> Metadata:
 # Public API
 
 
-def _run_user(model, payload, data, cfg, key, user_state, loss, expect_multi_step):
-    if expect_multi_step:
-        cfg.require_multi_step()
-    _validate(model, payload, data.inputs, data.labels, cfg)
+def _run_user(model, payload, data, cfg, key, user_state, loss, expect_multi_step, check_finite=None):
+    function = "local_update" if expect_multi_step else "local_gradient"
+    data = validation.validate_user(model, payload, data, cfg, key, user_state, loss, function, check_finite)
+    finite_mode = validation.finite_check_mode(check_finite, payload, data, key, user_state)
     inputs = jnp.asarray(data.inputs)[: cfg.num_data_points]
     labels = jnp.asarray(data.labels)[: cfg.num_data_points]
     if payload.batch_stats is None and user_state is None:
@@ -366,6 +301,14 @@ def _run_user(model, payload, data, cfg, key, user_state, loss, expect_multi_ste
     grads, new_stats, recorded = _user_jit(
         model, loss, compute_config(user_cfg), payload.params, payload.batch_stats, user_state, inputs, labels, key
     )
+
+    def first_steps(steps):  # the outputs after the first local steps: diagnoses a non-finite result only
+        g, s, _ = _user_jit(model, loss, compute_config(user_cfg.replace(num_local_updates=steps)), payload.params,
+                            payload.batch_stats, user_state, inputs, labels, key)
+        return {"gradients": g, "batch_stats": s}
+
+    validation.check_outputs(finite_mode, {"gradients": grads, "batch_stats": new_stats}, function, user_cfg,
+                             first_steps if expect_multi_step else None)
     train = payload.batch_stats is None
     # As the reference: multi-step users always report their buffers (the server's in eval mode),
     # single-step users only in train mode; a model without BatchNorm reports an empty tree.
@@ -387,9 +330,16 @@ def local_gradient(
     key: Array,
     user_state: Optional[PyTree] = None,
     loss: LossFn = softmax_cross_entropy,
+    check_finite: Optional[bool] = None,
 ) -> tuple[SharedData, TrueUserData, PyTree]:
-    """breaching's ``UserSingleStep.compute_local_updates``: one (clipped, noised) gradient."""
-    return _run_user(model, payload, data, cfg, key, user_state, loss, expect_multi_step=False)
+    """breaching's ``UserSingleStep.compute_local_updates``: one (clipped, noised) gradient.
+
+    ``check_finite``: raise ``NonFiniteError`` for a non-finite gradient or statistic. ``None``
+    checks eager calls (one reduction) and not calls under an outer ``jit``; ``True`` under a
+    ``jit`` adds ``checkify.check``s (wrap the program in ``jax.experimental.checkify.checkify``);
+    ``False`` checks nothing, inputs included. See ``docs/validation.md``.
+    """
+    return _run_user(model, payload, data, cfg, key, user_state, loss, False, check_finite)
 
 
 def local_update(
@@ -400,9 +350,14 @@ def local_update(
     key: Array,
     user_state: Optional[PyTree] = None,
     loss: LossFn = softmax_cross_entropy,
+    check_finite: Optional[bool] = None,
 ) -> tuple[SharedData, TrueUserData, PyTree]:
-    """breaching's ``UserMultiStep.compute_local_updates``: local SGD, shares ``params - server params``."""
-    return _run_user(model, payload, data, cfg, key, user_state, loss, expect_multi_step=True)
+    """breaching's ``UserMultiStep.compute_local_updates``: local SGD, shares ``params - server params``.
+
+    ``check_finite`` as in ``local_gradient``; a non-finite result names the first local step
+    that went non-finite (found by re-running fewer steps, only on that error path).
+    """
+    return _run_user(model, payload, data, cfg, key, user_state, loss, True, check_finite)
 
 
 def _tree_mean_over_users(tree: PyTree, num_users: int) -> PyTree:
@@ -553,6 +508,7 @@ def aggregate(
     devices: Optional[Sequence[jax.Device]] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     per_user_convs: Optional[bool] = None,
+    check_finite: Optional[bool] = None,
 ) -> tuple[SharedData, TrueUserData]:
     """breaching's ``MultiUserAggregate`` as intended: the mean of the users' shared updates.
 
@@ -571,23 +527,15 @@ def aggregate(
     matmuls (``fedjax_users.patches``) rather than the grouped convolutions that ``vmap`` makes of
     per-user kernels. ``None`` turns it on on CPU devices when a chunk holds more than one user
     (2-3x faster there); on other platforms it is off unless asked for (not measured).
+    ``check_finite`` as in ``local_gradient``; a non-finite mean names the first user whose own
+    update is non-finite, and its local step (found only on that error path).
     """
+    users_data = validation.validate_users(
+        model, payload, users_data, cfg, key, users_state, loss, users_per_chunk, check_finite
+    )
+    finite_mode = validation.finite_check_mode(check_finite, payload, users_data, key, users_state)
     inputs, labels = jnp.asarray(users_data.inputs), jnp.asarray(users_data.labels)
-    if inputs.ndim < 2 or labels.ndim < 1:
-        raise ValueError("users_data needs a leading users axis: inputs [users, examples, ...]")
     num_users = inputs.shape[0]
-    if cfg.user_type == "multiuser_aggregate" and cfg.user_range is not None and cfg.num_users != num_users:
-        raise ValueError(
-            f"user_range {list(cfg.user_range)} names {cfg.num_users} users, users_data holds {num_users}"
-        )
-    if labels.shape[0] != num_users:
-        raise ValueError(f"inputs hold {num_users} users, labels hold {labels.shape[0]}")
-    if not isinstance(payload, ServerPayload):
-        raise TypeError(f"payload must be a fedjax_users.ServerPayload, got {type(payload).__name__}")
-    _check_data(inputs[0], labels[0], cfg, who="each user")
-    _check_payload(model, payload, inputs[0])
-    if users_per_chunk is not None and users_per_chunk < 1:
-        raise ValueError(f"users_per_chunk must be >= 1, got {users_per_chunk}")
 
     inputs = inputs[:, : cfg.num_data_points]
     labels = labels[:, : cfg.num_data_points]
@@ -628,6 +576,15 @@ def aggregate(
         given = users_data.inputs
         recorded = given[:, : cfg.num_data_points] if isinstance(given, np.ndarray) else inputs
 
+    def one_user(user, steps):  # one user alone, after its first local steps: diagnoses a non-finite mean only
+        own_cfg = user_cfg.replace(num_local_updates=steps) if user_cfg.is_multi_step else user_cfg
+        own_stats = None if users_stats_in is None else jax.tree_util.tree_map(lambda s: s[user], users_stats_in)
+        g, s, _ = _user_jit(model, loss, compute_config(own_cfg), payload.params, payload.batch_stats, own_stats,
+                            inputs[user], labels[user], keys[user])
+        return {"gradients": g, "batch_stats": s}
+
+    validation.check_outputs(finite_mode, {"gradients": mean_grads, "batch_stats": users_stats}, "aggregate",
+                             user_cfg, users=(num_users, one_user))
     users_share_buffers = train or user_cfg.is_multi_step
     buffers = mean_stats if users_share_buffers else None
     step_labels = []
