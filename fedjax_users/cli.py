@@ -73,6 +73,23 @@ def _describe_metadata(metadata) -> str:
     return ", ".join(parts) or "nothing"
 
 
+def _case_name(cfg_case, case_path: Optional[str], overrides: Sequence[str]) -> str:
+    """The case as run: its name (or file name), and the overrides that changed it."""
+    name = cfg_case.get("name") or os.path.splitext(os.path.basename(case_path or "default"))[0]
+    return f"{name} with {' '.join(overrides)}" if overrides else name
+
+
+def _batchnorm_mode(case) -> str:
+    """How the users run BatchNorm: with the server's buffers, their own statistics, or not at all."""
+    from fedjax_users.users import initial_batch_stats
+
+    inputs = case.data.inputs
+    example = inputs[0] if case.user_cfg.user_type == "multiuser_aggregate" else inputs
+    if not initial_batch_stats(case.model, example[:1]):
+        return "no BatchNorm"
+    return f"BatchNorm {'eval mode (server buffers)' if case.payload.batch_stats is not None else 'train mode'}"
+
+
 def _compute(case, key, progress: bool):
     """Run the case's user computation; returns (shared, seconds of first call, seconds of second)."""
     import jax
@@ -204,6 +221,8 @@ def run(args) -> int:
     from fedjax_users import io, privacy
     from fedjax_users.data import construct_users, load_case
 
+    # Before any work: a missing or read-only folder would otherwise fail after the computation.
+    io.check_writable(args.out)
     case_path, overrides = _split_case_argument(args.case, list(args.overrides))
     cfg_case = load_case(case_path, overrides)
     key = jax.random.key(args.seed)
@@ -214,13 +233,12 @@ def run(args) -> int:
                                                 "multiuser_aggregate" else 1))
     num_users = cfg.num_users if cfg.user_type == "multiuser_aggregate" else 1
     kind = "parameter difference" if cfg.is_multi_step else "gradient"
-    print(f"case        {cfg_case.get('name', case_path or 'default')}")
+    print(f"case        {_case_name(cfg_case, case_path, overrides)}")
     print(f"user type   {cfg.user_type} ({num_users} user{'s' if num_users > 1 else ''}, "
           f"{cfg.num_data_points} examples each, user index {', '.join(map(str, case.user_indices[:8]))}"
           f"{'...' if len(case.user_indices) > 8 else ''})")
     print(f"data        {case.data_cfg.name}, {examples} examples held, inputs {tuple(case.data.inputs.shape)}")
-    print(f"model       {cfg_case.model}, {_parameter_count(case.payload.params):,} parameters, "
-          f"BatchNorm {'eval mode (server buffers)' if case.payload.batch_stats is not None else 'train mode'}")
+    print(f"model       {cfg_case.model}, {_parameter_count(case.payload.params):,} parameters, {_batchnorm_mode(case)}")
     print(f"update      {kind}, global norm {float(privacy.global_norm(shared.gradients)):.6g}")
     print(f"server sees {_describe_metadata(shared.metadata)}"
           f"{', buffers' if shared.batch_stats is not None else ''}")

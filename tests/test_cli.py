@@ -14,6 +14,9 @@ def test_run_default_case_saves_an_update_that_loads_back(tmp_path, capsys):
     printed = capsys.readouterr().out
     for word in ("user type", "local_update", "parameters", "global norm", "server sees", "compile", "saved"):
         assert word in printed
+    # The case as run (its overrides named), and lenet_zhu has no BatchNorm to run in any mode.
+    assert "case        default_digits with model=lenet_zhu\n" in printed
+    assert "parameters, no BatchNorm\n" in printed
     shared, config = io.load_shared(out)
     assert config["model"] == "lenet_zhu"
     assert config["user"]["user_type"] == "local_update"
@@ -66,3 +69,82 @@ def test_user_mistakes_are_one_line_and_exit_non_zero(overrides, message, tmp_pa
 def test_missing_case_file_is_a_one_line_error(capsys):
     assert cli.main(["run", "no/such/case.yaml"]) == 2
     assert "no/such/case.yaml" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# No silent failures (issue 13): each bad input is one line on stderr, exit 2, nothing written
+
+
+def _assert_one_line_error(code, captured, message, out):
+    assert code == 2
+    assert message in captured.err
+    assert captured.err.count("\n") == 1 and captured.err.startswith("fedjax-users: error:")
+    assert "Traceback" not in captured.err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["user.local_diff_privacy.per_example_clipping=.nan"],
+         "local_diff_privacy.per_example_clipping must be a finite number, got nan"),
+        (["user.local_diff_privacy.gradient_noise=.nan"], "local_diff_privacy.gradient_noise must be a finite number"),
+        (["user.local_diff_privacy.input_noise=.inf"], "local_diff_privacy.input_noise must be a finite number"),
+        (["user.local_learning_rate=.inf"], "local_learning_rate must be a finite number, got inf"),
+        (["user=local_gradient", "+user.num_local_updates=4"], "a local_gradient user takes one gradient"),
+        (["+user=5"], "user must be a mapping of user keys, got 5"),
+        (["user.user_range=[0.5,3]"], "user_range"),
+    ],
+)
+def test_bad_config_values_are_one_line(overrides, message, tmp_path, capsys):
+    out = tmp_path / "x.msgpack"
+    if overrides == ["user.user_range=[0.5,3]"]:
+        overrides = ["configs/case/digits_multiuser.yaml", *overrides]
+    code = cli.main(["run", *overrides, "--out", str(out)])
+    _assert_one_line_error(code, capsys.readouterr(), message, out)
+
+
+def test_a_diverging_update_exits_2_and_saves_nothing(tmp_path, capsys):
+    out = tmp_path / "x.msgpack"
+    # The linear model's local steps diverge at this learning rate (NaN after the second step).
+    code = cli.main(["run", "model=linear", "user.num_local_updates=2", "user.local_learning_rate=1e37",
+                     "--out", str(out)])
+    captured = capsys.readouterr()
+    _assert_one_line_error(code, captured, "local_update went non-finite: gradients[", out)
+    assert "global norm" not in captured.out
+
+
+@pytest.mark.parametrize("where", ["missing-folder", "a-folder"])
+def test_out_is_checked_before_computing(where, tmp_path, capsys):
+    out = tmp_path / "missing" / "x.msgpack" if where == "missing-folder" else tmp_path
+    code = cli.main(["run", "model=lenet_zhu", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2 and "cannot write the shared update to" in captured.err and str(out) in captured.err
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert captured.out == ""  # nothing was built or computed: every summary line comes after the computation
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("contents, message", [("", "is empty"), ("- 1\n", "got a list"), ("a: [1\n", "not valid YAML")])
+def test_malformed_case_file_is_one_line(contents, message, tmp_path, capsys):
+    case = tmp_path / "case.yaml"
+    case.write_text(contents)
+    out = tmp_path / "x.msgpack"
+    code = cli.main(["run", str(case), "--out", str(out)])
+    captured = capsys.readouterr()
+    _assert_one_line_error(code, captured, message, out)
+    assert str(case) in captured.err
+
+
+def test_data_override_prints_the_data_and_the_case_as_run(tmp_path, capsys):
+    from data.cifar_fakes import write_fake_cifar
+
+    write_fake_cifar(str(tmp_path), "CIFAR10", per_file=40)
+    out = tmp_path / "x.msgpack"
+    overrides = ["data=CIFAR10", f"data.path={tmp_path}", "data.default_clients=1", "model=linear"]
+    assert cli.main(["run", *overrides, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"case        default_digits with {' '.join(overrides)}\n" in printed
+    assert "data        CIFAR10, " in printed and "digits" not in printed.split("data        ")[1].split("\n")[0]
+    shared, config = io.load_shared(out)
+    assert config["data"]["name"] == "CIFAR10"
