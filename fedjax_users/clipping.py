@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_users import chunking, patches, privacy
+from fedjax_users import chunking, patches, privacy, semantics
 
 Array = jax.Array
 PyTree = Any
@@ -223,12 +223,7 @@ def _clipped_sum_vmap(
     objective: Objective, params: PyTree, examples: PyTree, clip_value: float, divisor: int
 ) -> tuple[PyTree, PyTree]:
     """The sum of the examples' clipped gradients over ``divisor``, by ``vmap`` of per-example gradients."""
-
-    def clipped(example):
-        grads, aux = jax.grad(objective, has_aux=True)(params, example)
-        return privacy.clip_by_global_norm(grads, clip_value), aux
-
-    grads, aux = jax.vmap(clipped)(examples)
+    grads, aux = semantics.clipped_example_gradients(objective, params, examples, clip_value)
     return jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0) / divisor, grads), aux
 
 

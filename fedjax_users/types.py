@@ -1,10 +1,13 @@
-"""The values that cross the user boundary: what the server sends, what users hold and share."""
+"""The values that cross the user boundary: what the server sends, what users hold and share.
+
+All are frozen ``flax.struct`` dataclasses (pytrees: they pass through ``jit`` and ``vmap``);
+arrays are pytree nodes, counts and names static fields.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-import chex
 import flax.struct
 import jax
 
@@ -12,7 +15,7 @@ Array = jax.Array
 PyTree = Any
 
 
-@chex.dataclass(frozen=True)
+@flax.struct.dataclass
 class ServerPayload:
     """Model state sent by the server; ``batch_stats=None`` means the server sends no buffers."""
 
@@ -20,7 +23,7 @@ class ServerPayload:
     batch_stats: Optional[PyTree] = None
 
 
-@chex.dataclass(frozen=True)
+@flax.struct.dataclass
 class UserData:
     """One user's examples (leading axis), or many users' (leading users axis, then examples).
 
@@ -60,7 +63,7 @@ class Metadata:
     num_users: Optional[int] = flax.struct.field(pytree_node=False, default=None)
 
 
-@chex.dataclass(frozen=True)
+@flax.struct.dataclass
 class SharedData:
     """What the user sends: gradients (or parameter differences), buffers, metadata."""
 
@@ -69,7 +72,7 @@ class SharedData:
     metadata: Metadata
 
 
-@chex.dataclass(frozen=True)
+@flax.struct.dataclass
 class TrueUserData:
     """The user's real data, kept for scoring attacks; never sent.
 

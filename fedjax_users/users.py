@@ -18,14 +18,11 @@ import dataclasses
 import functools
 from typing import Any, Callable, Optional, Sequence
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from fedjax_users import chunking, clipping, compilation, patches, privacy, sharding
-from fedjax_users.batchnorm import fold_batch_stats
+from fedjax_users import chunking, clipping, compilation, patches, privacy, semantics, sharding
 from fedjax_users.config import ConfigError, UserConfig
 from fedjax_users import validation
 from fedjax_users.losses import softmax_cross_entropy
@@ -34,52 +31,6 @@ from fedjax_users.types import LocalHyperparams, Metadata, ServerPayload, Shared
 Array = jax.Array
 PyTree = Any
 LossFn = Callable[[Array, Array], Array]
-
-# A single-step user in train mode sets every BatchNorm's momentum to None (cumulative average);
-# a multi-step user keeps PyTorch's default.
-SINGLE_STEP_MOMENTUM = None
-MULTI_STEP_MOMENTUM = 0.1
-
-
-# ----------------------------------------------------------------------------------------------
-# Model application
-
-
-def _apply(model, params, stats, inputs, train, mask=None, momentum=MULTI_STEP_MOMENTUM):
-    """Logits and (in train mode) updated batch stats; ``stats`` is ``{}`` for models without them."""
-    variables = {"params": params, "batch_stats": stats} if stats else {"params": params}
-    if train and stats:
-        logits, updates = model.apply(
-            variables, inputs, train=True, mask=mask, momentum=momentum, mutable=["batch_stats"]
-        )
-        return logits, updates["batch_stats"]
-    return model.apply(variables, inputs, train=train, mask=mask, momentum=momentum), stats
-
-
-def _masked_mean(values: Array, mask: Optional[Array]) -> Array:
-    if mask is None:
-        return jnp.mean(values)
-    weights = mask.astype(values.dtype)
-    return jnp.sum(values * weights) / jnp.sum(weights)
-
-
-def _loss_and_grad(model, loss_fn, params, stats, inputs, labels, train, mask, momentum):
-    """Gradient of the (masked) mean loss, and the batch stats after the forward pass."""
-
-    def objective(p):
-        logits, new_stats = _apply(model, p, stats, inputs, train, mask, momentum)
-        return _masked_mean(loss_fn(logits, labels), mask), new_stats
-
-    (_, new_stats), grads = jax.value_and_grad(objective, has_aux=True)(params)
-    return grads, new_stats
-
-
-def _noised_inputs(key: Array, inputs: Array, cfg: UserConfig) -> Array:
-    dp = cfg.local_diff_privacy
-    if dp.input_noise <= 0:
-        return inputs
-    return inputs + privacy.sample(key, inputs.shape, inputs.dtype, dp.input_noise, dp.distribution)
-
 
 # Cached per (model, input shape, dtype); validation traces the model with them before computing.
 _cached = validation.cached_by_model
@@ -103,52 +54,9 @@ def initial_batch_stats(model, example_inputs: Array) -> PyTree:
 
 
 # ----------------------------------------------------------------------------------------------
-# Single step (UserSingleStep)
+# The user as the strategy runs it (the semantics: fedjax_users.semantics)
 
-
-def _single_step(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key):
-    """Gradient (clipped/noised), new user stats and the inputs as the reference records them."""
-    train = server_stats is None
-    stats = user_stats if train else server_stats
-    dp = cfg.local_diff_privacy
-    input_key, grad_key = jax.random.split(key)
-
-    if dp.per_example_clipping > 0:
-        # Each example is its own batch of one (BatchNorm statistics of that example alone); its
-        # batch statistics are recorded with momentum 1 and folded into the running average in
-        # order afterwards, exactly as the reference's loop over examples updates them.
-        def per_example(p, example):
-            x, y, k = example
-            logits, batch = _apply(model, p, stats, _noised_inputs(k, x[None], cfg), train, None, 1.0)
-            return _masked_mean(loss_fn(logits, y[None]), None), batch
-
-        keys = jax.random.split(input_key, inputs.shape[0])
-        grads, per_batch = clipping.clipped_mean_gradient(
-            per_example, params, (inputs, labels, keys), dp.per_example_clipping
-        )
-        new_stats = fold_batch_stats(stats, per_batch, SINGLE_STEP_MOMENTUM) if train and stats else stats
-        recorded_inputs = inputs
-    else:
-        # Without clipping the reference writes the noised inputs back into the user's data dict.
-        recorded_inputs = _noised_inputs(input_key, inputs, cfg)
-        grads, new_stats = _loss_and_grad(
-            model, loss_fn, params, stats, recorded_inputs, labels, train, None, SINGLE_STEP_MOMENTUM
-        )
-    grads = privacy.add_noise(grad_key, grads, dp.gradient_noise, dp.distribution)
-    return grads, new_stats, recorded_inputs
-
-
-# ----------------------------------------------------------------------------------------------
-# Multi step (UserMultiStep)
-
-
-def step_slices(num_data_points: int, per_step: int, num_steps: int) -> list[tuple[int, int]]:
-    """(start, length) of each local step: ``data[seen:seen+k]``, never wrapping, shorter at the end."""
-    slices, seen = [], 0
-    for _ in range(num_steps):
-        slices.append((seen, min(per_step, num_data_points - seen)))
-        seen = (seen + per_step) % num_data_points
-    return slices
+step_slices = semantics.step_slices
 
 
 def _step_indices(cfg: UserConfig) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -168,53 +76,34 @@ def _step_indices(cfg: UserConfig) -> tuple[np.ndarray, Optional[np.ndarray]]:
 MAX_UNROLLED_STEPS = 16
 
 
-def _multi_step(
-    model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key, per_user_convs=False
-):
-    """Parameter difference after the local SGD steps, and the stats after training.
+def _multi_step(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key, per_user_convs=False):
+    """``semantics.multi_step_user``, its steps unrolled or (past ``MAX_UNROLLED_STEPS``) a ``lax.scan``.
 
     ``per_user_convs``: the caller ``vmap``s over users, so after the first step every user's
     kernels differ; the steps then run their convolutions as im2col matmuls
     (``fedjax_users.patches``) instead of the grouped convolutions ``vmap`` would make. The first
     step too: it costs about the same, and leaves no convolution to slow a loop over chunks.
     """
-    train = server_stats is None
-    stats = user_stats if train else server_stats
-    dp = cfg.local_diff_privacy
-    optimizer = optax.sgd(cfg.local_learning_rate)
-    step_keys = jax.random.split(key, cfg.num_local_updates)
-
-    def step(carry, xs):
-        current, opt_state, current_stats = carry
-        idx, mask, step_key = xs
-        input_key, grad_key = jax.random.split(step_key)
-        x = _noised_inputs(input_key, inputs[idx], cfg)
-        with patches.convolutions_as_matmuls() if per_user_convs else contextlib.nullcontext():
-            grads, new_stats = _loss_and_grad(
-                model, loss_fn, current, current_stats, x, labels[idx], train, mask, MULTI_STEP_MOMENTUM
-            )
-        if dp.per_example_clipping > 0:
-            # The reference clips the *batch* gradient of each step, not each example's.
-            grads = privacy.clip_by_global_norm(grads, dp.per_example_clipping)
-        grads = privacy.add_noise(grad_key, grads, dp.gradient_noise, dp.distribution)
-        updates, opt_state = optimizer.update(grads, opt_state, current)
-        return (optax.apply_updates(current, updates), opt_state, new_stats), None
-
-    carry = (params, optimizer.init(params), stats)
-    if cfg.num_local_updates <= MAX_UNROLLED_STEPS:
-        # A Python loop over static slices, each step exactly its examples (no padding or mask).
-        # Not ``lax.scan(unroll=True)``: it keeps a one-trip loop and gathers for a single step,
-        # which ran 4x slower than this on XLA:CPU.
-        slices = step_slices(cfg.num_data_points, cfg.num_data_per_local_update_step, cfg.num_local_updates)
-        for (start, length), step_key in zip(slices, step_keys):
-            carry, _ = step(carry, (slice(start, start + length), None, step_key))
-    else:
+    with patches.convolutions_as_matmuls() if per_user_convs else contextlib.nullcontext():
+        if cfg.num_local_updates <= MAX_UNROLLED_STEPS:
+            # A Python loop over static slices, each step exactly its examples (no padding or mask).
+            # Not ``lax.scan(unroll=True)``: it keeps a one-trip loop and gathers for a single step,
+            # which ran 4x slower than this on XLA:CPU.
+            return semantics.multi_step_user(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key)
         index, valid = _step_indices(cfg)
+        train = server_stats is None
+
+        def step(state, xs):
+            idx, mask, step_key = xs
+            return semantics.local_step(model, loss_fn, cfg, train, state, inputs[idx], labels[idx], step_key, mask), None
+
+        state = semantics.initial_local_state(cfg, params, server_stats, user_stats)
         masks = None if valid is None else jnp.asarray(valid)
-        carry, _ = jax.lax.scan(step, carry, (jnp.asarray(index), masks, step_keys))
-    final, _, final_stats = carry
-    delta = jax.tree_util.tree_map(jnp.subtract, final, params)
-    return delta, final_stats, inputs
+        steps = (jnp.asarray(index), masks, jax.random.split(key, cfg.num_local_updates))
+        state, _ = jax.lax.scan(step, state, steps)
+    return semantics.UserResult(
+        gradients=semantics.parameter_difference(state.params, params), batch_stats=state.batch_stats, inputs=inputs
+    )
 
 
 def _per_user_config(cfg: UserConfig, multi_step: bool) -> UserConfig:
@@ -231,12 +120,16 @@ def compute_config(cfg: UserConfig) -> UserConfig:
 
 
 def _user_core(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key, per_user_convs=False):
-    """One user of the config's kind: multi-step users train, single-step users take one gradient."""
+    """``semantics.user`` with the fast paths: per-example kernel gradients for clipping, and (see
+    ``_multi_step``) im2col convolutions and scanned steps. Returns (gradients, stats, recorded inputs)."""
     if cfg.is_multi_step:
-        return _multi_step(
-            model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key, per_user_convs
+        result = _multi_step(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key, per_user_convs)
+    else:
+        result = semantics.single_step_user(
+            model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key,
+            clipped_mean=clipping.clipped_mean_gradient,
         )
-    return _single_step(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key)
+    return result.gradients, result.batch_stats, result.inputs
 
 
 def _clips_examples(model, loss_fn, cfg: UserConfig, *args) -> bool:
@@ -360,17 +253,6 @@ def local_update(
     return _run_user(model, payload, data, cfg, key, user_state, loss, True, check_finite)
 
 
-def _tree_mean_over_users(tree: PyTree, num_users: int) -> PyTree:
-    """Mean over the leading users axis; integer leaves (``num_batches_tracked``) stay integers."""
-
-    def mean(leaf):
-        if jnp.issubdtype(leaf.dtype, jnp.integer):
-            return jnp.round(jnp.sum(leaf, axis=0) / num_users).astype(leaf.dtype)
-        return jnp.sum(leaf, axis=0) / num_users
-
-    return jax.tree_util.tree_map(mean, tree)
-
-
 @functools.partial(
     jax.jit, static_argnames=("model", "loss_fn", "cfg", "size", "mesh", "per_user_convs", "count")
 )
@@ -397,18 +279,18 @@ def _aggregate_chunks_jit(model, loss_fn, cfg, size, mesh, per_user_convs, share
         # ONE gradient of the summed losses: one weight gradient over the chunk's examples instead
         # of one per user (which vmap lowers to grouped convolutions). Each user's forward pass
         # stays its own (vmap), so train-mode BatchNorm still uses that user's batch statistics.
-        # Keys, noise and momentum are used exactly as _single_step uses them.
+        # Keys, noise and momentum are used exactly as semantics.single_step_user uses them.
         server_params, shared_stats = shared
         user_inputs, user_labels, user_keys, user_stats = users
 
         def user_loss(p, x, y, key, own_stats):
             input_key, _ = jax.random.split(key)
-            noised = _noised_inputs(input_key, x, cfg)
+            noised = semantics.noised_inputs(input_key, x, dp)
             stats = own_stats if shared_stats is None else shared_stats
-            logits, new_stats = _apply(
-                model, p, stats, noised, shared_stats is None, None, SINGLE_STEP_MOMENTUM
+            logits, new_stats = semantics.apply_model(
+                model, p, stats, noised, shared_stats is None, None, semantics.SINGLE_STEP_MOMENTUM
             )
-            return _masked_mean(loss_fn(logits, y), None), (new_stats, noised if records_noise else None)
+            return semantics.masked_mean(loss_fn(logits, y), None), (new_stats, noised if records_noise else None)
 
         def kept_loss(p):
             losses, outputs = jax.vmap(user_loss, in_axes=(None, 0, 0, 0, 0))(p, *users)
@@ -569,7 +451,7 @@ def aggregate(
         step, per_device, size, num_users, None if traced else progress, chunks_per_step
     )
     mean_grads = jax.tree_util.tree_map(lambda t: t / num_users, total)
-    mean_stats = _tree_mean_over_users(users_stats, num_users)
+    mean_stats = semantics.mean_over_users(users_stats, num_users)
     if recorded is None:
         # The users' own inputs. Given as NumPy, they come back as a view of the caller's array
         # rather than a second copy of the whole cohort's data (938 MiB for 10,000 CIFAR users of 8).
