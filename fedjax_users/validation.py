@@ -122,6 +122,11 @@ def is_concrete(*trees: Any) -> bool:
     return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
 
 
+def _on_host(*trees: Any) -> bool:
+    """Whether values can be reduced eagerly: concrete, and no trace on (which would stage the reduction)."""
+    return not compilation.tracing() and is_concrete(*trees)
+
+
 def as_array(value: Any, name: str) -> Any:
     """``value`` if it is an array, else ``np.asarray(value)`` (nested lists); ragged or odd input is an error."""
     if isinstance(value, (jax.Array, np.ndarray, jax.core.Tracer)):
@@ -556,7 +561,7 @@ def validate_user(model, payload, data, cfg, key, user_state, loss, function: st
     used = (inputs[: cfg.num_data_points], labels[: cfg.num_data_points])
     if is_concrete(*used):
         _check_label_values(model, example_shape, dtype, *used, "data", lead=1)
-    if check_finite is not False and is_concrete(used[0], payload, user_state):
+    if check_finite is not False and _on_host(used[0], payload, user_state):
         check_finite_inputs({"data.inputs": used[0], "payload": payload, "user_state": user_state})
     return data
 
@@ -589,6 +594,6 @@ def validate_users(model, payload, users_data, cfg, key, users_state, loss, user
     used = (inputs[:, : cfg.num_data_points], labels[:, : cfg.num_data_points])
     if is_concrete(*used):
         _check_label_values(model, example_shape, dtype, *used, "users_data", lead=2)
-    if check_finite is not False and is_concrete(used[0], payload, users_state):
+    if check_finite is not False and _on_host(used[0], payload, users_state):
         check_finite_inputs({"users_data.inputs": used[0], "payload": payload, "users_state": users_state})
     return users_data

@@ -332,3 +332,10 @@ def test_case_user_block_set_to_a_number_by_override():
 
     with pytest.raises(fu.ConfigError, match="user must be a mapping of user keys, got 5"):
         load_case(None, ["+user=5"])
+
+
+def test_nan_written_in_the_yaml_file(tmp_path):
+    path = tmp_path / "user.yaml"
+    path.write_text("user_type: local_gradient\nnum_data_points: 1\nlocal_diff_privacy:\n  per_example_clipping: .nan\n")
+    with pytest.raises(fu.ConfigError, match="local_diff_privacy.per_example_clipping must be a finite number, got nan"):
+        fu.UserConfig.from_yaml(path)

@@ -347,3 +347,15 @@ def test_first_failing_step_is_the_smallest_failing_step():
             assert validation.first_failing_step(lambda s: calls.append(s) or s >= first, num_steps) == first
             assert len(calls) <= num_steps.bit_length() + 1
         assert validation.first_failing_step(lambda s: False, num_steps) is None
+
+
+def test_closed_over_data_under_jit_skips_the_value_checks_that_would_be_staged():
+    # Under an outer jit a reduction of even concrete values is staged, so it cannot decide on the
+    # host: the checks of values are the eager call's; the traced program stays the unchecked one.
+    model = TinyDense()
+    x, y = make_data(4)
+    x = x.copy()
+    x[0, 0, 0, 0] = np.nan
+    payload = server_payload(model, x)
+    grads = jax.jit(lambda: fu.local_gradient(model, payload, fu.UserData(inputs=x, labels=y), SINGLE, KEY)[0])()
+    assert not validation.all_finite(grads.gradients)
