@@ -26,10 +26,7 @@ import functools
 from typing import Any, Callable, Hashable, Optional
 
 import jax
-from jax._src import core as _jax_core
-
-# JAX's own test for "no transformation is tracing"; it has no public alias.
-_trace_state_clean: Optional[Callable[[], bool]] = getattr(_jax_core, "trace_state_clean", None)
+import jax.numpy as jnp
 
 # glibc's largest mmap threshold: larger blocks are always mapped afresh, so XLA:CPU's scratch
 # past this size is faulted in page by page on every call.
@@ -49,10 +46,15 @@ def jit(fun: Callable, **jit_kwargs: Any) -> Callable:
     return top_level_jit(fun, lambda *args, **kwargs: True, **jit_kwargs)
 
 
-def tracing() -> bool:
-    """Whether a JAX transformation is tracing now (a nested ``jit`` may not take compile options)."""
-    # Without JAX's check, assume a trace: steps then run without options, never with forbidden ones.
-    return True if _trace_state_clean is None else not _trace_state_clean()
+def tracing(*trees: Any) -> bool:
+    """Whether a JAX transformation is tracing now (a nested ``jit`` may not take compile options).
+
+    True under a staging trace (``jit``, ``eval_shape``: there even a fresh constant is a tracer)
+    or when any leaf of ``trees`` is a tracer (``vmap``, ``grad`` and friends trace the arguments).
+    """
+    if isinstance(jnp.zeros(()), jax.core.Tracer):
+        return True
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
 
 
 def signature(args: tuple, kwargs: Optional[dict] = None) -> Hashable:
@@ -78,7 +80,7 @@ def top_level_jit(fun: Callable, wants_options: Callable[..., bool], **jit_kwarg
 
     @functools.wraps(fun)
     def call(*args, **kwargs):
-        options = compiler_options() if wants_options(*args, **kwargs) and not tracing() else {}
+        options = compiler_options() if wants_options(*args, **kwargs) and not tracing(args, kwargs) else {}
         if not options:
             return plain(*args, **kwargs)
         key = signature(args, kwargs)

@@ -110,8 +110,20 @@ def test_local_gradient_inside_jit_with_closed_over_data():
         np.testing.assert_allclose(c, a, rtol=1e-6, atol=1e-7)
 
 
-def test_without_jax_trace_state_the_options_are_left_out(monkeypatch):
-    monkeypatch.setattr(compilation, "_trace_state_clean", None)  # a JAX without it
-    assert compilation.tracing()
-    step = compilation.top_level_jit(lambda x: x + 1, wants_options=lambda x: True)
-    np.testing.assert_array_equal(jax.jit(lambda y: step(y))(jnp.zeros(2)), jnp.ones(2))
+def test_tracing_sees_every_transformation():
+    seen = {}
+
+    def probe(name):
+        def fn(x):
+            seen[name] = (compilation.tracing(), compilation.tracing(x))
+            return x
+        return fn
+
+    x = jnp.ones(2)
+    jax.jit(probe("jit"))(x)
+    jax.vmap(probe("vmap"))(x)
+    jax.grad(lambda v: jnp.sum(probe("grad")(v)))(x)
+    jax.eval_shape(probe("eval_shape"), x)
+    assert seen["jit"] == (True, True) and seen["eval_shape"] == (True, True)
+    assert seen["vmap"][1] and seen["grad"][1]  # seen through the traced argument
+    assert compilation.tracing(x) is False
