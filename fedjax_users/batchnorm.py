@@ -15,6 +15,10 @@ the *old* value. This layer reproduces PyTorch:
 
 Variables are declared in ``torch.nn.BatchNorm2d``'s order: params ``scale`` (weight), ``bias``;
 batch_stats ``mean``, ``var``, ``num_batches_tracked``.
+
+``param_dtype`` is the dtype of the parameters and running statistics (as ``module.double()``
+makes torch's buffers float64 too), ``dtype`` the dtype the layer computes in; ``None`` (the
+default) follows the inputs for both, as the layer always did.
 """
 
 from __future__ import annotations
@@ -96,11 +100,17 @@ def fold_batch_stats(
     return map_layers(fold_layer, stats, per_batch_stats)
 
 
+def _cast(dtype: Any, *arrays: Array) -> tuple[Array, ...]:
+    """``arrays`` in ``dtype``, or unchanged when it is ``None``."""
+    return arrays if dtype is None else tuple(a.astype(dtype) for a in arrays)
+
+
 class BatchNorm(nn.Module):
     """``torch.nn.BatchNorm{1,2}d`` over the last (feature) axis, with PyTorch's running statistics."""
 
     epsilon: float = 1e-5
     dtype: Any = None
+    param_dtype: Any = None
 
     @nn.compact
     def __call__(
@@ -112,11 +122,14 @@ class BatchNorm(nn.Module):
     ) -> Array:
         """Normalise ``x``; in train mode update the running statistics (when mutable)."""
         features = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (features,), x.dtype)
-        bias = self.param("bias", nn.initializers.zeros, (features,), x.dtype)
-        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), x.dtype)
-        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), x.dtype)
+        param_dtype = x.dtype if self.param_dtype is None else self.param_dtype
+        scale = self.param("scale", nn.initializers.ones, (features,), param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (features,), param_dtype)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), param_dtype)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), param_dtype)
         tracked = self.variable("batch_stats", "num_batches_tracked", jnp.zeros, (), jnp.int32)
+        # No dtype: no cast, the arithmetic promotes as it always did.
+        x, scale, bias = _cast(self.dtype, x, scale, bias)
 
         if train:
             mean, var, count = batch_moments(x, mask)
@@ -132,6 +145,6 @@ class BatchNorm(nn.Module):
                 running_var.value = new["var"]
                 tracked.value = new["num_batches_tracked"]
         else:
-            mean, var = running_mean.value, running_var.value
+            mean, var = _cast(self.dtype, running_mean.value, running_var.value)
         inv = jax.lax.rsqrt(var + self.epsilon) * scale
         return (x - mean) * inv + bias

@@ -3,16 +3,18 @@
 Each modality keeps its own table (breaching has a vision ``linear`` and a text ``linear``).
 A model module exports ``MODELS: dict[name, constructor]``; constructors are called as
 ``constructor(num_classes=..., num_channels=...)`` (text models read ``num_classes`` as the
-vocabulary size). Add a modality's table with ``register(modality, MODELS)``.
+vocabulary size), plus ``dtype=`` / ``param_dtype=`` when those are set. Add a modality's table
+with ``register(modality, MODELS)``.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 import flax.linen as nn
 
 from fedjax_users.models import vision
+from fedjax_users.models.dtypes import Dtype, layer_dtypes
 
 Constructor = Callable[..., nn.Module]
 
@@ -34,9 +36,19 @@ def names(modality: str = "vision") -> list[str]:
 
 
 def get(
-    name: str, num_classes: int = 10, num_channels: int = 3, modality: str = "vision"
+    name: str,
+    num_classes: int = 10,
+    num_channels: int = 3,
+    modality: str = "vision",
+    dtype: Optional[Dtype] = None,
+    param_dtype: Optional[Dtype] = None,
 ) -> nn.Module:
-    """The Flax module breaching builds for ``name``, matched case-insensitively like breaching."""
+    """The Flax module breaching builds for ``name``, matched case-insensitively like breaching.
+
+    ``dtype`` / ``param_dtype`` go to every layer (computation and parameter dtype); ``None``
+    keeps the layers' defaults. Under ``jax_enable_x64``, ``param_dtype=jnp.float64`` gives a
+    model whose parameters, statistics and gradients are all float64.
+    """
     table = _REGISTRY.get(modality, {})
     matches = [key for key in table if key.lower() == name.lower()]
     if not matches:
@@ -44,7 +56,7 @@ def get(
             f"unknown {modality} model {name!r}; known {modality} models: {names(modality)}"
         )
     exact = name if name in table else matches[0]
-    return table[exact](num_classes=num_classes, num_channels=num_channels)
+    return table[exact](num_classes=num_classes, num_channels=num_channels, **layer_dtypes(dtype, param_dtype))
 
 
 register("vision", vision.MODELS)

@@ -9,6 +9,10 @@ All models follow the package's model contract: ``__call__(x, train=False, mask=
 momentum=0.1)``; ``mask`` and ``momentum`` go to every BatchNorm layer, models without BatchNorm
 ignore them. Initialisers are Flax's defaults except where the torch model's own initialisation
 is part of its identity (LeNetZhu's uniform init, which gradient-inversion attacks rely on).
+
+Every model and submodule takes ``dtype`` (computation) and ``param_dtype`` (parameters), passed
+to each of its layers; ``None`` (the default) keeps the layers' own defaults
+(``fedjax_users.models.dtypes``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_users.batchnorm import BatchNorm
+from fedjax_users.models.dtypes import Dtype, layer_dtypes
 
 Array = jax.Array
 Momentum = Optional[float]  # None: PyTorch's cumulative running average
@@ -79,6 +84,13 @@ class VisionModel(nn.Module):
 
     num_classes: int = 10
     num_channels: int = 3
+    dtype: Optional[Dtype] = None
+    param_dtype: Optional[Dtype] = None
+
+    @property
+    def dtypes(self) -> dict[str, Dtype]:
+        """``dtype`` / ``param_dtype`` as keyword arguments for this model's layers (the set ones)."""
+        return layer_dtypes(self.dtype, self.param_dtype)
 
     def check_inputs(self, x: Array) -> Array:
         """Reject inputs that are not NHWC images with ``num_channels`` channels."""
@@ -99,7 +111,7 @@ class Linear(VisionModel):
         self, x: Array, train: bool = False, mask: Optional[Array] = None, momentum: Momentum = 0.1
     ) -> Array:
         x = flatten_channel_major(self.check_inputs(x))
-        return nn.Dense(self.num_classes, name="1")(x)
+        return nn.Dense(self.num_classes, name="1", **self.dtypes)(x)
 
 
 class MLP(VisionModel):
@@ -113,18 +125,22 @@ class MLP(VisionModel):
     ) -> Array:
         x = flatten_channel_major(self.check_inputs(x))
         for index in range(3):
-            x = nn.relu(nn.Dense(self.width, name=f"linear{index}")(x))
-        return nn.Dense(self.num_classes, name="linear3")(x)
+            x = nn.relu(nn.Dense(self.width, name=f"linear{index}", **self.dtypes)(x))
+        return nn.Dense(self.num_classes, name="linear3", **self.dtypes)(x)
 
 
 class _LeNetBody(nn.Module):
     """``LeNetZhu.body``: three 5x5 sigmoid convs at Sequential indices 0, 2 and 4."""
 
+    dtype: Optional[Dtype] = None
+    param_dtype: Optional[Dtype] = None
+
     @nn.compact
     def __call__(self, x: Array) -> Array:
         init = symmetric_uniform(0.5)
+        dtypes = layer_dtypes(self.dtype, self.param_dtype)
         for index, stride in (("0", 2), ("2", 2), ("4", 1)):
-            conv = torch_conv(12, 5, stride, 2, name=index, kernel_init=init, bias_init=init)
+            conv = torch_conv(12, 5, stride, 2, name=index, kernel_init=init, bias_init=init, **dtypes)
             x = nn.sigmoid(conv(x))
         return x
 
@@ -133,11 +149,14 @@ class _LeNetHead(nn.Module):
     """``LeNetZhu.fc``: a Sequential holding one Linear at index 0."""
 
     num_classes: int
+    dtype: Optional[Dtype] = None
+    param_dtype: Optional[Dtype] = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         init = symmetric_uniform(0.5)
-        return nn.Dense(self.num_classes, name="0", kernel_init=init, bias_init=init)(x)
+        dtypes = layer_dtypes(self.dtype, self.param_dtype)
+        return nn.Dense(self.num_classes, name="0", kernel_init=init, bias_init=init, **dtypes)(x)
 
 
 class LeNetZhu(VisionModel):
@@ -147,8 +166,8 @@ class LeNetZhu(VisionModel):
     def __call__(
         self, x: Array, train: bool = False, mask: Optional[Array] = None, momentum: Momentum = 0.1
     ) -> Array:
-        x = _LeNetBody(name="body")(self.check_inputs(x))
-        return _LeNetHead(self.num_classes, name="fc")(flatten_channel_major(x))
+        x = _LeNetBody(name="body", **self.dtypes)(self.check_inputs(x))
+        return _LeNetHead(self.num_classes, name="fc", **self.dtypes)(flatten_channel_major(x))
 
 
 class ConvNetSmall(VisionModel):
@@ -162,12 +181,12 @@ class ConvNetSmall(VisionModel):
     ) -> Array:
         x = self.check_inputs(x)
         w = self.width
-        x = nn.relu(torch_conv(w, 3, 1, 1, name="conv0")(x))
-        x = nn.relu(torch_conv(2 * w, 3, 1, 1, name="conv1")(x))
-        x = nn.relu(torch_conv(4 * w, 3, 2, 1, name="conv2")(x))
+        x = nn.relu(torch_conv(w, 3, 1, 1, name="conv0", **self.dtypes)(x))
+        x = nn.relu(torch_conv(2 * w, 3, 1, 1, name="conv1", **self.dtypes)(x))
+        x = nn.relu(torch_conv(4 * w, 3, 2, 1, name="conv2", **self.dtypes)(x))
         x = torch_max_pool(x, 3)
-        x = nn.relu(torch_conv(4 * w, 3, 2, 1, name="conv3")(x))
-        return nn.Dense(self.num_classes, name="linear")(global_avg_pool(x))
+        x = nn.relu(torch_conv(4 * w, 3, 2, 1, name="conv3", **self.dtypes)(x))
+        return nn.Dense(self.num_classes, name="linear", **self.dtypes)(global_avg_pool(x))
 
 
 # ConvNet's conv widths as multiples of ``width``; "pool" is a MaxPool2d(3) (torch: pool0, pool1).
@@ -189,11 +208,11 @@ class ConvNet(VisionModel):
             if layer == "pool":
                 x = torch_max_pool(x, 3)
                 continue
-            x = torch_conv(layer * self.width, 3, 1, 1, name=f"conv{conv_index}")(x)
-            x = BatchNorm(name=f"bn{conv_index}")(x, train, mask, momentum)
+            x = torch_conv(layer * self.width, 3, 1, 1, name=f"conv{conv_index}", **self.dtypes)(x)
+            x = BatchNorm(name=f"bn{conv_index}", **self.dtypes)(x, train, mask, momentum)
             x = nn.relu(x)
             conv_index += 1
-        return nn.Dense(self.num_classes, name="linear")(flatten_channel_major(x))
+        return nn.Dense(self.num_classes, name="linear", **self.dtypes)(flatten_channel_major(x))
 
 
 # cnn6 (the R-GAP model): (features, kernel, stride, padding) of layer0 .. layer5, all bias-free.
@@ -214,10 +233,10 @@ class CNN6(VisionModel):
             if index > 0:
                 x = nn.leaky_relu(x, negative_slope=0.2)
             name = f"layer{index}"
-            x = torch_conv(features, kernel, stride, padding, use_bias=False, name=name)(x)
+            x = torch_conv(features, kernel, stride, padding, use_bias=False, name=name, **self.dtypes)(x)
         # torch applies the last activation after Flatten; it is elementwise, so the order is moot.
         x = nn.leaky_relu(flatten_channel_major(x), negative_slope=0.2)
-        return nn.Dense(self.num_classes, name="fc")(x)
+        return nn.Dense(self.num_classes, name="fc", **self.dtypes)(x)
 
 
 class ConvNorm(nn.Module):
@@ -230,13 +249,16 @@ class ConvNorm(nn.Module):
     kernel: int
     stride: int
     padding: int
+    dtype: Optional[Dtype] = None
+    param_dtype: Optional[Dtype] = None
 
     @nn.compact
     def __call__(self, x: Array, train: bool, mask: Optional[Array], momentum: Momentum) -> Array:
+        dtypes = layer_dtypes(self.dtype, self.param_dtype)
         conv = torch_conv(
-            self.features, self.kernel, self.stride, self.padding, use_bias=False, name="0"
+            self.features, self.kernel, self.stride, self.padding, use_bias=False, name="0", **dtypes
         )
-        return BatchNorm(name="1")(conv(x), train, mask, momentum)
+        return BatchNorm(name="1", **dtypes)(conv(x), train, mask, momentum)
 
 
 class BasicBlock(nn.Module):
@@ -245,16 +267,19 @@ class BasicBlock(nn.Module):
     features: int
     stride: int
     project_shortcut: bool
+    dtype: Optional[Dtype] = None
+    param_dtype: Optional[Dtype] = None
 
     @nn.compact
     def __call__(self, x: Array, train: bool, mask: Optional[Array], momentum: Momentum) -> Array:
-        out = torch_conv(self.features, 3, self.stride, 1, use_bias=False, name="conv1")(x)
-        out = nn.relu(BatchNorm(name="bn1")(out, train, mask, momentum))
-        out = torch_conv(self.features, 3, 1, 1, use_bias=False, name="conv2")(out)
-        out = BatchNorm(name="bn2")(out, train, mask, momentum)
+        dtypes = layer_dtypes(self.dtype, self.param_dtype)
+        out = torch_conv(self.features, 3, self.stride, 1, use_bias=False, name="conv1", **dtypes)(x)
+        out = nn.relu(BatchNorm(name="bn1", **dtypes)(out, train, mask, momentum))
+        out = torch_conv(self.features, 3, 1, 1, use_bias=False, name="conv2", **dtypes)(out)
+        out = BatchNorm(name="bn2", **dtypes)(out, train, mask, momentum)
         shortcut = x
         if self.project_shortcut:
-            shortcut = ConvNorm(self.features, 1, self.stride, 0, name="downsample")(
+            shortcut = ConvNorm(self.features, 1, self.stride, 0, name="downsample", **dtypes)(
                 x, train, mask, momentum
             )
         return nn.relu(out + shortcut)
@@ -267,6 +292,8 @@ class ResNetStage(nn.Module):
     blocks: int
     stride: int
     project_first: bool
+    dtype: Optional[Dtype] = None
+    param_dtype: Optional[Dtype] = None
 
     @nn.compact
     def __call__(self, x: Array, train: bool, mask: Optional[Array], momentum: Momentum) -> Array:
@@ -277,6 +304,7 @@ class ResNetStage(nn.Module):
                 self.stride if first else 1,
                 self.project_first and first,
                 name=str(index),
+                **layer_dtypes(self.dtype, self.param_dtype),
             )
             x = block(x, train, mask, momentum)
         return x
@@ -287,6 +315,8 @@ class ResNetStages(nn.Module):
 
     stage_sizes: Sequence[int]
     width: int
+    dtype: Optional[Dtype] = None
+    param_dtype: Optional[Dtype] = None
 
     @nn.compact
     def __call__(self, x: Array, train: bool, mask: Optional[Array], momentum: Momentum) -> Array:
@@ -296,7 +326,9 @@ class ResNetStages(nn.Module):
             stride = 1 if index == 0 else 2
             # breaching's downsample "B": project when the shape changes, else identity.
             project = stride != 1 or in_features != features
-            stage = ResNetStage(features, blocks, stride, project, name=str(index))
+            stage = ResNetStage(
+                features, blocks, stride, project, name=str(index), **layer_dtypes(self.dtype, self.param_dtype)
+            )
             x = stage(x, train, mask, momentum)
             in_features = features
         return x
@@ -313,13 +345,14 @@ class ResNet(VisionModel):
         self, x: Array, train: bool = False, mask: Optional[Array] = None, momentum: Momentum = 0.1
     ) -> Array:
         x = self.check_inputs(x)
-        x = nn.relu(ConvNorm(self.width, 3, 1, 1, name="stem")(x, train, mask, momentum))
-        stages = ResNetStages(tuple(self.stage_sizes), self.width, name="layers")
+        x = nn.relu(ConvNorm(self.width, 3, 1, 1, name="stem", **self.dtypes)(x, train, mask, momentum))
+        stages = ResNetStages(tuple(self.stage_sizes), self.width, name="layers", **self.dtypes)
         x = stages(x, train, mask, momentum)
-        return nn.Dense(self.num_classes, name="linear")(global_avg_pool(x))
+        return nn.Dense(self.num_classes, name="linear", **self.dtypes)(global_avg_pool(x))
 
 
-# breaching's names -> constructors, called as ``constructor(num_classes=..., num_channels=...)``.
+# breaching's names -> constructors, called as ``constructor(num_classes=..., num_channels=...)``
+# and optionally ``dtype=`` / ``param_dtype=``.
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "linear": Linear,
     "MLP": MLP,
