@@ -1,7 +1,7 @@
 """The contenders of each workload, as zero-argument calls that block until their result is ready.
 
 * ``fedjax_users``: the public function under an outer jit, as the README says to write it: clipped
-  ``local_gradient`` under ``fu.jit`` (the compile options of ``fedjax_users.compilation``), the
+  ``local_gradient`` under ``fu.strategy.jit`` (the compile options of ``fedjax_users.strategy.compilation``), the
   rest under ``jax.jit``;
   ``fedjax_users_eager``: the same call without the outer jit (its Python-side validation included).
 * ``breaching``: breaching's own user classes, unmodified (``UserSingleStep`` loops over examples
@@ -56,7 +56,7 @@ def _fedjax_args(pair: ModelPair, data: Data) -> tuple:
 
 def fedjax_jit(pair: ModelPair, workload: Workload, data: Data) -> Contender:
     """fedjax_users under an outer jit: validation and metadata are traced away."""
-    jit = fu.jit if problems.user_config(workload).local_diff_privacy.per_example_clipping > 0 else jax.jit
+    jit = fu.strategy.jit if problems.user_config(workload).local_diff_privacy.per_example_clipping > 0 else jax.jit
     jitted, args = jit(_fedjax_call(pair, workload)), _fedjax_args(pair, data)
     return lambda: jax.block_until_ready(jitted(*args))
 

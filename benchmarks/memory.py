@@ -70,6 +70,7 @@ def measure_here(
 
     import fedjax_users as fu
     from fedjax_users import models
+    from fedjax_users.strategy import chunking, sharding
 
     from benchmarks import problems
     from benchmarks.grid import Workload
@@ -86,19 +87,21 @@ def measure_here(
     gc.collect()
     rss_before = _status_kib("VmRSS") / 1024
     reset = _reset_peak()
-    plan = fu.plan_chunks(flax_model, payload, fu.UserData(inputs=inputs, labels=labels), cfg,
-                          users_per_chunk=users_per_chunk)
+    strategy = fu.strategy.choose(flax_model, payload, fu.UserData(inputs=inputs, labels=labels), cfg,
+                                  fu.strategy.Strategy(users_per_chunk=users_per_chunk))
+    per_device = sharding.users_per_device(users, sharding.users_mesh(strategy.devices))
+    chunks = chunking.num_chunks(per_device, strategy.users_per_chunk)
     times = []
     for call in range(calls):
         start = time.perf_counter()
         shared, _ = fu.aggregate(flax_model, payload, fu.UserData(inputs=inputs, labels=labels), cfg,
-                                 jax.random.key(1), users_per_chunk=users_per_chunk)
+                                 jax.random.key(1), strategy=strategy)
         jax.block_until_ready(shared.gradients)
         times.append(time.perf_counter() - start)
     finite = all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(shared.gradients))
     return dict(
         model=model, users=users, steps=steps, batch=batch, examples_per_user=steps * batch,
-        users_per_chunk=users_per_chunk, chunks=plan.chunks, chunk_users=plan.users_per_chunk,
+        users_per_chunk=users_per_chunk, chunks=chunks, chunk_users=strategy.users_per_chunk,
         input_mib=input_mib, rss_before_mib=rss_before,
         peak_rss_mib=_peak_mib(reset), peak_since_data_built=reset,
         first_call_s=times[0], second_call_s=times[1] if calls > 1 else None, finite=finite,

@@ -21,8 +21,8 @@ rotating order, each contender called once untimed and once timed per round, so 
 pays for the previous contender's caches and thread pool; garbage is collected between rounds
 with the heap alive at the start frozen, so that a collection does not idle a core for 100+ ms
 before the next calls; cells are median [interquartile range] of the rounds):
-- `fedjax_users`: the public function under an outer jit: `fu.jit` (`jax.jit` with the memory-optimized
-  XLA:CPU scheduler, see fedjax_users/compilation.py) for clipped local_gradient, `jax.jit` for the
+- `fedjax_users`: the public function under an outer jit: `fu.strategy.jit` (`jax.jit` with the memory-optimized
+  XLA:CPU scheduler, see fedjax_users/strategy/compilation.py) for clipped local_gradient, `jax.jit` for the
   rest; `compile` is its first call minus the median.
   `fedjax_users_eager`: the same call without the outer jit (Python-side validation each call).
 - `torch_func`: `benchmarks/torch_func.py`: `vmap(grad)` over `functional_call`, breaching's clipping

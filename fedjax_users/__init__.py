@@ -1,6 +1,5 @@
 """fedjax_users: breaching's federated-learning users as pure JAX functions."""
 
-from fedjax_users.compilation import compiler_options, jit
 from fedjax_users.config import ConfigError, LocalDiffPrivacy, UserConfig
 from fedjax_users.types import (
     LocalHyperparams,
@@ -10,7 +9,7 @@ from fedjax_users.types import (
     TrueUserData,
     UserData,
 )
-from fedjax_users.users import ChunkPlan, aggregate, local_gradient, local_update, plan_chunks, step_slices
+from fedjax_users.users import aggregate, local_gradient, local_update, step_slices
 from fedjax_users.validation import InputError, InputTypeError, NonFiniteError
 
 __version__ = "0.1.0"
@@ -35,7 +34,6 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY_SUBMODULES))
 
 __all__ = [
-    "ChunkPlan",
     "ConfigError",
     "InputError",
     "InputTypeError",
@@ -49,10 +47,7 @@ __all__ = [
     "UserConfig",
     "UserData",
     "aggregate",
-    "compiler_options",
-    "jit",
     "local_gradient",
     "local_update",
-    "plan_chunks",
     "step_slices",
 ]

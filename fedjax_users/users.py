@@ -1,31 +1,29 @@
 """The three user computations of breaching as pure, jit-compiled JAX functions.
 
 * ``local_gradient``: breaching's ``UserSingleStep`` (one gradient, optionally per-example clipped).
-* ``local_update``: ``UserMultiStep`` (the SGD steps unrolled, or a ``lax.scan`` over more than
-  ``MAX_UNROLLED_STEPS``; shares the parameter difference).
+* ``local_update``: ``UserMultiStep`` (local SGD; shares the parameter difference).
 * ``aggregate``: ``MultiUserAggregate`` (per-user work under ``vmap``; shares the *mean*).
 
-Each public function validates its inputs (shapes and config only, so it also works under an outer
-``jit``), computes in one jitted core whose config, model and loss are static, and assembles the
-metadata the server sees. The BatchNorm mode follows the reference: server buffers sent -> eval mode
+Each public function validates its inputs (``fedjax_users.validation``), computes what
+``fedjax_users.semantics`` defines in one jitted core whose config, model, loss and execution
+strategy (``fedjax_users.strategy``) are static, and assembles the metadata the server sees. The BatchNorm mode follows the reference: server buffers sent -> eval mode
 with those buffers; none sent -> train mode with the user's own persistent statistics.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_users import chunking, clipping, compilation, patches, privacy, semantics, sharding
-from fedjax_users.config import ConfigError, UserConfig
-from fedjax_users import validation
+from fedjax_users import privacy, semantics, validation
+from fedjax_users.config import UserConfig
 from fedjax_users.losses import softmax_cross_entropy
+from fedjax_users.strategy import Strategy, chunking, clipping, compilation, cpu, patches, sharding
 from fedjax_users.types import LocalHyperparams, Metadata, ServerPayload, SharedData, TrueUserData, UserData
 
 Array = jax.Array
@@ -69,23 +67,18 @@ def _step_indices(cfg: UserConfig) -> tuple[np.ndarray, Optional[np.ndarray]]:
     return index, None if valid.all() else valid
 
 
-# Local steps up to this many are unrolled: XLA:CPU runs convolution weight gradients inside a
-# while loop 5-40x slower than the same step outside one (jax 0.10.2), and on accelerators the
-# unrolled steps lose the loop's per-iteration overhead. Longer runs keep the loop so that
-# compile time does not grow with the number of steps.
-MAX_UNROLLED_STEPS = 16
 
 
-def _multi_step(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key, per_user_convs=False):
-    """``semantics.multi_step_user``, its steps unrolled or (past ``MAX_UNROLLED_STEPS``) a ``lax.scan``.
+def _multi_step(model, loss_fn, cfg, strategy, params, server_stats, user_stats, inputs, labels, key):
+    """``semantics.multi_step_user``, its steps unrolled or (past ``strategy.max_unrolled_steps``) a ``lax.scan``.
 
-    ``per_user_convs``: the caller ``vmap``s over users, so after the first step every user's
+    ``strategy.per_user_convs``: the caller ``vmap``s over users, so after the first step every user's
     kernels differ; the steps then run their convolutions as im2col matmuls
-    (``fedjax_users.patches``) instead of the grouped convolutions ``vmap`` would make. The first
+    (``fedjax_users.strategy.patches``) instead of the grouped convolutions ``vmap`` would make. The first
     step too: it costs about the same, and leaves no convolution to slow a loop over chunks.
     """
-    with patches.convolutions_as_matmuls() if per_user_convs else contextlib.nullcontext():
-        if cfg.num_local_updates <= MAX_UNROLLED_STEPS:
+    with patches.convolutions_as_matmuls() if strategy.per_user_convs else contextlib.nullcontext():
+        if cfg.num_local_updates <= strategy.max_unrolled_steps:
             # A Python loop over static slices, each step exactly its examples (no padding or mask).
             # Not ``lax.scan(unroll=True)``: it keeps a one-trip loop and gathers for a single step,
             # which ran 4x slower than this on XLA:CPU.
@@ -119,27 +112,36 @@ def compute_config(cfg: UserConfig) -> UserConfig:
     )
 
 
-def _user_core(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key, per_user_convs=False):
-    """``semantics.user`` with the fast paths: per-example kernel gradients for clipping, and (see
-    ``_multi_step``) im2col convolutions and scanned steps. Returns (gradients, stats, recorded inputs)."""
+def _user_core(model, loss_fn, cfg, strategy, params, server_stats, user_stats, inputs, labels, key):
+    """``semantics.user`` with the strategy's fast paths: per-example kernel gradients for clipping,
+    and (see ``_multi_step``) im2col convolutions and scanned steps. Returns (gradients, stats, recorded inputs)."""
     if cfg.is_multi_step:
-        result = _multi_step(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key, per_user_convs)
+        result = _multi_step(model, loss_fn, cfg, strategy, params, server_stats, user_stats, inputs, labels, key)
     else:
+        clipped_mean = functools.partial(
+            clipping.clipped_mean_gradient, fast=strategy.fast_clipping, examples_per_chunk=strategy.examples_per_chunk
+        )
         result = semantics.single_step_user(
-            model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key,
-            clipped_mean=clipping.clipped_mean_gradient,
+            model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key, clipped_mean=clipped_mean
         )
     return result.gradients, result.batch_stats, result.inputs
 
 
-def _clips_examples(model, loss_fn, cfg: UserConfig, *args) -> bool:
-    """Whether the user clips per example, in chunks of examples (see ``fedjax_users.compilation``)."""
+def _clips_examples(model, loss_fn, cfg: UserConfig, *args, **kwargs) -> bool:
+    """Whether the user clips per example, in chunks of examples (see ``fedjax_users.strategy.compilation``)."""
     return not cfg.is_multi_step and cfg.local_diff_privacy.per_example_clipping > 0
 
 
-@functools.partial(compilation.top_level_jit, wants_options=_clips_examples, static_argnames=("model", "loss_fn", "cfg"))
-def _user_jit(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key):
-    return _user_core(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key)
+@functools.partial(
+    compilation.top_level_jit, wants_options=_clips_examples, static_argnames=("model", "loss_fn", "cfg", "strategy")
+)
+def _user_jit(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key, strategy):
+    return _user_core(model, loss_fn, cfg, strategy, params, server_stats, user_stats, inputs, labels, key)
+
+
+def _single_user_strategy(strategy: Optional[Strategy]) -> Strategy:
+    """What of ``strategy`` a single user (not ``vmap``ped over users) uses; the rest reset to share compiles."""
+    return (strategy or Strategy()).replace(devices=None, users_per_chunk=None, per_user_convs=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +184,7 @@ def _user_metadata(cfg: UserConfig, labels: Array, data_key: str) -> Metadata:
 # Public API
 
 
-def _run_user(model, payload, data, cfg, key, user_state, loss, expect_multi_step, check_finite=None):
+def _run_user(model, payload, data, cfg, key, user_state, loss, expect_multi_step, check_finite, strategy):
     function = "local_update" if expect_multi_step else "local_gradient"
     data = validation.validate_user(model, payload, data, cfg, key, user_state, loss, function, check_finite)
     finite_mode = validation.finite_check_mode(check_finite, payload, data, key, user_state)
@@ -191,13 +193,15 @@ def _run_user(model, payload, data, cfg, key, user_state, loss, expect_multi_ste
     if payload.batch_stats is None and user_state is None:
         user_state = initial_batch_stats(model, inputs)
     user_cfg = _per_user_config(cfg, expect_multi_step)
+    strategy = _single_user_strategy(strategy)
     grads, new_stats, recorded = _user_jit(
-        model, loss, compute_config(user_cfg), payload.params, payload.batch_stats, user_state, inputs, labels, key
+        model, loss, compute_config(user_cfg), payload.params, payload.batch_stats, user_state, inputs, labels, key,
+        strategy=strategy,
     )
 
     def first_steps(steps):  # the outputs after the first local steps: diagnoses a non-finite result only
         g, s, _ = _user_jit(model, loss, compute_config(user_cfg.replace(num_local_updates=steps)), payload.params,
-                            payload.batch_stats, user_state, inputs, labels, key)
+                            payload.batch_stats, user_state, inputs, labels, key, strategy=strategy)
         return {"gradients": g, "batch_stats": s}
 
     validation.check_outputs(finite_mode, {"gradients": grads, "batch_stats": new_stats}, function, user_cfg,
@@ -224,6 +228,7 @@ def local_gradient(
     user_state: Optional[PyTree] = None,
     loss: LossFn = softmax_cross_entropy,
     check_finite: Optional[bool] = None,
+    strategy: Optional[Strategy] = None,
 ) -> tuple[SharedData, TrueUserData, PyTree]:
     """breaching's ``UserSingleStep.compute_local_updates``: one (clipped, noised) gradient.
 
@@ -231,8 +236,9 @@ def local_gradient(
     checks eager calls (one reduction) and not calls under an outer ``jit``; ``True`` under a
     ``jit`` adds ``checkify.check``s (wrap the program in ``jax.experimental.checkify.checkify``);
     ``False`` checks nothing, inputs included. See ``docs/validation.md``.
+    ``strategy``: how to run it (``fedjax_users.strategy.Strategy``; the numbers do not depend on it).
     """
-    return _run_user(model, payload, data, cfg, key, user_state, loss, False, check_finite)
+    return _run_user(model, payload, data, cfg, key, user_state, loss, False, check_finite, strategy)
 
 
 def local_update(
@@ -244,24 +250,23 @@ def local_update(
     user_state: Optional[PyTree] = None,
     loss: LossFn = softmax_cross_entropy,
     check_finite: Optional[bool] = None,
+    strategy: Optional[Strategy] = None,
 ) -> tuple[SharedData, TrueUserData, PyTree]:
     """breaching's ``UserMultiStep.compute_local_updates``: local SGD, shares ``params - server params``.
 
     ``check_finite`` as in ``local_gradient``; a non-finite result names the first local step
     that went non-finite (found by re-running fewer steps, only on that error path).
     """
-    return _run_user(model, payload, data, cfg, key, user_state, loss, True, check_finite)
+    return _run_user(model, payload, data, cfg, key, user_state, loss, True, check_finite, strategy)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("model", "loss_fn", "cfg", "size", "mesh", "per_user_convs", "count")
-)
-def _aggregate_chunks_jit(model, loss_fn, cfg, size, mesh, per_user_convs, shared, users, valid, first, count):
+@functools.partial(jax.jit, static_argnames=("model", "loss_fn", "cfg", "strategy", "mesh", "count"))
+def _aggregate_chunks_jit(model, loss_fn, cfg, strategy, mesh, shared, users, valid, first, count):
     """Chunks of users on every device: their summed update, and per user the stats and noised inputs.
 
     ``users`` = (inputs, labels, keys, own stats) as placed by ``sharding.place_users``; each device
-    runs blocks ``first .. first + count - 1`` of ``size`` of its users, one after another, so
-    memory grows with the chunk, not with the number of users. ``per_user_convs``: see ``_multi_step``.
+    runs blocks ``first .. first + count - 1`` of ``strategy.users_per_chunk`` of its users, one
+    after another, so memory grows with the chunk, not with the number of users.
     """
     dp = cfg.local_diff_privacy
     # Only a single-step user without clipping records noised inputs; otherwise they are the inputs
@@ -270,7 +275,7 @@ def _aggregate_chunks_jit(model, loss_fn, cfg, size, mesh, per_user_convs, share
 
     def one_user(shared, user_inputs, user_labels, user_key, user_stats):
         grads, stats, recorded = _user_core(
-            model, loss_fn, cfg, *shared, user_stats, user_inputs, user_labels, user_key, per_user_convs
+            model, loss_fn, cfg, strategy, *shared, user_stats, user_inputs, user_labels, user_key
         )
         return grads, (stats, recorded if records_noise else None)
 
@@ -311,71 +316,58 @@ def _aggregate_chunks_jit(model, loss_fn, cfg, size, mesh, per_user_convs, share
     per_user = cfg.is_multi_step or dp.per_example_clipping > 0
     chunk_fn = chunking.vmap_sum(one_user) if per_user else single_step_chunk
     return chunking.scan_chunks(
-        lambda chunk: sharding.run_chunk(chunk_fn, shared, users, valid, chunk, size, mesh), first, count
+        lambda chunk: sharding.run_chunk(chunk_fn, shared, users, valid, chunk, strategy.users_per_chunk, mesh),
+        first, count,
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class ChunkPlan:
-    """How ``aggregate`` runs a cohort: per device, ``chunks`` chunks of ``users_per_chunk`` users."""
-
-    users_per_device: int
-    users_per_chunk: int
-    chunks: int
-    per_user_convs: bool  # convolutions as im2col matmuls, all chunks in one scan
-
-
-def _plan_chunks(model, loss, user_cfg, payload, users, mesh, devices, users_per_chunk, per_user_convs):
-    """The chunking ``aggregate`` uses for ``users`` = (own stats, inputs, labels, keys), all stacked."""
-    num_users = users[1].shape[0]
-    per_device = sharding.users_per_device(num_users, mesh)
+def _choose(model, loss, user_cfg, payload, users, strategy: Optional[Strategy]) -> Strategy:
+    """``strategy`` with its open fields chosen for ``users`` = (own stats, inputs, labels, keys), all stacked."""
+    strategy = strategy or Strategy()
+    devices = strategy.devices or tuple(jax.devices())
+    per_device = sharding.users_per_device(users[1].shape[0], sharding.users_mesh(devices))
+    per_user_convs = strategy.per_user_convs
     if per_user_convs is None:
-        platform = (list(devices) if devices else jax.devices())[0].platform
-        per_user_convs = platform == "cpu"
+        per_user_convs = cpu.is_cpu(devices)  # measured only there
+    users_per_chunk = strategy.users_per_chunk
     if users_per_chunk is None:
         # Sized with the im2col steps when they may run: their patches take more memory.
         cfg = compute_config(user_cfg)
-        one_user = functools.partial(_user_core, model, loss, cfg, per_user_convs=per_user_convs)
+        sizing = strategy.replace(per_user_convs=per_user_convs)
+        one_user = functools.partial(_user_core, model, loss, cfg, sizing)
         first = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), users)
         users_per_chunk = chunking.auto_users_per_chunk(
-            one_user, (payload.params, payload.batch_stats) + first, per_device,
-            cache_key=(model, loss, cfg, per_user_convs),
+            one_user, (payload.params, payload.batch_stats) + first, per_device, cache_key=(model, loss, cfg, sizing),
         )
     size = min(users_per_chunk, per_device)
     # One user per chunk has one set of kernels: vmap keeps its convolutions plain.
     per_user_convs = bool(per_user_convs) and size > 1 and user_cfg.is_multi_step
-    return ChunkPlan(per_device, size, chunking.num_chunks(per_device, size), per_user_convs)
+    return strategy.replace(devices=devices, users_per_chunk=size, per_user_convs=per_user_convs)
 
 
-def plan_chunks(
-    model,
-    payload: ServerPayload,
-    users_data: UserData,
-    cfg: UserConfig,
-    loss: LossFn = softmax_cross_entropy,
-    users_per_chunk: Optional[int] = None,
-    devices: Optional[Sequence[jax.Device]] = None,
-    per_user_convs: Optional[bool] = None,
-) -> ChunkPlan:
-    """The chunks ``aggregate`` would run these users in, with the same arguments (nothing computed)."""
+def _stacked_users_spec(model, payload: ServerPayload, users_data: UserData, cfg: UserConfig) -> tuple:
+    """Shapes of (own stats, inputs, labels, keys) for ``aggregate``'s users, nothing computed."""
     inputs, labels = users_data.inputs, users_data.labels
-    num_users = np.shape(inputs)[0]
-    n = cfg.num_data_points
+    num_users, n = np.shape(inputs)[0], cfg.num_data_points
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
     stats = None
     if payload.batch_stats is None:
         one = _variable_shapes(model, (1,) + tuple(np.shape(inputs))[2:], jnp.result_type(inputs))
         stats = jax.tree_util.tree_map(lambda s: spec((num_users,) + s.shape, s.dtype), one.get("batch_stats", {}))
-    users = (
+    return (
         stats,
         spec((num_users, n) + tuple(np.shape(inputs))[2:], jnp.result_type(inputs)),
         spec((num_users, n) + tuple(np.shape(labels))[2:], jnp.result_type(labels)),
         jax.eval_shape(lambda: jax.random.split(jax.random.key(0), num_users)),
     )
-    return _plan_chunks(
-        model, loss, _per_user_config(cfg, cfg.is_multi_step), payload, users, sharding.users_mesh(devices), devices,
-        users_per_chunk, per_user_convs,
-    )
+
+
+def choose_strategy(model, payload: ServerPayload, users_data: UserData, cfg: UserConfig,
+                    strategy: Optional[Strategy] = None, loss: Optional[LossFn] = None) -> Strategy:
+    """The strategy ``aggregate`` would run these users with (``fedjax_users.strategy.choose``)."""
+    users = _stacked_users_spec(model, payload, users_data, cfg)
+    return _choose(model, loss or softmax_cross_entropy, _per_user_config(cfg, cfg.is_multi_step), payload, users,
+                   strategy)
 
 
 def aggregate(
@@ -386,10 +378,8 @@ def aggregate(
     key: Array,
     users_state: Optional[PyTree] = None,
     loss: LossFn = softmax_cross_entropy,
-    users_per_chunk: Optional[int] = None,
-    devices: Optional[Sequence[jax.Device]] = None,
+    strategy: Optional[Strategy] = None,
     progress: Optional[Callable[[int, int], None]] = None,
-    per_user_convs: Optional[bool] = None,
     check_finite: Optional[bool] = None,
 ) -> tuple[SharedData, TrueUserData]:
     """breaching's ``MultiUserAggregate`` as intended: the mean of the users' shared updates.
@@ -399,21 +389,17 @@ def aggregate(
     are their own BatchNorm statistics, used when the server sends no buffers; the updated ones
     come back in ``true_data.user_state``.
 
-    The users axis is sharded over ``devices`` (default ``jax.devices()``: every local device, or
-    every device of every host after ``jax.distributed.initialize``; see ``fedjax_users.sharding``).
-    Each device runs ``users_per_chunk`` users at a time; ``None`` picks the largest chunk that
-    fits a quarter of the free memory (``fedjax_users.chunking.auto_users_per_chunk``).
+    How the users run is ``strategy`` (``fedjax_users.strategy.Strategy``): the devices the users
+    axis is split over (default every device, of every host after ``jax.distributed.initialize``),
+    the users each device runs at a time, im2col convolutions for multi-step users; its open fields
+    are chosen by ``fedjax_users.strategy.choose``, which says what a call would use.
     ``progress(users done, users)`` is called on the host as chunks finish (for example
     ``fedjax_users.progress.TextProgress()``); it is not called under an outer ``jit``.
-    ``per_user_convs``: run multi-step users' convolutions after their first step as im2col
-    matmuls (``fedjax_users.patches``) rather than the grouped convolutions that ``vmap`` makes of
-    per-user kernels. ``None`` turns it on on CPU devices when a chunk holds more than one user
-    (2-3x faster there); on other platforms it is off unless asked for (not measured).
     ``check_finite`` as in ``local_gradient``; a non-finite mean names the first user whose own
     update is non-finite, and its local step (found only on that error path).
     """
     users_data = validation.validate_users(
-        model, payload, users_data, cfg, key, users_state, loss, users_per_chunk, check_finite
+        model, payload, users_data, cfg, key, users_state, loss, (strategy or Strategy()).users_per_chunk, check_finite
     )
     finite_mode = validation.finite_check_mode(check_finite, payload, users_data, key, users_state)
     inputs, labels = jnp.asarray(users_data.inputs), jnp.asarray(users_data.labels)
@@ -428,25 +414,21 @@ def aggregate(
         users_state = jax.tree_util.tree_map(lambda s: jnp.broadcast_to(s, (num_users,) + s.shape), fresh)
     keys = jax.random.split(key, num_users)
     users_stats_in = users_state if train else None
-    mesh = sharding.users_mesh(devices)
-    plan = _plan_chunks(
-        model, loss, user_cfg, payload, (users_stats_in, inputs, labels, keys), mesh, devices,
-        users_per_chunk, per_user_convs,
-    )
-    per_device, size, per_user_convs = plan.users_per_device, plan.users_per_chunk, plan.per_user_convs
+    strategy = _choose(model, loss, user_cfg, payload, (users_stats_in, inputs, labels, keys), strategy)
+    mesh = sharding.users_mesh(strategy.devices)
+    per_device, size = sharding.users_per_device(num_users, mesh), strategy.users_per_chunk
     shared_args = sharding.to_global((payload.params, payload.batch_stats), mesh)
     users_args, valid = sharding.place_users((inputs, labels, keys, users_stats_in), mesh)
 
     def step(first, count):
         return _aggregate_chunks_jit(
-            model, loss, compute_config(user_cfg), size, mesh, per_user_convs,
-            shared_args, users_args, valid, first, count,
+            model, loss, compute_config(user_cfg), strategy, mesh, shared_args, users_args, valid, first, count
         )
 
     # Under an outer jit the loop below runs once, at trace time: no progress to report.
     traced = isinstance(inputs, jax.core.Tracer) or isinstance(labels, jax.core.Tracer)
     # Users without convolutions run all chunks in one scan (see chunking); others one per call.
-    chunks_per_step = plan.chunks if per_user_convs else 1
+    chunks_per_step = chunking.num_chunks(per_device, size) if strategy.per_user_convs else 1
     total, (users_stats, recorded) = chunking.sum_chunks(
         step, per_device, size, num_users, None if traced else progress, chunks_per_step
     )
@@ -462,7 +444,7 @@ def aggregate(
         own_cfg = user_cfg.replace(num_local_updates=steps) if user_cfg.is_multi_step else user_cfg
         own_stats = None if users_stats_in is None else jax.tree_util.tree_map(lambda s: s[user], users_stats_in)
         g, s, _ = _user_jit(model, loss, compute_config(own_cfg), payload.params, payload.batch_stats, own_stats,
-                            inputs[user], labels[user], keys[user])
+                            inputs[user], labels[user], keys[user], strategy=_single_user_strategy(strategy))
         return {"gradients": g, "batch_stats": s}
 
     validation.check_outputs(finite_mode, {"gradients": mean_grads, "batch_stats": users_stats}, "aggregate",

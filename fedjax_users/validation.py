@@ -27,7 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from fedjax_users import compilation, losses
+from fedjax_users import losses
+
+from fedjax_users.strategy import compilation
 from fedjax_users.config import ConfigError, UserConfig
 from fedjax_users.types import ServerPayload, UserData
 

@@ -73,7 +73,7 @@ def test_aggregate_is_the_mean_of_the_users(case):
     cfg = _cfg(provide_buffers=True, provide_labels=True, provide_local_hyperparams=True, **changes)
     key = jax.random.key(3)
     shared, true_data = fu.aggregate(model, payload, fu.UserData(inputs=xs, labels=ys), cfg, key,
-                                     users_per_chunk=chunk)
+                                     strategy=fu.strategy.Strategy(users_per_chunk=chunk))
     alone = _one_by_one(model, payload, xs, ys, cfg, key)
 
     assert_trees_close(shared.gradients, _mean([s.gradients for s, _, _ in alone]), rtol=1e-4, atol=1e-7)
@@ -118,7 +118,7 @@ def test_per_user_convs_give_the_same_update(buffers):
     payload = server_payload(model, xs[0], buffers=buffers)
     cfg = _cfg(steps=3, provide_buffers=True)
     data = fu.UserData(inputs=xs, labels=ys)
-    runs = [fu.aggregate(model, payload, data, cfg, jax.random.key(4), users_per_chunk=USERS, per_user_convs=flag)
+    runs = [fu.aggregate(model, payload, data, cfg, jax.random.key(4), strategy=fu.strategy.Strategy(users_per_chunk=USERS, per_user_convs=flag))
             for flag in (True, False)]
     (matmuls, matmul_data), (convs, conv_data) = runs
     assert_trees_close(matmuls.gradients, convs.gradients, rtol=1e-4, atol=1e-7)
@@ -151,10 +151,10 @@ def test_users_state_persists_across_queries():
     payload = server_payload(model, xs[0])
     cfg = _cfg(provide_buffers=True, provide_labels=True, provide_local_hyperparams=True, **changes)
     data = fu.UserData(inputs=xs, labels=ys)
-    _, first = fu.aggregate(model, payload, data, cfg, jax.random.key(0), users_per_chunk=chunk)
+    _, first = fu.aggregate(model, payload, data, cfg, jax.random.key(0), strategy=fu.strategy.Strategy(users_per_chunk=chunk))
     xs2 = 2.0 * xs + 1.0
     shared, second = fu.aggregate(model, payload, fu.UserData(inputs=xs2, labels=ys), cfg, jax.random.key(1),
-                                  users_state=first.user_state, users_per_chunk=chunk)
+                                  users_state=first.user_state, strategy=fu.strategy.Strategy(users_per_chunk=chunk))
     np.testing.assert_array_equal(second.user_state["bn"]["num_batches_tracked"], [2] * USERS)
     alone = _one_by_one(model, payload, xs2, ys, cfg, jax.random.key(1), _unstack(first.user_state, USERS))
     assert_trees_close(second.user_state, _stack([state for _, _, state in alone]), rtol=1e-5)
@@ -179,7 +179,7 @@ def test_aggregate_without_batchnorm():
     payload = server_payload(model, xs[0])
     cfg = _cfg(users=3, steps=2, provide_buffers=True)
     shared, true_data = fu.aggregate(model, payload, fu.UserData(inputs=xs, labels=ys), cfg, jax.random.key(0),
-                                     users_per_chunk=2)
+                                     strategy=fu.strategy.Strategy(users_per_chunk=2))
     alone = _one_by_one(model, payload, xs, ys, cfg, jax.random.key(0))
     assert_trees_close(shared.gradients, _mean([s.gradients for s, _, _ in alone]), rtol=1e-4, atol=1e-7)
     # Users in train mode share the model's (empty) buffer list: an empty tree.
@@ -208,9 +208,9 @@ def test_aggregate_jits():
     data = fu.UserData(inputs=xs, labels=ys)
     changes, _, chunk = CASES["multi-train-chunk1"]
     cfg = _cfg(provide_buffers=True, provide_labels=True, provide_local_hyperparams=True, **changes)
-    jitted = jax.jit(fu.aggregate, static_argnums=(0, 3), static_argnames=("users_per_chunk",))
-    got = jitted(model, payload, data, cfg, jax.random.key(2), users_per_chunk=chunk)
-    want = fu.aggregate(model, payload, data, cfg, jax.random.key(2), users_per_chunk=chunk)
+    jitted = jax.jit(fu.aggregate, static_argnums=(0, 3), static_argnames=("strategy",))
+    got = jitted(model, payload, data, cfg, jax.random.key(2), strategy=fu.strategy.Strategy(users_per_chunk=chunk))
+    want = fu.aggregate(model, payload, data, cfg, jax.random.key(2), strategy=fu.strategy.Strategy(users_per_chunk=chunk))
     for a, b in zip(got, want):
         assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
         jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), a, b)
@@ -242,28 +242,39 @@ def test_aggregate_data_errors():
     with pytest.raises(ValueError, match=r"different lengths: 5 and 4"):
         fu.aggregate(model, payload, fu.UserData(inputs=xs, labels=ys[:, :4]), _cfg(), jax.random.key(0))
     with pytest.raises(ValueError, match="users_per_chunk must be >= 1"):
-        fu.aggregate(model, payload, fu.UserData(inputs=xs, labels=ys), _cfg(), jax.random.key(0), users_per_chunk=0)
+        fu.aggregate(model, payload, fu.UserData(inputs=xs, labels=ys), _cfg(), jax.random.key(0),
+                     strategy=fu.strategy.Strategy(users_per_chunk=0))
     with pytest.raises(ValueError, match=r"params\['fc'\]\['kernel'\] has shape"):
         bad = fu.ServerPayload(params={**payload.params, "fc": {**payload.params["fc"], "kernel": jnp.zeros((4, 5))}})
         fu.aggregate(model, bad, fu.UserData(inputs=xs, labels=ys), _cfg(), jax.random.key(0))
 
 
-def test_plan_chunks_is_the_plan_aggregate_runs():
-    # 5 multi-step users: the plan's chunk count is how often a per-chunk progress fires when the
-    # chunks run one per call (per_user_convs off), and its flag what the users' steps run as.
+def test_the_chosen_strategy_is_the_one_aggregate_runs():
+    # 5 multi-step users on one device: the chosen chunk decides how often a per-chunk progress
+    # fires when the chunks run one per call (per_user_convs off), and per_user_convs what the
+    # users' steps run as.
     model = TinyBNNet()
     xs, ys = _users_data(seed=11)
     payload, data, cfg = server_payload(model, xs[0]), fu.UserData(inputs=xs, labels=ys), _cfg(steps=2)
-    for chunk, flag, expected in ((2, False, (2, 3, False)), (2, True, (2, 3, True)), (1, True, (1, 5, False))):
-        plan = fu.plan_chunks(model, payload, data, cfg, users_per_chunk=chunk, per_user_convs=flag, devices=jax.devices()[:1])
-        assert (plan.users_per_chunk, plan.chunks, plan.per_user_convs) == expected
-        assert plan.users_per_device == USERS
-    plan = fu.plan_chunks(model, payload, data, cfg, per_user_convs=False, devices=jax.devices()[:1])
+    one = jax.devices()[:1]
+    for chunk, flag, expected in ((2, False, (2, False)), (2, True, (2, True)), (1, True, (1, False)), (9, None, (5, True))):
+        chosen = fu.strategy.choose(model, payload, data, cfg, fu.strategy.Strategy(devices=one, users_per_chunk=chunk, per_user_convs=flag))
+        assert (chosen.users_per_chunk, chosen.per_user_convs) == expected
+        assert chosen.devices == tuple(one)
+    chosen = fu.strategy.choose(model, payload, data, cfg, fu.strategy.Strategy(devices=one, per_user_convs=False))
     reports = []
-    fu.aggregate(model, payload, data, cfg, jax.random.key(0), per_user_convs=False, devices=jax.devices()[:1],
+    fu.aggregate(model, payload, data, cfg, jax.random.key(0), strategy=fu.strategy.Strategy(devices=one, per_user_convs=False),
                  progress=lambda done, total: reports.append(done))
-    assert len(reports) == plan.chunks + 1  # before the first chunk, then after each
+    assert len(reports) == -(-USERS // chosen.users_per_chunk) + 1  # before the first chunk, then after each
     # Single-step users never take the matmul path (their kernels are the server's).
-    single = fu.plan_chunks(model, payload, data, _cfg(steps=1), users_per_chunk=2, per_user_convs=True,
-                            devices=jax.devices()[:1])
+    single = fu.strategy.choose(model, payload, data, _cfg(steps=1), fu.strategy.Strategy(devices=one, users_per_chunk=2, per_user_convs=True))
     assert not single.per_user_convs
+
+
+def test_a_strategy_with_bad_values_is_refused_before_computing():
+    with pytest.raises(fu.ConfigError, match="users_per_chunk must be >= 1, got 0"):
+        fu.strategy.Strategy(users_per_chunk=0)
+    with pytest.raises(fu.ConfigError, match="examples_per_chunk must be an integer, got 2.5"):
+        fu.strategy.Strategy(examples_per_chunk=2.5)
+    with pytest.raises(fu.ConfigError, match="devices must name at least one device"):
+        fu.strategy.Strategy(devices=())

@@ -64,12 +64,13 @@ def test_markdown_and_plot(smoke_outputs):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+@pytest.mark.slow
 def test_memory_run_reports_a_peak():
     result = memory.run(memory.SMOKE_SPECS, log=lambda _: None)["runs"][0]
     assert "error" not in result, result
     assert result["finite"] and result["users"] == 4
     # 4 users split over the child's devices (4 under the test command's XLA_FLAGS), in chunks of
-    # at most 2 a device, as fu.plan_chunks reports them.
+    # at most 2 a device, as fu.strategy.choose reports them.
     per_device = -(-4 // result["devices"])
     assert result["chunk_users"] == min(2, per_device)
     assert result["chunks"] == -(-per_device // min(2, per_device))

@@ -1,4 +1,6 @@
-"""Chunked sums over users and the automatic chunk size (``fedjax_users.chunking``)."""
+"""Chunked sums over users and the automatic chunk size (``fedjax_users.strategy.chunking``)."""
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,7 @@ import pytest
 from conftest import TinyBNNet, TinyDense, make_data, server_payload
 
 import fedjax_users as fu
-from fedjax_users import chunking
+from fedjax_users.strategy import chunking
 from fedjax_users.models import vision
 
 
@@ -81,13 +83,19 @@ def test_per_user_cost_grows_with_the_batch():
     large_user = (jax.ShapeDtypeStruct((32, 16, 16, 3), jnp.float32),)
     large = chunking.per_user_bytes(user, *large_user)
     assert large > 2 * small
-    # On CPU the default budget is the cache-sized CPU_CHUNK_BYTES, far below a quarter of the RAM.
+    # On CPU the default budget is the cache-sized cpu.USERS_CHUNK_BYTES, far below a quarter of the RAM.
     assert jax.default_backend() == "cpu"
-    assert chunking.auto_users_per_chunk(user, large_user, 10**6) == chunking.CPU_CHUNK_BYTES // large
+    assert chunking.auto_users_per_chunk(user, large_user, 10**6) == fu.strategy.cpu.USERS_CHUNK_BYTES // large
 
 
-def test_available_memory_is_positive():
-    assert chunking.available_memory_bytes() > 0
+def test_available_memory_is_the_devices_free_bytes_or_the_hosts_available_ram():
+    class Accelerator:
+        def memory_stats(self):
+            return {"bytes_limit": 10_000, "bytes_in_use": 2_500}
+
+    assert chunking.available_memory_bytes(Accelerator()) == 7_500
+    total_ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < chunking.available_memory_bytes(jax.devices("cpu")[0]) <= total_ram
 
 
 @pytest.mark.parametrize("num_local_updates", [1, 2], ids=["single_step", "multi_step"])
@@ -111,7 +119,8 @@ def test_aggregate_does_not_depend_on_the_chunk(num_local_updates):
     )
     data = fu.UserData(inputs=x, labels=y)
     results = [
-        fu.aggregate(model, payload, data, cfg, jax.random.key(4), users_per_chunk=chunk) for chunk in (1, 2, 5, None)
+        fu.aggregate(model, payload, data, cfg, jax.random.key(4), strategy=fu.strategy.Strategy(users_per_chunk=chunk))
+        for chunk in (1, 2, 5, None)
     ]
     for shared, true_data in results[1:]:
         jax.tree_util.tree_map(
@@ -139,7 +148,7 @@ def test_single_step_sum_equals_the_users_alone(model_name, buffers, distributio
          "num_local_updates": 1, "provide_buffers": True}
     ).replace(local_diff_privacy=dp)
     key = jax.random.key(12)
-    shared, true_data = fu.aggregate(model, payload, fu.UserData(inputs=x, labels=y), cfg, key, users_per_chunk=2)
+    shared, true_data = fu.aggregate(model, payload, fu.UserData(inputs=x, labels=y), cfg, key, strategy=fu.strategy.Strategy(users_per_chunk=2))
 
     alone_cfg = cfg.replace(user_type="local_gradient", user_range=None)
     keys = jax.random.split(key, users)

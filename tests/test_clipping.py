@@ -1,4 +1,4 @@
-"""The fast per-example clipping path equals plain ``vmap`` clipping (``fedjax_users.clipping``)."""
+"""The fast per-example clipping path equals plain ``vmap`` clipping (``fedjax_users.strategy.clipping``)."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_users import clipping, compilation, privacy
+from fedjax_users import privacy
+
+from fedjax_users.strategy import clipping, compilation, cpu
 from fedjax_users.batchnorm import BatchNorm
 from fedjax_users.losses import softmax_cross_entropy
 from fedjax_users.models import vision
@@ -232,15 +234,15 @@ def test_chunk_bounds_cover_the_batch():
 
 
 def test_auto_chunk_follows_the_budget_and_the_unroll_cap(monkeypatch):
-    assert clipping.MIN_EXAMPLES_PER_CHUNK == 32
     assert clipping.auto_examples_per_chunk(256, 1000, budget_bytes=64_000) == 64
     assert clipping.auto_examples_per_chunk(128, 1000, budget_bytes=41_000) == 32  # 4 even chunks, not 41+41+41+5
     assert clipping.auto_examples_per_chunk(10, 1000, budget_bytes=64_000) == 10  # at most the batch
-    assert clipping.auto_examples_per_chunk(256, 10**9, budget_bytes=64_000) == 32  # at least the minimum
+    minimum = cpu.MIN_EXAMPLES_PER_CHUNK
+    assert clipping.auto_examples_per_chunk(256, 10**9, budget_bytes=64_000) == minimum  # at least the minimum
     assert clipping.auto_examples_per_chunk(20, 10**9, budget_bytes=64_000) == 20
     # Past MAX_UNROLLED_CHUNKS chunks, chunks grow instead.
-    assert clipping.auto_examples_per_chunk(4096, 1000, budget_bytes=32_000) == 4096 // clipping.MAX_UNROLLED_CHUNKS
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert clipping.auto_examples_per_chunk(4096, 1000, budget_bytes=32_000) == 4096 // cpu.MAX_UNROLLED_CHUNKS
+    monkeypatch.setattr(cpu, "is_cpu", lambda devices=None: False)
     assert clipping.auto_examples_per_chunk(256, 10**9) == 256  # off CPU: one chunk
 
 

@@ -1,27 +1,28 @@
-"""Compile options (``fedjax_users.compilation``): where they apply and where they may not."""
+"""Compile options (``fedjax_users.strategy.compilation``): where they apply and where they may not."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import fedjax_users as fu
-from fedjax_users import compilation, users
+from fedjax_users import users
+from fedjax_users.strategy import compilation, cpu
 from fedjax_users.models import vision
 
 
 def test_options_only_on_cpu():
-    assert compilation.compiler_options("cpu") == compilation.CPU_COMPILER_OPTIONS
+    assert compilation.compiler_options("cpu") == cpu.COMPILER_OPTIONS
     assert compilation.compiler_options("gpu") == {}
     assert compilation.compiler_options("tpu") == {}
-    assert fu.compiler_options() == compilation.compiler_options(jax.default_backend())
+    assert fu.strategy.compiler_options() == compilation.compiler_options(jax.devices()[0].platform)
 
 
 def test_fedjax_jit_keeps_the_callers_options():
     f = lambda x: jnp.sin(x) * 2  # noqa: E731
     x = jnp.arange(4.0)
-    np.testing.assert_array_equal(fu.jit(f)(x), jax.jit(f)(x))
+    np.testing.assert_array_equal(fu.strategy.jit(f)(x), jax.jit(f)(x))
     # A caller's own option reaches XLA (an invalid value proves it).
-    bad = fu.jit(f, compiler_options={"xla_cpu_enable_fast_math": "not a bool"})
+    bad = fu.strategy.jit(f, compiler_options={"xla_cpu_enable_fast_math": "not a bool"})
     try:
         bad(x)
     except Exception as error:  # XLA rejects the value at compile time
@@ -52,9 +53,9 @@ def test_memory_optimized_schedule_reuses_chunk_buffers():
 def test_options_only_past_the_mmap_threshold():
     # Eight chunks (98 MiB of scratch by default) pass the threshold, one chunk (12 MiB) does not.
     big, small = jnp.ones((256, 1000)), jnp.ones((32, 1000))
-    step = fu.jit(_chunks)
+    step = fu.strategy.jit(_chunks)
     np.testing.assert_allclose(step(big), jax.jit(_chunks)(big), rtol=1e-6)
-    small_step = fu.jit(lambda x: jnp.einsum("bik,bi->k", jnp.sin(x[:, :, None] * jnp.arange(100.0)), x))
+    small_step = fu.strategy.jit(lambda x: jnp.einsum("bik,bi->k", jnp.sin(x[:, :, None] * jnp.arange(100.0)), x))
     np.testing.assert_allclose(small_step(small), jax.jit(small_step.__wrapped__)(small), rtol=1e-6)
     assert list(step.decided.values()) == [True]
     assert list(small_step.decided.values()) == [False]
@@ -104,7 +105,7 @@ def test_local_gradient_inside_jit_with_closed_over_data():
     key = jax.random.key(2)
     eager = fu.local_gradient(model, payload, data, cfg, key)[0].gradients
     closed = jax.jit(lambda: fu.local_gradient(model, payload, data, cfg, key)[0].gradients)()
-    wrapped = fu.jit(lambda k: fu.local_gradient(model, payload, data, cfg, k)[0].gradients)(key)
+    wrapped = fu.strategy.jit(lambda k: fu.local_gradient(model, payload, data, cfg, k)[0].gradients)(key)
     for a, b, c in zip(*(jax.tree_util.tree_leaves(t) for t in (eager, closed, wrapped))):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(c, a, rtol=1e-6, atol=1e-7)

@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_users import models, patches
+from fedjax_users import models
+
+from fedjax_users.strategy import patches
 
 CONVS = {
     "strided-dilated-same": (nn.Conv(3, (3, 2), strides=(2, 1), kernel_dilation=(1, 2), padding="SAME"), (2, 7, 6, 4)),

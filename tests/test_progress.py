@@ -23,8 +23,8 @@ def _aggregate(users_per_chunk, progress_fn=None, devices=None):
     cfg = fu.UserConfig(user_type="multiuser_aggregate", user_range=(0, 7), num_data_points=3,
                         num_local_updates=2, num_data_per_local_update_step=2, local_learning_rate=0.1)
     return fu.aggregate(model, server_payload(model, xs[0]), fu.UserData(inputs=xs, labels=ys), cfg,
-                        jax.random.key(0), users_per_chunk=users_per_chunk, progress=progress_fn,
-                        devices=devices)
+                        jax.random.key(0), progress=progress_fn,
+                        strategy=fu.strategy.Strategy(users_per_chunk=users_per_chunk, devices=devices))
 
 
 def test_aggregate_reports_each_chunk_and_computes_the_same():

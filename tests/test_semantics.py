@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import fedjax_users as fu
-from fedjax_users import clipping, semantics, users
+from fedjax_users import semantics, users
+from fedjax_users.strategy import clipping
 from fedjax_users.losses import softmax_cross_entropy
 from conftest import TinyBNNet, assert_trees_close, make_data, server_payload
 
@@ -61,7 +62,7 @@ def test_chunked_fast_clipping_equals_the_plain_clipped_mean():
 
 
 @pytest.mark.parametrize("buffers", [False, True])
-@pytest.mark.parametrize("steps", [3, users.MAX_UNROLLED_STEPS + 2])  # unrolled, then a masked lax.scan
+@pytest.mark.parametrize("steps", [3, fu.strategy.cpu.MAX_UNROLLED_STEPS + 2])  # unrolled, then a masked lax.scan
 def test_local_update_equals_the_plain_multi_step_user(buffers, steps):
     x, y = make_data(5)
     payload = server_payload(MODEL, x, buffers=buffers)
@@ -76,7 +77,7 @@ def test_im2col_convolutions_equal_the_plain_multi_step_user():
     x, y = make_data(5)
     payload = server_payload(MODEL, x)
     cfg = _multi(3, 2, DEFENDED)
-    fast = _oracle(functools.partial(users._multi_step, per_user_convs=True), cfg, payload, x, y)
+    fast = _oracle(lambda m, l, c, *args: users._multi_step(m, l, c, fu.strategy.Strategy(per_user_convs=True), *args), cfg, payload, x, y)
     plain = _oracle(semantics.multi_step_user, cfg, payload, x, y)
     assert_trees_close(fast.gradients, plain.gradients, rtol=1e-4, atol=1e-6)
     assert_trees_close(fast.batch_stats, plain.batch_stats, rtol=1e-4, atol=1e-6)
@@ -97,23 +98,23 @@ def _users(num_users, n):
 
 
 @pytest.mark.parametrize(
-    "cfg, options",
+    "cfg, strategy",
     [
         (_multi(1, 2, dict(gradient_noise=0.01, input_noise=0.05, distribution="gaussian"), n=2,
-                user_type="multiuser_aggregate", user_range=(0, 5)), {}),  # one summed gradient
+                user_type="multiuser_aggregate", user_range=(0, 5)), fu.strategy.Strategy()),  # one summed gradient
         (_multi(1, 2, dict(per_example_clipping=0.5), n=2, user_type="multiuser_aggregate", user_range=(0, 5)),
-         {"users_per_chunk": 2}),  # clipped users, chunks of 2 (the last one padded)
+         fu.strategy.Strategy(users_per_chunk=2)),  # clipped users, chunks of 2 (the last one padded)
         (_multi(3, 1, DEFENDED, n=2, user_type="multiuser_aggregate", user_range=(0, 5)),
-         {"per_user_convs": True}),  # im2col convolutions, chunks in one scan
+         fu.strategy.Strategy(per_user_convs=True)),  # im2col convolutions, chunks in one scan
         (_multi(3, 1, DEFENDED, n=2, user_type="multiuser_aggregate", user_range=(0, 5)),
-         {"per_user_convs": False, "users_per_chunk": 1}),
+         fu.strategy.Strategy(per_user_convs=False, users_per_chunk=1)),
     ],
 )
 @pytest.mark.parametrize("buffers", [False, True])
-def test_aggregate_equals_the_mean_of_plain_users(cfg, options, buffers):
+def test_aggregate_equals_the_mean_of_plain_users(cfg, strategy, buffers):
     xs, ys = _users(5, 2)
     payload = server_payload(MODEL, xs[0], buffers=buffers)
-    shared, true_data = fu.aggregate(MODEL, payload, fu.UserData(inputs=xs, labels=ys), cfg, KEY, **options)
+    shared, true_data = fu.aggregate(MODEL, payload, fu.UserData(inputs=xs, labels=ys), cfg, KEY, strategy=strategy)
     fresh = users.initial_batch_stats(MODEL, xs[0])
     stats = None if buffers else jax.tree_util.tree_map(lambda s: jnp.broadcast_to(s, (5,) + s.shape), fresh)
     user_cfg = users._per_user_config(cfg, cfg.is_multi_step)

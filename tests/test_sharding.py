@@ -1,4 +1,4 @@
-"""The users axis sharded over devices equals the one-device aggregate (``fedjax_users.sharding``).
+"""The users axis sharded over devices equals the one-device aggregate (``fedjax_users.strategy.sharding``).
 
 JAX fixes the device count at start-up, so the multi-device checks run in child processes:
 four CPU devices via ``--xla_force_host_platform_device_count``, and two processes of two
@@ -13,8 +13,9 @@ import textwrap
 
 import jax
 import numpy as np
+import pytest
 
-from fedjax_users import sharding
+from fedjax_users.strategy import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
@@ -71,15 +72,15 @@ _COMMON = textwrap.dedent(
 
 _FOUR_DEVICES = _COMMON + textwrap.dedent(
     """
-    from fedjax_users import chunking, sharding
+    from fedjax_users.strategy import chunking, sharding
     assert len(jax.devices()) == 4 and sharding.users_mesh().size == 4
     checked = 0
     for model, multi, buffers, clip in GRID:
         payload, data, cfg = case(model, multi, buffers, clip)
         key = jax.random.key(3)
-        one = fu.aggregate(model, payload, data, cfg, key, devices=jax.devices()[:1], users_per_chunk=3)
+        one = fu.aggregate(model, payload, data, cfg, key, strategy=fu.strategy.Strategy(devices=jax.devices()[:1], users_per_chunk=3))
         chunk = None if checked == 0 else 1 + checked % 2  # automatic once, then 1 or 2 users per device
-        many = fu.aggregate(model, payload, data, cfg, key, users_per_chunk=chunk)  # default: 4 devices
+        many = fu.aggregate(model, payload, data, cfg, key, strategy=fu.strategy.Strategy(users_per_chunk=chunk))  # default: 4 devices
         what = f"{type(model).__name__} multi={multi} buffers={buffers} clip={clip} chunk={chunk}"
         compare(many[0].gradients, one[0].gradients, what + " gradients")
         compare(many[0].batch_stats, one[0].batch_stats, what + " mean buffers")
@@ -126,7 +127,7 @@ _TWO_HOSTS = _COMMON + textwrap.dedent(
     payload, data, cfg = case(model, multi, buffers)
     key = jax.random.key(3)
     many = fu.aggregate(model, payload, data, cfg, key)  # default: the global mesh of 4 devices
-    one = fu.aggregate(model, payload, data, cfg, key, devices=jax.local_devices()[:1], users_per_chunk=2)
+    one = fu.aggregate(model, payload, data, cfg, key, strategy=fu.strategy.Strategy(devices=jax.local_devices()[:1], users_per_chunk=2))
     compare(many[0].gradients, one[0].gradients, "gradients")
     states = multihost_utils.process_allgather(many[1].user_state, tiled=True)
     compare(states, one[1].user_state, "user states")
@@ -150,11 +151,13 @@ def _finish(process, timeout=600):
     return out
 
 
+@pytest.mark.slow
 def test_four_devices_equal_one_device():
     out = _finish(_run(_FOUR_DEVICES, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}))
     assert "checked 7" in out
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_device():
     with socket.socket() as probe:
         probe.bind(("localhost", 0))

@@ -124,7 +124,7 @@ def test_step_slices_match_python_slicing(n, k, steps):
          "scan-ragged-eval"],
 )
 def test_local_update_equals_reference_loop(n, k, steps, buffers):
-    assert (steps > fu.users.MAX_UNROLLED_STEPS) == (steps > 16)
+    assert (steps > fu.strategy.cpu.MAX_UNROLLED_STEPS) == (steps > 16)
     model = TinyBNNet()
     x, y = make_data(n, seed=3)
     payload = server_payload(model, x, buffers=buffers)

@@ -1,11 +1,11 @@
 """``python -m benchmarks.studies.clip_chunks``: clipped lenet_zhu gradients by chunk of examples, and why chunks.
 
 For each batch size, times ``clipping.clipped_mean_gradient`` in chunks of several sizes, jitted
-with the memory-optimized XLA:CPU scheduler (``fu.compiler_options()``) and with XLA's default
+with the memory-optimized XLA:CPU scheduler (``fu.strategy.compiler_options()``) and with XLA's default
 scheduler, alternating
 the variants after an untimed switch-in call each. Prints the median ms, XLA's scratch (MiB), and
 the minor page faults and kernel (system) ms per call of each variant: under the default scheduler
-the chunks' scratch adds up, and past 32 MiB every call faults it in afresh. ``fu.jit`` takes the
+the chunks' scratch adds up, and past 32 MiB every call faults it in afresh. ``fu.strategy.jit`` takes the
 memory-optimized variant where the default one's scratch passes that threshold.
 """
 
@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 import fedjax_users as fu
 from benchmarks import timing
-from fedjax_users import clipping, models
+from fedjax_users import models
+from fedjax_users.strategy import clipping
 from fedjax_users.losses import softmax_cross_entropy
 
 
@@ -55,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             chunk = None if size == 0 else min(size, batch)
             fn = lambda p, x, y, chunk=chunk: clipping.clipped_mean_gradient(  # noqa: E731
                 objective, p, (x, y), 1.0, examples_per_chunk=chunk)[0]
-            for name, options in (("memory-opt.", fu.compiler_options()), ("default", None)):
+            for name, options in (("memory-opt.", fu.strategy.compiler_options()), ("default", None)):
                 compiled = jax.jit(fn, compiler_options=options or None).lower(params, inputs, labels).compile()
                 scratch = compiled.memory_analysis().temp_size_in_bytes / 2**20
                 variants[f"chunk {size or 'auto'}, {name}"] = (compiled, scratch)

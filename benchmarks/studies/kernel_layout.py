@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
-from fedjax_users import models, patches
+from fedjax_users import models
+from fedjax_users.strategy import patches
 
 
 def _plain(module: nn.Conv, x: jax.Array, kernel: jax.Array) -> jax.Array:

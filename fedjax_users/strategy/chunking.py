@@ -6,10 +6,10 @@ grows with the users in flight, not with their total. Within a chunk a *chunk fu
 the kept users' summed update; ``vmap_sum`` builds one from a per-user function.
 ``auto_users_per_chunk`` picks the chunk from what XLA says one user needs and a memory budget.
 
-The loop is a Python loop, not ``lax.scan``, for users with convolutions: XLA's CPU backend runs
-convolution weight gradients inside a while loop about 50x slower than outside one (measured
-with jax 0.10.2), and all chunks have one shape, so the jitted step compiles once. Users whose
-convolutions run as matmuls (``fedjax_users.patches``) loop over their chunks in one
+The loop is a Python loop, not ``lax.scan``, for users with convolutions: XLA:CPU runs
+convolution weight gradients inside a while loop many times slower than outside one (see
+``strategy.cpu``), and all chunks have one shape, so the jitted step compiles once. Users whose
+convolutions run as matmuls (``fedjax_users.strategy.patches``) loop over their chunks in one
 ``lax.scan`` (``scan_chunks``), which saves the host loop's dispatch and, under an outer ``jit``,
 keeps the program from growing with the number of chunks.
 """
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_users import compilation
+from fedjax_users.strategy import compilation, cpu
 
 Array = jax.Array
 PyTree = Any
@@ -38,9 +38,6 @@ StepFn = Callable[[int, int], tuple[PyTree, PyTree]]
 # Share of the free memory a chunk of users may use by default: the rest is headroom for the
 # inputs, the per-user outputs and XLA's own buffers.
 DEFAULT_MEMORY_FRACTION = 0.25
-# On CPU a chunk larger than this only loses cache locality (2 cores, 1,000 lenet_zhu users of 8
-# examples: 0.8 s in chunks of 10 users, 2.7 s in chunks of 100, 2.9 s in one chunk of 1,000).
-CPU_CHUNK_BYTES = 8 * 2**20
 
 
 def masked_sum(updates: PyTree, keep: Array) -> PyTree:
@@ -247,15 +244,15 @@ def auto_users_per_chunk(
 ) -> int:
     """Users per chunk so that a chunk fits ``budget_bytes``.
 
-    The default budget is a quarter of the free memory, and at most ``CPU_CHUNK_BYTES`` on a CPU
+    The default budget is a quarter of the free memory, and at most ``cpu.USERS_CHUNK_BYTES`` on a CPU
     backend (where small chunks run fastest). ``one_user_args`` are one user's arguments (arrays
     or ``ShapeDtypeStruct``); the per-user cost comes from compiling ``fn`` for them once (cached
     under ``cache_key`` when given). The result is at least 1 and at most ``num_users``.
     """
     if budget_bytes is None:
         budget_bytes = int(DEFAULT_MEMORY_FRACTION * available_memory_bytes())
-        if jax.default_backend() == "cpu":
-            budget_bytes = min(budget_bytes, CPU_CHUNK_BYTES)
+        if cpu.is_cpu():
+            budget_bytes = min(budget_bytes, cpu.USERS_CHUNK_BYTES)
     if cache_key is None:
         cost = per_user_bytes(fn, *one_user_args)
     else:

@@ -31,7 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_users import chunking, patches, privacy, semantics
+from fedjax_users import privacy, semantics
+
+from fedjax_users.strategy import chunking, cpu, patches
 
 Array = jax.Array
 PyTree = Any
@@ -280,18 +282,6 @@ def _clipped_sum_fast(
 # ----------------------------------------------------------------------------------------------
 # Chunks of examples
 
-# Scratch a chunk of examples may take on CPU. XLA:CPU allocates a program's scratch on every
-# call; past glibc's mmap threshold that scratch is fresh pages each time, and page faults then
-# cost more than the arithmetic (lenet_zhu, 256 examples in one program of 63 MiB: 16,000 faults
-# a call). Under the memory-optimized scheduler (fedjax_users.compilation) chunks share one
-# chunk's buffers, and chunks this size keep the program's scratch far below that threshold.
-CPU_CHUNK_BYTES = 8 * 2**20
-# Chunks are unrolled (a loop would put the convolutions inside a while loop, which XLA:CPU runs
-# 2-3x slower); past this many, chunks grow instead, to bound the program's size.
-MAX_UNROLLED_CHUNKS = 16
-# Smaller chunks lose more to small convolutions than they save in scratch (resnet18, 32
-# examples: 720 ms in 16 chunks of 2, 556 ms in one).
-MIN_EXAMPLES_PER_CHUNK = 32
 
 
 def _count(examples: PyTree) -> int:
@@ -314,13 +304,14 @@ def example_bytes(layers: list[_Layer], example: PyTree) -> int:
 
 
 def auto_examples_per_chunk(count: int, per_example_bytes: int, budget_bytes: Optional[int] = None) -> int:
-    """Examples per chunk: the whole batch off CPU; on CPU what fits ``CPU_CHUNK_BYTES`` (at least 32), in at most 16 even chunks."""
+    """Examples per chunk: the whole batch off CPU; on CPU what fits ``cpu.CLIP_CHUNK_BYTES``
+    (at least ``cpu.MIN_EXAMPLES_PER_CHUNK``), in at most ``cpu.MAX_UNROLLED_CHUNKS`` even chunks."""
     if budget_bytes is None:
-        if jax.default_backend() != "cpu":
+        if not cpu.is_cpu():
             return count
-        budget_bytes = CPU_CHUNK_BYTES
-    size = max(MIN_EXAMPLES_PER_CHUNK, budget_bytes // max(per_example_bytes, 1))
-    chunks = min(chunking.num_chunks(count, size), MAX_UNROLLED_CHUNKS)
+        budget_bytes = cpu.CLIP_CHUNK_BYTES
+    size = max(cpu.MIN_EXAMPLES_PER_CHUNK, budget_bytes // max(per_example_bytes, 1))
+    chunks = min(chunking.num_chunks(count, size), cpu.MAX_UNROLLED_CHUNKS)
     # Even chunks (128 examples in 4 of 32, not 3 of 41 and one of 5): one shape for all but the last.
     return int(chunking.num_chunks(count, chunks))
 

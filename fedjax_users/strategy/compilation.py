@@ -1,23 +1,18 @@
-"""The XLA compile options under which per-example clipping runs best, and ``jit`` with them.
+"""XLA compile options where they pay, and ``jit`` with them.
 
 XLA:CPU's default scheduler is concurrency-optimized: it orders independent operations so that
 they can run side by side, and so keeps their scratch buffers alive together. The chunks of
-examples of per-example clipping (``fedjax_users.clipping``) then need scratch for every chunk
-at once, not for one: 63 MiB instead of 12 for clipped lenet_zhu at 256 examples. XLA:CPU
-allocates that scratch on every call, and past glibc's mmap threshold each call touches fresh
-pages, whose faults cost more than the arithmetic (16,000 faults, 33 against 16 ms a call;
-``python -m benchmarks.clip_chunks``). The memory-optimized scheduler runs the chunks one after
-another in reused buffers.
+examples of per-example clipping (``strategy.clipping``) then need scratch for every chunk at
+once, not for one, and XLA:CPU allocates that scratch on every call: past glibc's mmap threshold
+each call touches fresh pages, whose faults cost more than the arithmetic. The memory-optimized
+scheduler runs the chunks one after another in reused buffers.
 
 It is no general win: programs of small independent operations gain from running them side by
-side on the cores (clipped lenet_zhu at 128 examples, 31.5 MiB of scratch by default: 13.3
-against 9.7 ms in two of three runs of ``benchmarks.clip_chunks``; 4 resnet18 users of an
-aggregate, about 20% slower in an ad-hoc run). So it is
-taken only where the scratch of the default program passes glibc's mmap threshold, where the
-page faults cost more than the lost overlap: fedjax_users' own jitted step does so for clipping
-users, when that step is the program (an eager call), and ``fedjax_users.jit`` does so for a
-caller's program around one. A compile option applies to a whole program, and only the
-outermost ``jax.jit`` takes one.
+side on the cores. So it is taken only where the scratch of the default program passes the mmap
+threshold: by fedjax_users' own jitted step for clipping users, when that step is the program
+(an eager call), and by ``strategy.jit`` for a caller's program around one. A compile option
+applies to a whole program, and only the outermost ``jax.jit`` takes one. The measurements
+behind this are in ``strategy.cpu``.
 """
 
 from __future__ import annotations
@@ -28,17 +23,14 @@ from typing import Any, Callable, Hashable, Optional
 import jax
 import jax.numpy as jnp
 
-# glibc's largest mmap threshold: larger blocks are always mapped afresh, so XLA:CPU's scratch
-# past this size is faulted in page by page on every call.
-MMAP_THRESHOLD_BYTES = 32 * 2**20
-# Valid on every backend (XLA ignores another backend's options); given only on CPU.
-CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+from fedjax_users.strategy import cpu
+
 
 
 def compiler_options(platform: Optional[str] = None) -> dict[str, Any]:
-    """Compile options for ``platform`` (default: JAX's default backend); empty off CPU."""
-    platform = platform or jax.default_backend()
-    return dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else {}
+    """Compile options for ``platform`` (default: that of ``jax.devices()``); empty off CPU."""
+    platform = platform or cpu.platform_of()
+    return dict(cpu.COMPILER_OPTIONS) if platform == "cpu" else {}
 
 
 def jit(fun: Callable, **jit_kwargs: Any) -> Callable:
@@ -70,7 +62,7 @@ def top_level_jit(fun: Callable, wants_options: Callable[..., bool], **jit_kwarg
     """``fun`` jitted, with :func:`compiler_options` where they pay: see the module docstring.
 
     Options are considered when ``wants_options(*args, **kwargs)`` and no trace is on, and taken
-    when the program compiled without them needs more than ``MMAP_THRESHOLD_BYTES`` of scratch
+    when the program compiled without them needs more than ``cpu.MMAP_THRESHOLD_BYTES`` of scratch
     (decided once per argument signature; the plain compile is the one the plain call reuses).
     """
     own = jit_kwargs.pop("compiler_options", None) or {}  # the caller's, kept in both programs
@@ -87,7 +79,7 @@ def top_level_jit(fun: Callable, wants_options: Callable[..., bool], **jit_kwarg
         if key not in decided:
             # jit reuses this compile for the plain call below: the check costs no second compile.
             stats = plain.lower(*args, **kwargs).compile().memory_analysis()
-            decided[key] = stats is not None and stats.temp_size_in_bytes > MMAP_THRESHOLD_BYTES
+            decided[key] = stats is not None and stats.temp_size_in_bytes > cpu.MMAP_THRESHOLD_BYTES
         if not decided[key]:
             return plain(*args, **kwargs)
         chosen = tuple(sorted(options.items()))

@@ -1,11 +1,11 @@
 """Convolutions as patches times kernel (im2col), for layers whose kernel differs per user.
 
 Under ``vmap`` over users whose parameters differ (every local step after the first), XLA lowers a
-convolution with a batched kernel to a grouped convolution, which XLA:CPU runs 2-5x slower than
+convolution with a batched kernel to a grouped convolution, which XLA:CPU runs several times slower than
 the same arithmetic written as im2col patches and one batched matmul: ``[users, positions, window
 * C] @ [users, window * C, features]``. ``convolutions_as_matmuls()`` swaps plain ``nn.Conv``
 layers for that form inside a Flax ``apply``; the result is the same convolution up to float
-rounding. Per-example clipping (``fedjax_users.clipping``) forms kernel gradients from the same
+rounding. Per-example clipping (``fedjax_users.strategy.clipping``) forms kernel gradients from the same
 patches.
 """
 
@@ -109,8 +109,8 @@ def conv_as_matmul(module: nn.Conv, x: Array, kernel: Array, bias: Array | None)
     batched = x.reshape((-1,) + x.shape[-rank - 1 :])
     cols = im2col(module, batched)
     # The kernel's gradient is a contraction over positions, which XLA:CPU forms faster into
-    # [features, fan_in] than into [fan_in, features] (batched over users under vmap: lenet_zhu's
-    # layer gradients 1.1-1.3x faster, ``python -m benchmarks.kernel_layout``). Passing the kernel
+    # [features, fan_in] than into [fan_in, features] (``python -m benchmarks.studies.kernel_layout``).
+    # Passing the kernel
     # through a transpose that the barrier keeps XLA from folding away gives its gradient that layout.
     kernel = jax.lax.optimization_barrier(kernel.reshape(-1, kernel.shape[-1]).T).T
     y = jnp.einsum("n...k,kf->n...f", cols, kernel, precision=module.precision)

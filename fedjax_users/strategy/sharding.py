@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fedjax_users import chunking
+from fedjax_users.strategy import chunking
 
 Array = jax.Array
 PyTree = Any

@@ -1,0 +1,85 @@
+"""How the users are made fast: the execution strategy, apart from what they compute.
+
+What a user computes is ``fedjax_users.semantics``. A ``Strategy`` says how to run it: over which
+devices, how many users and examples at a time, whether per-example clipping forms kernel
+gradients from im2col patches, whether an aggregate's multi-step users run their convolutions as
+matmuls, how many local steps are unrolled. None of it changes the numbers beyond float rounding
+(each fast path is tested against the plain one). ``choose`` fills in what a strategy leaves open
+from the platform, the model and the shapes; every constant it uses is in ``strategy.cpu``.
+
+Modules: ``clipping`` (per-example clipping without per-example weight gradients), ``patches``
+(im2col convolutions), ``chunking`` (users a chunk at a time), ``sharding`` (users over devices
+and hosts), ``compilation`` (XLA:CPU's memory-optimized scheduler where it pays), ``cpu`` (the
+tuned constants).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import numpy as np
+
+from fedjax_users.config import ConfigError
+from fedjax_users.strategy import cpu
+from fedjax_users.strategy.cpu import platform_of
+from fedjax_users.strategy.compilation import compiler_options, jit
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """How users run; ``None`` fields are chosen by ``choose`` (see each field)."""
+
+    # The devices the users axis of an aggregate is split over; None: ``jax.devices()``.
+    devices: Optional[tuple[jax.Device, ...]] = None
+    # Users each device runs at a time in an aggregate; None: the largest chunk that fits the
+    # memory budget (a quarter of the free memory, at most ``cpu.USERS_CHUNK_BYTES`` on CPU).
+    users_per_chunk: Optional[int] = None
+    # An aggregate's multi-step users run their convolutions as im2col matmuls instead of the
+    # grouped convolutions ``vmap`` makes of per-user kernels; None: on CPU when a chunk holds
+    # more than one user (not measured elsewhere, so off there).
+    per_user_convs: Optional[bool] = None
+    # Per-example clipping forms dense and convolution kernel gradients from the layer's inputs and
+    # cotangents; False: a plain ``vmap`` of per-example gradients.
+    fast_clipping: bool = True
+    # Examples per chunk of per-example clipping; None: ``clipping.auto_examples_per_chunk``.
+    examples_per_chunk: Optional[int] = None
+    # Local steps up to this many are unrolled; longer schedules run as a ``lax.scan``.
+    max_unrolled_steps: int = cpu.MAX_UNROLLED_STEPS
+
+    def __post_init__(self):
+        if self.devices is not None:
+            object.__setattr__(self, "devices", tuple(self.devices))
+            if not self.devices:
+                raise ConfigError("strategy.devices must name at least one device, got none")
+        for name, least in (("users_per_chunk", 1), ("examples_per_chunk", 1), ("max_unrolled_steps", 0)):
+            value = getattr(self, name)
+            if value is None and name != "max_unrolled_steps":
+                continue
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise ConfigError(f"strategy.{name} must be an integer, got {value!r}")
+            if value < least:
+                raise ConfigError(f"strategy.{name} must be >= {least}, got {value}")
+
+    @property
+    def platform(self) -> str:
+        """The platform the users run on: that of the first device (``jax.devices()`` by default)."""
+        return platform_of(self.devices)
+
+    def replace(self, **changes) -> "Strategy":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def choose(model, payload, users_data, cfg, strategy: Optional[Strategy] = None, loss=None) -> Strategy:
+    """The strategy ``fu.aggregate`` runs these users with: ``strategy``'s open fields filled in.
+
+    Nothing is computed; the automatic chunk of users is sized from what XLA says one user needs.
+    """
+    from fedjax_users import users  # the users' computation is what the chunk is sized for
+
+    return users.choose_strategy(model, payload, users_data, cfg, strategy, loss)
+
+
+__all__ = ["Strategy", "choose", "compiler_options", "cpu", "jit", "platform_of"]
