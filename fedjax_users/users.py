@@ -187,6 +187,7 @@ def _user_metadata(cfg: UserConfig, labels: Array, data_key: str) -> Metadata:
 def _run_user(model, payload, data, cfg, key, user_state, loss, expect_multi_step, check_finite, strategy):
     function = "local_update" if expect_multi_step else "local_gradient"
     data = validation.validate_user(model, payload, data, cfg, key, user_state, loss, function, check_finite)
+    validation.check_strategy(strategy)
     finite_mode = validation.finite_check_mode(check_finite, payload, data, key, user_state)
     inputs = jnp.asarray(data.inputs)[: cfg.num_data_points]
     labels = jnp.asarray(data.labels)[: cfg.num_data_points]
@@ -399,8 +400,9 @@ def aggregate(
     update is non-finite, and its local step (found only on that error path).
     """
     users_data = validation.validate_users(
-        model, payload, users_data, cfg, key, users_state, loss, (strategy or Strategy()).users_per_chunk, check_finite
+        model, payload, users_data, cfg, key, users_state, loss, check_finite
     )
+    validation.check_strategy(strategy)
     finite_mode = validation.finite_check_mode(check_finite, payload, users_data, key, users_state)
     inputs, labels = jnp.asarray(users_data.inputs), jnp.asarray(users_data.labels)
     num_users = inputs.shape[0]

@@ -568,8 +568,15 @@ def validate_user(model, payload, data, cfg, key, user_state, loss, function: st
     return data
 
 
-def validate_users(model, payload, users_data, cfg, key, users_state, loss, users_per_chunk: Optional[int],
-                   check_finite: Optional[bool]) -> UserData:
+def check_strategy(strategy: Any) -> None:
+    """``strategy`` is ``None`` or a ``fedjax_users.strategy.Strategy`` (which checks its own fields)."""
+    from fedjax_users.strategy import Strategy
+
+    if strategy is not None and not isinstance(strategy, Strategy):
+        raise InputTypeError(f"strategy must be a fedjax_users.strategy.Strategy or None, got {type(strategy).__name__}")
+
+
+def validate_users(model, payload, users_data, cfg, key, users_state, loss, check_finite: Optional[bool]) -> UserData:
     """Every check of ``aggregate`` before computing; returns ``users_data`` as arrays."""
     _check_types(model, payload, users_data, cfg, key, loss, check_finite, "users_data")
     check_user_kind(cfg, "aggregate")
@@ -584,8 +591,6 @@ def validate_users(model, payload, users_data, cfg, key, users_state, loss, user
         )
     if np.shape(labels)[0] != num_users:
         raise InputError(f"inputs hold {num_users} users, labels hold {np.shape(labels)[0]}")
-    if users_per_chunk is not None and (not isinstance(users_per_chunk, (int, np.integer)) or users_per_chunk < 1):
-        raise InputError(f"users_per_chunk must be >= 1, got {users_per_chunk}")
     dtype = jax.dtypes.canonicalize_dtype(inputs.dtype)
     _check_lengths(np.shape(inputs)[1], np.shape(labels)[1], dtype, cfg, "each user")
     example_shape = tuple(np.shape(inputs))[2:]

@@ -278,3 +278,15 @@ def test_a_strategy_with_bad_values_is_refused_before_computing():
         fu.strategy.Strategy(examples_per_chunk=2.5)
     with pytest.raises(fu.ConfigError, match="devices must name at least one device"):
         fu.strategy.Strategy(devices=())
+
+
+def test_a_strategy_must_be_a_strategy():
+    model = TinyDense()
+    xs, ys = _users_data(seed=12)
+    payload = server_payload(model, xs[0])
+    with pytest.raises(fu.InputTypeError, match="strategy must be a fedjax_users.strategy.Strategy or None, got dict"):
+        fu.aggregate(model, payload, fu.UserData(inputs=xs, labels=ys), _cfg(), jax.random.key(0),
+                     strategy={"users_per_chunk": 2})
+    with pytest.raises(fu.InputTypeError, match="got int"):
+        fu.local_gradient(model, payload, fu.UserData(inputs=xs[0], labels=ys[0]),
+                          fu.UserConfig(user_type="local_gradient", num_data_points=2), jax.random.key(0), strategy=3)
