@@ -1,0 +1,281 @@
+"""Gradient inversion through the exact user: reconstruct a user's images from what it shares.
+
+The attacker holds the server's model and payload, observes the user's shared update and runs the
+*same* user function (``fu.local_gradient`` / ``fu.local_update``) on candidate images, moving them
+by Adam on a distance between the candidates' update and the observed one, as "Inverting Gradients"
+(Geiping et al., 2020; breaching's ``invertinggradients`` attack) does: cosine distance of the
+whole update plus total variation, Adam with a decaying step, images kept in the data range
+[0, 1], several random restarts (run side by side under ``jax.vmap``), the restart with the best
+objective kept. Differentiating
+through the user itself means every step the user took (clipping, local SGD steps, BatchNorm
+modes) is part of the attacker's model of it; see ``docs/attacks.md``.
+
+``python -m fedjax_users.attacks`` inverts a shipped digit image (``fedjax_users/data/digits.npz``)
+from a ``local_gradient`` and a 2-step ``local_update`` of ``lenet_zhu``, once with the user's true
+update and once with another image's, and prints the PSNR of each reconstruction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import fedjax_users as fu
+from fedjax_users import models
+from fedjax_users.data.sources import embedded_digits
+
+Array = jax.Array
+PyTree = Any
+# (candidate images [N, H, W, C], context) -> the update the user would share for them; the
+# context (e.g. the server's parameters and the labels) is traced, the function itself static.
+UserUpdate = Callable[[Array, PyTree], PyTree]
+
+
+# ----------------------------------------------------------------------------------------------
+# Objective and score
+
+
+def cosine_distance(a: PyTree, b: PyTree) -> Array:
+    """``1 - <a, b> / (|a| |b|)`` over all leaves at once (breaching's ``CosineSimilarity`` objective)."""
+    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    dot = sum(jnp.sum(x * y) for x, y in zip(leaves_a, leaves_b))
+    norm_a = jnp.sqrt(sum(jnp.sum(x * x) for x in leaves_a))
+    norm_b = jnp.sqrt(sum(jnp.sum(y * y) for y in leaves_b))
+    return 1.0 - dot / (norm_a * norm_b)
+
+
+def total_variation(images: Array) -> Array:
+    """Mean absolute difference of horizontally and vertically adjacent pixels (NHWC)."""
+    dx = jnp.abs(images[:, :, 1:, :] - images[:, :, :-1, :])
+    dy = jnp.abs(images[:, 1:, :, :] - images[:, :-1, :, :])
+    return jnp.mean(dx) + jnp.mean(dy)
+
+
+def psnr(reconstruction: Array, truth: Array, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB of ``reconstruction`` against ``truth`` (both in [0, data_range])."""
+    mse = float(jnp.mean(jnp.square(jnp.asarray(reconstruction, jnp.float32) - jnp.asarray(truth, jnp.float32))))
+    return float(10.0 * np.log10(data_range**2 / max(mse, 1e-20)))
+
+
+def infer_label(update: PyTree, parameter_difference: bool = False,
+                bias_path: Sequence[str] = ("fc", "0", "bias")) -> int:
+    """The label of a single example from its softmax-cross-entropy update (iDLG, Zhao et al. 2020).
+
+    The last layer's bias gradient is ``softmax - one_hot``: negative at the true label only. A
+    parameter difference after local SGD steps on that one example is minus the learning rate
+    times a sum of such gradients: positive at the label only.
+    """
+    bias = update
+    for name in bias_path:
+        bias = bias[name]
+    return int(jnp.argmax(bias) if parameter_difference else jnp.argmin(bias))
+
+
+# ----------------------------------------------------------------------------------------------
+# The attack
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+    """Settings of ``invert`` (defaults: what ``python -m fedjax_users.attacks`` uses)."""
+
+    steps: int = 400
+    restarts: int = 3
+    learning_rate: float = 0.1  # in pixel units of [0, 1] images, decayed to 0 along a cosine
+    tv_scale: float = 0.01
+    seed: int = 0  # of the restarts' uniform [0, 1) starting images
+
+
+def _objective(update: UserUpdate, observed: PyTree, context: PyTree, tv_scale: float) -> Callable[[Array], Array]:
+    """Cosine distance of the candidates' update to the observed one, plus total variation."""
+
+    def objective(candidate: Array) -> Array:
+        return cosine_distance(update(candidate, context), observed) + tv_scale * total_variation(candidate)
+
+    return objective
+
+
+@functools.partial(jax.jit, static_argnames=("update", "config", "shape"))
+def _invert(update: UserUpdate, observed: PyTree, context: PyTree, config: AttackConfig, shape: tuple[int, ...]):
+    """Every restart's final candidate and objective: ``[restarts, *shape]``, ``[restarts]``."""
+    objective = _objective(update, observed, context, config.tv_scale)
+    # A cosine decay, not breaching's tenfold drops at 3/8, 5/8 and 7/8 of the run: it ended
+    # higher in the few-hundred-step runs tried for docs/attacks.md.
+    optimizer = optax.adam(optax.cosine_decay_schedule(config.learning_rate, config.steps))
+
+    def one_restart(start: Array) -> tuple[Array, Array]:
+        def step(carry, _):
+            candidate, state = carry
+            value, grad = jax.value_and_grad(objective)(candidate)
+            updates, state = optimizer.update(grad, state, candidate)
+            # Boxed, as breaching's attack: the images stay in the data range.
+            candidate = jnp.clip(optax.apply_updates(candidate, updates), 0.0, 1.0)
+            return (candidate, state), value
+
+        (final, _), _ = jax.lax.scan(step, (start, optimizer.init(start)), None, length=config.steps)
+        return final, objective(final)
+
+    starts = jax.random.uniform(jax.random.key(config.seed), (config.restarts,) + shape)
+    return jax.vmap(one_restart)(starts)
+
+
+def invert(update: UserUpdate, observed: PyTree, context: PyTree, shape: Sequence[int],
+           config: AttackConfig = AttackConfig()) -> Array:
+    """Candidate images of ``shape`` whose update ``update(candidate, context)`` best matches ``observed``.
+
+    ``update`` is a static argument of the compiled attack: reuse one function object (not a fresh
+    ``lambda`` per call) and the attack compiles once for all observations of that shape. Returns
+    the restart with the lowest objective (the attacker does not know the true images).
+    """
+    finals, values = _invert(update, observed, context, config, tuple(shape))
+    return finals[jnp.argmin(values)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The worked example: a shipped digit, lenet_zhu, the exact user
+
+
+# The digit to reconstruct: the first validation image (a 0). The wrong observation is the update
+# of the first validation image of another class (a 1).
+TRUE_INDEX = 0
+# The server's lenet_zhu weights: model.init with this seed. How well one image's gradient pins
+# down its mean brightness depends on the weights; seed 0 is a hard case (docs/attacks.md).
+MODEL_SEED = 1
+USER_SEED = 2
+
+
+def digit_images() -> tuple[np.ndarray, np.ndarray]:
+    """The validation digits as 32x32x3 images in [0, 1] and their labels."""
+    split = embedded_digits("validation")
+    return split.decode(split.stored), np.asarray(split.labels, np.int32)
+
+
+def user_configs() -> dict[str, fu.UserConfig]:
+    """The two users of the example: one gradient, and two local SGD steps, of the one image."""
+    single = fu.UserConfig.from_dict(dict(user_type="local_gradient", num_data_points=1))
+    multi = fu.UserConfig.from_dict(dict(
+        user_type="local_update", num_data_points=1, num_local_updates=2, num_data_per_local_update_step=1,
+        local_learning_rate=0.1,
+    ))
+    return {"local_gradient": single, "local_update": multi}
+
+
+def shared_update(model, cfg: fu.UserConfig, candidate: Array, context: tuple[PyTree, Array]) -> PyTree:
+    """What the user of ``cfg`` shares for ``candidate``; ``context`` = (server params, labels), no buffers sent."""
+    params, labels = context
+    run = fu.local_update if cfg.is_multi_step else fu.local_gradient
+    shared, _, _ = run(model, fu.ServerPayload(params=params, batch_stats=None),
+                       fu.UserData(inputs=candidate, labels=labels), cfg, jax.random.key(USER_SEED))
+    return shared.gradients
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """One reconstruction: which user, which observation, its PSNR and the inferred label."""
+
+    user: str
+    observed: str  # "true" (the user's own update) or "wrong" (another image's)
+    psnr: float
+    label: int
+    reconstruction: np.ndarray
+
+
+def nearest_other_digit(index: int = TRUE_INDEX) -> tuple[int, float]:
+    """The other validation digit closest to digit ``index``, and its PSNR against it.
+
+    A reconstruction scoring above that PSNR is closer to this image than any other real digit is.
+    """
+    images, _ = digit_images()
+    scores = {i: psnr(images[i], images[index]) for i in range(len(images)) if i != index}
+    nearest = max(scores, key=scores.get)
+    return nearest, scores[nearest]
+
+
+def nearest_other_digit_psnr(index: int = TRUE_INDEX) -> float:
+    """The PSNR of ``nearest_other_digit`` against digit ``index``."""
+    return nearest_other_digit(index)[1]
+
+
+def mean_grey_psnr(index: int = TRUE_INDEX) -> float:
+    """The PSNR against digit ``index`` of a constant image at its mean grey level (a blind guess)."""
+    images, _ = digit_images()
+    return psnr(np.full_like(images[index], images[index].mean()), images[index])
+
+
+def example_server(model_seed: int = MODEL_SEED) -> tuple[Any, PyTree]:
+    """The example's model and the server's parameters."""
+    model = models.get("lenet_zhu", num_classes=10, num_channels=3)
+    example = jnp.zeros((1, 32, 32, 3), jnp.float32)
+    return model, model.init(jax.random.key(model_seed), example)["params"]
+
+
+def brightness_blindness(model_seed: int = MODEL_SEED, user: str = "local_gradient", shift: float = 0.1) -> float:
+    """Cosine distance between the user's update of the digit and of the digit ``shift`` brighter.
+
+    How little the update tells about the image's mean brightness: the smaller, the flatter the
+    attack's objective along that direction, and the slower a few hundred steps find it.
+    """
+    images, labels = digit_images()
+    truth = jnp.asarray(images[TRUE_INDEX : TRUE_INDEX + 1])
+    model, params = example_server(model_seed)
+    context = (params, jnp.asarray(labels[TRUE_INDEX : TRUE_INDEX + 1]))
+    update = functools.partial(shared_update, model, user_configs()[user])
+    return float(cosine_distance(update(truth + shift, context), update(truth, context)))
+
+
+def run_example(config: AttackConfig = AttackConfig(), users: Optional[Sequence[str]] = None,
+                model_seed: int = MODEL_SEED) -> list[Result]:
+    """Invert the digit ``TRUE_INDEX`` from each user's true update and from another image's."""
+    images, labels = digit_images()
+    truth = jnp.asarray(images[TRUE_INDEX : TRUE_INDEX + 1])
+    other = int(np.flatnonzero(labels != labels[TRUE_INDEX])[0])
+    wrong = jnp.asarray(images[other : other + 1])
+    model, params = example_server(model_seed)
+    results = []
+    for name, cfg in user_configs().items():
+        if users is not None and name not in users:
+            continue
+        # One function object per user: the true and the wrong observation share one compile.
+        update = functools.partial(shared_update, model, cfg)
+        for observed_name, image, label in (("true", truth, labels[TRUE_INDEX]), ("wrong", wrong, labels[other])):
+            observed = update(image, (params, jnp.asarray([label])))
+            # The attacker reads the label off the observed update, then inverts through the user.
+            inferred = infer_label(observed, parameter_difference=cfg.is_multi_step)
+            reconstruction = invert(update, observed, (params, jnp.asarray([inferred])), truth.shape, config)
+            results.append(Result(name, observed_name, psnr(reconstruction, truth), inferred, np.asarray(reconstruction)))
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``python -m fedjax_users.attacks``: print the example's PSNRs."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults = AttackConfig()
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--restarts", type=int, default=defaults.restarts)
+    parser.add_argument("--model-seeds", type=int, nargs="+", default=[MODEL_SEED],
+                        help="seeds of the server's lenet_zhu weights, one run each")
+    args = parser.parse_args(argv)
+    config = dataclasses.replace(defaults, steps=args.steps, restarts=args.restarts)
+    _, labels = digit_images()
+    nearest, nearest_psnr = nearest_other_digit()
+    print(f"lenet_zhu, validation digit {TRUE_INDEX} (a {labels[TRUE_INDEX]}), {config}")
+    print(f"closest other validation digit: {nearest} (a {labels[nearest]}), {nearest_psnr:.2f} dB; "
+          f"a constant image at the digit's mean grey: {mean_grey_psnr():.2f} dB")
+    print(f"{'model seed':<12}{'user':<16}{'observed update':<17}{'label':>6}{'PSNR (dB)':>11}"
+          f"{'  +0.1 brightness: cosine distance':>36}")
+    for seed in args.model_seeds:
+        for result in run_example(config, model_seed=seed):
+            blindness = f"{brightness_blindness(seed, result.user):.2e}" if result.observed == "true" else ""
+            print(f"{seed:<12}{result.user:<16}{result.observed:<17}{result.label:>6}{result.psnr:>11.2f}"
+                  f"{blindness:>36}")
+
+
+if __name__ == "__main__":
+    main()
