@@ -51,6 +51,11 @@ def cosine_distance(a: PyTree, b: PyTree) -> Array:
     return 1.0 - dot / (norm_a * norm_b)
 
 
+def euclidean_distance(a: PyTree, b: PyTree) -> Array:
+    """``0.5 * |a - b|^2`` over all leaves (breaching's ``Euclidean`` objective at scale 1)."""
+    return 0.5 * sum(jnp.sum(jnp.square(x - y)) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
 def total_variation(images: Array) -> Array:
     """Mean absolute difference of horizontally and vertically adjacent pixels (NHWC)."""
     dx = jnp.abs(images[:, :, 1:, :] - images[:, :, :-1, :])
