@@ -91,3 +91,16 @@ def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
     """Same structure, leaves equal up to tolerance."""
     assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol), actual, expected)
+
+
+def counting_loss():
+    """breaching's loss, and a list that grows by one each time it is traced or run (no call: no computation)."""
+    from fedjax_users.losses import softmax_cross_entropy
+
+    calls = []
+
+    def loss(logits, labels):
+        calls.append(1)
+        return softmax_cross_entropy(logits, labels)
+
+    return loss, calls

@@ -279,16 +279,21 @@ MALFORMED = {
 }
 
 
-@pytest.mark.parametrize("name", list(MALFORMED))
-def test_malformed_files_are_one_config_error_naming_the_path(tmp_path, name):
-    contents, message = MALFORMED[name]
-    path = tmp_path / name
+def _write(path, contents):
+    """A folder for ``None``, else a file holding ``contents`` (bytes or text)."""
     if contents is None:
         path.mkdir()
     elif isinstance(contents, bytes):
         path.write_bytes(contents)
     else:
         path.write_text(contents)
+    return path
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_files_are_one_config_error_naming_the_path(tmp_path, name):
+    contents, message = MALFORMED[name]
+    path = _write(tmp_path / name, contents)
     with pytest.raises(fu.ConfigError, match=message) as err:
         fu.UserConfig.from_yaml(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
@@ -314,13 +319,7 @@ def test_malformed_case_files_are_one_config_error_naming_the_path(tmp_path, nam
     from fedjax_users.data import DataError, load_case
 
     contents, message = MALFORMED_CASES[name]
-    path = tmp_path / name
-    if contents is None:
-        path.mkdir()
-    elif isinstance(contents, bytes):
-        path.write_bytes(contents)
-    else:
-        path.write_text(contents)
+    path = _write(tmp_path / name, contents)
     with pytest.raises(fu.ConfigError, match=message) as err:
         load_case(path)
     assert isinstance(err.value, DataError)

@@ -17,13 +17,13 @@ from conftest import (
     TinyDense,
     assert_trees_close,
     check_noise,
+    counting_loss,
     make_data,
     mean_cross_entropy,
     server_payload,
 )
 
 import fedjax_users as fu
-from fedjax_users.losses import softmax_cross_entropy
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "user")
 SINGLE = fu.UserConfig.from_yaml(os.path.join(CONFIGS, "local_gradient.yaml"))
@@ -489,14 +489,6 @@ class TinyText(nn.Module):
         return nn.Dense(3, name="fc")(jnp.mean(nn.Embed(11, 4, name="embed")(x), axis=1))
 
 
-def _spy():
-    calls = []
-
-    def loss(logits, labels):
-        calls.append(1)
-        return softmax_cross_entropy(logits, labels)
-
-    return loss, calls
 
 
 USERS = [(fu.local_gradient, SINGLE5), (fu.local_update, MULTI5)]
@@ -507,7 +499,7 @@ USER_IDS = ["local_gradient", "local_update"]
 def test_too_few_examples(fn, cfg):
     model = TinyBNNet()
     x, y = make_data(3)
-    loss, calls = _spy()
+    loss, calls = counting_loss()
     with pytest.raises(ValueError, match=r"holds 3 examples, fewer than num_data_points=5"):
         fn(model, server_payload(model, x), fu.UserData(inputs=x, labels=y), cfg, jax.random.key(0), loss=loss)
     assert calls == []
@@ -517,7 +509,7 @@ def test_too_few_examples(fn, cfg):
 def test_inputs_and_labels_of_different_lengths(fn, cfg):
     model = TinyBNNet()
     x, y = make_data(6)
-    loss, calls = _spy()
+    loss, calls = counting_loss()
     with pytest.raises(ValueError, match=r"different lengths: 6 and 5"):
         fn(model, server_payload(model, x), fu.UserData(inputs=x, labels=y[:5]), cfg, jax.random.key(0), loss=loss)
     assert calls == []
@@ -528,7 +520,7 @@ def test_input_noise_on_token_ids(fn, cfg):
     model = TinyText()
     tokens = np.random.default_rng(0).integers(0, 11, (5, 6)).astype(np.int32)
     y = np.zeros(5, np.int32)
-    loss, calls = _spy()
+    loss, calls = counting_loss()
     noisy = cfg.replace(local_diff_privacy=_dp(input_noise=0.1))
     with pytest.raises(fu.ConfigError, match="input_noise"):
         fn(model, server_payload(model, tokens), fu.UserData(inputs=tokens, labels=y), noisy, jax.random.key(0),
@@ -582,7 +574,7 @@ def _wrong_stats(payload):
 def test_payload_that_does_not_fit_the_model(fn, cfg, damage, message):
     model = TinyBNNet()
     x, y = make_data(5)
-    loss, calls = _spy()
+    loss, calls = counting_loss()
     payload = damage(server_payload(model, x, buffers=True))
     with pytest.raises(ValueError, match=message):
         fn(model, payload, fu.UserData(inputs=x, labels=y), cfg, jax.random.key(0), loss=loss)

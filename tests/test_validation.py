@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TinyBNNet, TinyDense, make_data, server_payload
+from conftest import TinyBNNet, TinyDense, counting_loss, make_data, server_payload
 from jax.experimental import checkify
 
 import fedjax_users as fu
 from fedjax_users import models, validation
-from fedjax_users.losses import causal_lm_loss, softmax_cross_entropy
+from fedjax_users.losses import causal_lm_loss
 
 SINGLE = fu.UserConfig(user_type="local_gradient", num_data_points=4)
 MULTI = fu.UserConfig(user_type="local_update", num_data_points=4, num_local_updates=4,
@@ -22,14 +22,6 @@ AGGREGATE = fu.UserConfig(user_type="multiuser_aggregate", user_range=(0, 3), nu
 KEY = jax.random.key(0)
 
 
-def _spy():
-    calls = []
-
-    def loss(logits, labels):
-        calls.append(1)
-        return softmax_cross_entropy(logits, labels)
-
-    return loss, calls
 
 
 def _single_users():
@@ -58,7 +50,7 @@ def test_labels_outside_the_models_classes(fn, cfg, bad):
     x, y = make_data(4)
     y = y.copy()
     y[2] = bad
-    loss, calls = _spy()
+    loss, calls = counting_loss()
     with pytest.raises(fu.InputError, match=rf"labels must be class indices in \[0, 3\) .*data.labels\[2\] is {bad}"):
         fn(model, server_payload(model, x), fu.UserData(inputs=x, labels=y), cfg, KEY, loss=loss)
     assert calls == []
@@ -123,7 +115,7 @@ def test_images_of_another_size_blame_the_inputs(name, size):
     model = models.get(name, num_classes=10, num_channels=3)
     payload = _zeros_payload(model, (32, 32, 3))
     x = np.zeros((4, size, size, 3), np.float32)
-    loss, calls = _spy()
+    loss, calls = counting_loss()
     with pytest.raises(fu.InputError, match=rf"examples of shape \({size}, {size}, 3\) do not fit the payload: "
                                             r".*made for inputs of another shape"):
         fu.local_gradient(model, payload, fu.UserData(inputs=x, labels=np.arange(4)), SINGLE, KEY, loss=loss)
@@ -227,7 +219,7 @@ def test_arguments_of_the_wrong_type(change, error, message):
 def test_a_config_of_another_kind_is_an_error(fn, cfg, message):
     model = TinyDense()
     x, y = make_data(4)
-    loss, calls = _spy()
+    loss, calls = counting_loss()
     with pytest.raises(fu.ConfigError, match=message):
         fn(model, server_payload(model, x), fu.UserData(inputs=x, labels=y), cfg, KEY, loss=loss)
     assert calls == []
@@ -255,7 +247,7 @@ def test_non_finite_inputs_are_rejected_before_computing(value, as_jax):
     x, y = make_data(4)
     x = x.copy()
     x[1, 2, 3, 0] = value
-    loss, calls = _spy()
+    loss, calls = counting_loss()
     what = "NaN" if np.isnan(value) else "inf"
     inputs = jnp.asarray(x) if as_jax else x
     with pytest.raises(fu.InputError, match=rf"data.inputs holds {what} at \[1, 2, 3, 0\]"):
