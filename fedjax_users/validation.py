@@ -290,22 +290,19 @@ def _check_label_values(model, example_shape, dtype, inputs, labels, name: str, 
     classes = _class_bounds(model, example_shape, dtype, tuple(np.shape(labels))[lead:])
     if classes is None:
         return
-    host = np.asarray(labels)
-    bad = _first_outside(host, 0, classes)
-    if bad is not None:
-        raise InputError(
-            f"{name}.labels must be class indices in [0, {classes}) for a model with {classes} outputs; "
-            f"{name}.labels[{', '.join(map(str, bad))}] is {host[bad]}"
-        )
+    _check_indices(labels, classes, f"{name}.labels", f"class indices in [0, {classes}) for a model with {classes} outputs")
     # Per-token logits of a language model: the token ids index the same vocabulary.
     if jnp.issubdtype(inputs.dtype, jnp.integer) and tuple(np.shape(labels)) == tuple(np.shape(inputs)):
-        tokens = np.asarray(inputs)
-        bad = _first_outside(tokens, 0, classes)
-        if bad is not None:
-            raise InputError(
-                f"{name}.inputs (token ids) must be in [0, {classes}), the model's vocabulary; "
-                f"{name}.inputs[{', '.join(map(str, bad))}] is {tokens[bad]}"
-            )
+        _check_indices(inputs, classes, f"{name}.inputs (token ids)", f"in [0, {classes}), the model's vocabulary")
+
+
+def _check_indices(values: Any, classes: int, what: str, expected: str) -> None:
+    """Raise naming the first entry of ``values`` outside ``[0, classes)``."""
+    host = np.asarray(values)
+    bad = _first_outside(host, 0, classes)
+    if bad is not None:
+        where = what.split(" ")[0]
+        raise InputError(f"{what} must be {expected}; {where}[{', '.join(map(str, bad))}] is {host[bad]}")
 
 
 # ----------------------------------------------------------------------------------------------
