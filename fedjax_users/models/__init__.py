@@ -59,7 +59,29 @@ def get(
     return table[exact](num_classes=num_classes, num_channels=num_channels, **layer_dtypes(dtype, param_dtype))
 
 
+def for_data(
+    name: str,
+    data_name: str,
+    num_classes: int = 10,
+    num_channels: int = 3,
+    modality: str = "vision",
+    dtype: Optional[Dtype] = None,
+    param_dtype: Optional[Dtype] = None,
+) -> nn.Module:
+    """The model breaching's ``construct_model`` builds for ``name`` on the dataset ``data_name``.
+
+    As ``model_preparation.py``: vision data whose name contains ``ImageNet`` takes the ImageNet
+    table (torchvision's models and breaching's ImageNet-only ones); other vision data the CIFAR
+    table; text data the text table.
+    """
+    if modality == "vision" and "ImageNet" in data_name:
+        modality = "imagenet"
+    return get(name, num_classes, num_channels, modality, dtype, param_dtype)
+
+
 register("vision", vision.MODELS)
+# ImageNet data: breaching's ``linear`` at the data's shape (``Flatten`` + ``Linear``, as on CIFAR).
+register("imagenet", {"linear": vision.Linear})
 
 from fedjax_users.models import text  # noqa: E402  (registers after the table exists)
 
