@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+TORCHVISION_SRC := $(VENV)/torchvision-src
 
 .PHONY: run test parity parity-quick bench venv venv-test clean
 
@@ -13,9 +14,17 @@ venv: $(BIN)/python
 	$(BIN)/pip install -q -e .
 
 # Test/parity set-up: torch pinned to the CPU wheel, breaching 0.1.2 without its heavy dependencies.
-venv-test: $(BIN)/python
+venv-test: $(BIN)/python $(TORCHVISION_SRC)/torchvision/models/resnet.py
 	$(BIN)/pip install -q -e '.[parity,test,bench]'
 	$(BIN)/pip install -q --no-deps breaching==0.1.2
+
+# torchvision's wheel does not import beside the CPU torch; parity/reference.py loads its pure-Python
+# model files (models/*.py and the modules they import) by path from this folder.
+$(TORCHVISION_SRC)/torchvision/models/resnet.py: $(BIN)/python
+	$(BIN)/pip download -q --no-deps torchvision==0.28.0 -d $(VENV)/wheels
+	$(BIN)/python -c "import glob, zipfile; wheel = zipfile.ZipFile(glob.glob('$(VENV)/wheels/torchvision-0.28.0-*.whl')[0]); \
+	wheel.extractall('$(TORCHVISION_SRC)', [n for n in wheel.namelist() if n.endswith('.py') and \
+	(n.startswith('torchvision/models/') or n in ('torchvision/_utils.py', 'torchvision/_internally_replaced_utils.py'))])"
 
 run: venv
 	$(BIN)/fedjax-users run

@@ -10,6 +10,11 @@ package ``_breaching_ref`` whose missing neighbours are small stubs:
 * ``cases.data.construct_dataloader``: ``users.py`` imports it, but we hand users their
   dataloader directly.
 * ``PIL``: ``datasets_vision.py`` imports it for image folders we never read.
+
+torchvision's *model files* are pure Python too: ``torchvision_module`` loads them by path from
+the sources ``make venv-test`` unpacks from the torchvision wheel (see ``torchvision_source``),
+and the ``torchvision.models`` stub hands breaching's ImageNet branch (``getattr(torchvision.models,
+name)``) the builders found there.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ import sys
 import types
 
 PACKAGE = "_breaching_ref"
+TORCHVISION_PACKAGE = "_torchvision_ref"
+TORCHVISION_VERSION = "0.28.0"
+# torchvision's model files searched, in this order, for a builder (``resnet18``, ``vgg11_bn``, ...).
+TORCHVISION_MODEL_FILES = ("resnet", "vgg", "densenet")
 
 
 def breaching_root() -> str:
@@ -57,7 +66,8 @@ def _install_stubs() -> None:
             """Placeholder base class; breaching's DenseNet layers are never built here."""
 
         tv = _stub("torchvision", _fedjax_stub=True)
-        tv.models = _stub("torchvision.models")
+        # breaching's ImageNet branch asks ``getattr(torchvision.models, name)``: the real builders.
+        tv.models = _stub("torchvision.models", __getattr__=_torchvision_builder)
         tv.models.densenet = _stub("torchvision.models.densenet", _DenseLayer=_DenseLayer)
         tv.transforms = _stub("torchvision.transforms")
         tv.datasets = _stub("torchvision.datasets")
@@ -139,9 +149,10 @@ def config_dir() -> str:
     return os.path.join(breaching_root(), "config")
 
 
-def vision_model(name: str, num_classes: int = 10, shape=(3, 32, 32)):
-    """Build one of breaching's CIFAR-size vision models exactly as ``construct_model`` does."""
-    cfg_data = types.SimpleNamespace(name="CIFAR10", shape=list(shape), classes=num_classes)
+def vision_model(name: str, num_classes: int = 10, shape=(3, 32, 32), data_name: str = "CIFAR10"):
+    """Build one of breaching's vision models exactly as ``construct_model`` does for ``data_name``
+    (data named ``*ImageNet*`` takes its ImageNet branch: torchvision's models, ``fc`` replaced)."""
+    cfg_data = types.SimpleNamespace(name=data_name, shape=list(shape), classes=num_classes)
     return models_module()._construct_vision_model(name, cfg_data, pretrained=False)
 
 
@@ -150,3 +161,71 @@ def text_model(name: str, vocab_size: int):
     cfg_data = types.SimpleNamespace(vocab_size=vocab_size)
     name = {"linear-text": "linear"}.get(name, name)
     return models_module()._construct_text_model(name, cfg_data, pretrained=False)
+
+
+def torchvision_source() -> str:
+    """The folder holding torchvision's pure-Python files (``torchvision/models/*.py`` and the
+    few modules they import), unpacked from the torchvision wheel by ``make venv-test``."""
+    root = os.path.join(sys.prefix, "torchvision-src")
+    if not os.path.isfile(os.path.join(root, "torchvision", "models", "resnet.py")):
+        raise ModuleNotFoundError(
+            f"torchvision {TORCHVISION_VERSION}'s model files are not in {root}; run `make venv-test`"
+        )
+    return root
+
+
+@functools.lru_cache(maxsize=None)
+def _torchvision_root() -> str:
+    """Set up the stand-in package ``_torchvision_ref`` over torchvision's files; its root folder.
+
+    Its ``__init__.py`` (which loads the C extension) and ``models/__init__.py`` (which imports
+    every model family, detection and video included) are never run: the two packages are empty
+    shells whose ``__path__`` lets the model files' relative imports find their real neighbours
+    (``models/_api.py``, ``models/_utils.py``, ``models/_meta.py``, ``_utils.py``,
+    ``_internally_replaced_utils.py``, all pure Python). Two neighbours are stand-ins, because
+    they only serve machinery we never run and import far more than torch:
+
+    * ``utils._log_api_usage_once``: usage telemetry (``torch._C._log_api_usage_once``); the
+      real ``utils.py`` is image-grid drawing that imports PIL's fonts and drawing.
+    * ``transforms._presets.ImageClassification``: the preprocessing a pretrained ``Weights``
+      entry records (``transforms`` imports the whole v2 transforms package); calling it fails.
+    """
+    root = os.path.join(torchvision_source(), "torchvision")
+    _package(TORCHVISION_PACKAGE, root)
+    _package(f"{TORCHVISION_PACKAGE}.models", os.path.join(root, "models"))
+    _stub(f"{TORCHVISION_PACKAGE}.utils", _log_api_usage_once=lambda obj: None)
+    _stub(f"{TORCHVISION_PACKAGE}.transforms")
+    _stub(f"{TORCHVISION_PACKAGE}.transforms._presets", ImageClassification=_UnavailableTransform)
+    return root
+
+
+class _UnavailableTransform:
+    """Stand-in for torchvision's preset transforms: only pretrained weights' metadata names them."""
+
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedError("torchvision's preset transforms are not loaded by parity.reference")
+
+
+def torchvision_module(stem: str) -> types.ModuleType:
+    """torchvision's ``models/<stem>.py`` (e.g. ``"resnet"``, ``"vgg"``), loaded by path."""
+    _torchvision_root()
+    return importlib.import_module(f"{TORCHVISION_PACKAGE}.models.{stem}")
+
+
+def _torchvision_builder(name: str):
+    """The builder ``torchvision.models.<name>`` from ``TORCHVISION_MODEL_FILES``.
+
+    An ``AttributeError`` for any other name, as ``torchvision.models`` itself gives: breaching's
+    ImageNet branch catches it to try its own models (``linear``, ``nfnet``, ...).
+    """
+    if not name.startswith("__"):
+        for stem in TORCHVISION_MODEL_FILES:
+            module = torchvision_module(stem)
+            if name in module.__all__ and callable(getattr(module, name)) and name[0].islower():
+                return getattr(module, name)
+    raise AttributeError(f"torchvision.models (files {TORCHVISION_MODEL_FILES}) has no {name!r}")
+
+
+def torchvision_model(name: str, **kwargs):
+    """torchvision's own ``torchvision.models.<name>(**kwargs)`` (``weights=None`` unless given)."""
+    return _torchvision_builder(name)(**{"weights": None, **kwargs})
