@@ -80,8 +80,16 @@ def for_data(
 
 
 register("vision", vision.MODELS)
+from fedjax_users.models import vgg  # noqa: E402
+
+register("vision", vgg.MODELS)
 # ImageNet data: breaching's ``linear`` at the data's shape (``Flatten`` + ``Linear``, as on CIFAR).
 register("imagenet", {"linear": vision.Linear})
+
+from fedjax_users.models import resnets  # noqa: E402
+
+register("vision", resnets.MODELS)
+register("imagenet", resnets.IMAGENET_MODELS)
 
 from fedjax_users.models import text  # noqa: E402  (registers after the table exists)
 

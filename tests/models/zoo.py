@@ -1,0 +1,130 @@
+"""Checks shared by the model-zoo tests: a Flax model against its torch reference, same weights."""
+
+from __future__ import annotations
+
+import copy
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import torch
+
+from fedjax_users import interop
+from test_vision import FLOAT32_RTOL, assert_close_scaled, assert_stats_match, randomize_batchnorm
+
+
+def convert(torch_model: torch.nn.Module, flax_model, images: torch.Tensor) -> dict:
+    """The torch model's parameters and buffers as variables of ``flax_model`` (shapes from eval_shape)."""
+    inputs = interop.nchw_to_nhwc(images)
+    template = jax.eval_shape(flax_model.init, jax.random.key(0), inputs)
+    return interop.variables_from_torch(torch_model, template)
+
+
+def assert_round_trip(torch_model: torch.nn.Module, flax_model, images: torch.Tensor) -> None:
+    """torch -> Flax -> torch (into a zeroed copy) gives back every parameter and buffer exactly."""
+    variables = convert(torch_model, flax_model, images)
+    target = copy.deepcopy(torch_model)
+    with torch.no_grad():
+        for tensor in list(target.parameters()) + list(target.buffers()):
+            if tensor.is_floating_point():
+                tensor.zero_()
+    interop.variables_to_torch(variables, target)
+    for (name, expected), actual in zip(torch_model.state_dict().items(), target.state_dict().values()):
+        assert torch.equal(expected, actual), name
+
+
+def assert_forward_matches(
+    torch_model: torch.nn.Module,
+    flax_model,
+    images: torch.Tensor,
+    train: bool,
+    rtol: float = FLOAT32_RTOL,
+    seed: int = 0,
+    interceptor=None,
+) -> dict:
+    """Logits (and, in train mode, running statistics) of both models agree; returns the variables.
+
+    ``interceptor`` (a ``flax.linen.intercept_methods`` function) supplies torch's random draws.
+    """
+    randomize_batchnorm(torch_model, seed)
+    variables = convert(torch_model, flax_model, images)
+    torch_model.train(train)
+    with torch.no_grad():
+        expected = torch_model(images)
+    inputs = interop.nchw_to_nhwc(images)
+
+    def run():
+        return flax_model.apply(
+            variables, inputs, train=train, mutable=["batch_stats"], rngs={"dropout": jax.random.key(seed)}
+        )
+
+    if interceptor is None:
+        logits, state = run()
+    else:
+
+
+        with nn.intercept_methods(interceptor):
+            logits, state = run()
+    assert logits.dtype == inputs.dtype
+    assert_close_scaled(logits, expected.numpy(), rtol, "logits")
+    if any(True for _ in torch_model.buffers()) and "batch_stats" in variables:
+        assert_stats_match(state["batch_stats"], torch_model, rtol)
+    return variables
+
+
+def float64_gradients_match(torch_model: torch.nn.Module, flax_model, images, labels, train: bool,
+                            rtol: float = 1e-10, interceptor=None) -> None:
+    """float64 logits, parameter gradients of the mean cross-entropy and statistics agree."""
+    with jax.enable_x64(True):
+        torch_model = torch_model.to(torch.float64)
+        images = images.to(torch.float64)
+        randomize_batchnorm(torch_model, 0)
+        variables = convert(torch_model, flax_model, images)
+        torch_model.train(train)
+        torch_logits = torch_model(images)
+        torch.nn.functional.cross_entropy(torch_logits, labels).backward()
+        inputs = interop.nchw_to_nhwc(images)
+
+        def loss(params):
+            logits, state = flax_model.apply(
+                {**variables, "params": params}, inputs, train=train, mutable=["batch_stats"],
+                rngs={"dropout": jax.random.key(0)},
+            )
+            log_probs = jax.nn.log_softmax(logits)
+            nll = -jnp.mean(jnp.take_along_axis(log_probs, jnp.asarray(labels.numpy())[:, None], axis=1))
+            return nll, (logits, state)
+
+        if interceptor is None:
+            grads, (logits, state) = jax.grad(loss, has_aux=True)(variables["params"])
+        else:
+
+
+            with nn.intercept_methods(interceptor):
+                grads, (logits, state) = jax.grad(loss, has_aux=True)(variables["params"])
+        assert_close_scaled(logits, torch_logits.detach().numpy(), rtol, "logits")
+        torch_grads = [p.grad for p in torch_model.parameters()]
+        scale = max(float(g.abs().max()) for g in torch_grads)
+        ours = interop.grads_to_torch_list(grads, torch_model)
+        for (name, _), mine, theirs in zip(torch_model.named_parameters(), ours, torch_grads):
+            error = float((mine - theirs).abs().max())
+            assert error <= rtol * scale, f"{name}: {error:.3g} vs scale {scale:.3g}"
+        if "batch_stats" in variables:
+            assert_stats_match(state["batch_stats"], torch_model, rtol)
+
+
+def randomize_named(torch_model: torch.nn.Module, suffix: str, seed: int, low: float = 0.5,
+                    high: float = 1.5) -> None:
+    """Give every parameter whose name ends in ``suffix`` values drawn from U(low, high)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in torch_model.named_parameters():
+            if name.endswith(suffix):
+                parameter.copy_(low + (high - low) * torch.rand(parameter.shape, generator=generator))
+
+
+def images(batch: int, channels: int, side: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """A random NCHW batch."""
+    return torch.randn(batch, channels, side, side, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+
