@@ -83,6 +83,9 @@ register("vision", vision.MODELS)
 from fedjax_users.models import vgg  # noqa: E402
 
 register("vision", vgg.MODELS)
+from fedjax_users.models import convnets  # noqa: E402
+
+register("vision", convnets.MODELS)
 # ImageNet data: breaching's ``linear`` at the data's shape (``Flatten`` + ``Linear``, as on CIFAR).
 register("imagenet", {"linear": vision.Linear})
 
