@@ -11,7 +11,7 @@ from fedjax_users import privacy
 from fedjax_users.strategy import clipping, compilation, cpu
 from fedjax_users.batchnorm import BatchNorm
 from fedjax_users.losses import softmax_cross_entropy
-from fedjax_users.models import vision
+from fedjax_users.models import resnets, vision
 
 
 class Mixed(nn.Module):
@@ -112,7 +112,7 @@ CASES = {
     "lenet_zhu": (lambda: vision.LeNetZhu(num_classes=3), (16, 16, 3)),
     "cnn6": (lambda: vision.CNN6(num_classes=3), (16, 16, 3)),
     "ConvNet": (lambda: vision.ConvNet(num_classes=3, width=2), (18, 18, 3)),
-    "resnet": (lambda: vision.ResNet(num_classes=3, stage_sizes=(1, 1), width=4), (8, 8, 3)),
+    "resnet": (lambda: resnets.ResNet(num_classes=3, stage_sizes=(1, 1), width=4), (8, 8, 3)),
 }
 
 

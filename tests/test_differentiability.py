@@ -38,7 +38,7 @@ import pytest
 
 import fedjax_users as fu
 from fedjax_users import losses, models, users
-from fedjax_users.models import vision
+from fedjax_users.models import resnets
 from fedjax_users.strategy import Strategy, clipping
 
 Array = jax.Array
@@ -97,7 +97,7 @@ def x64():
 def make_model(kind: str):
     """``bn``: conv -> BatchNorm -> ReLU -> mean -> Dense (a ResNet stem alone); ``conv``: LeNetZhu."""
     if kind == "bn":
-        return vision.ResNet(num_classes=CLASSES, num_channels=2, stage_sizes=(), width=3, param_dtype=jnp.float64)
+        return resnets.ResNet(num_classes=CLASSES, num_channels=2, stage_sizes=(), width=3, param_dtype=jnp.float64)
     # Sigmoid convolutions: smooth, so no kink lies between the central-difference points.
     return models.get("lenet_zhu", num_classes=CLASSES, param_dtype=jnp.float64)
 

@@ -94,6 +94,11 @@ from fedjax_users.models import resnets  # noqa: E402
 register("vision", resnets.MODELS)
 register("imagenet", resnets.IMAGENET_MODELS)
 
+from fedjax_users.models import resnets  # noqa: E402
+
+register("vision", resnets.MODELS)
+register("imagenet", resnets.IMAGENET_MODELS)
+
 from fedjax_users.models import text  # noqa: E402  (registers after the table exists)
 
 register("text", text.MODELS)

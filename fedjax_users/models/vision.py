@@ -1,4 +1,4 @@
-"""Flax versions of breaching's CIFAR-size vision models.
+"""Flax versions of breaching's CIFAR-size vision models (the ResNets are in ``resnets.py``).
 
 Each model reproduces the layer order, shapes, padding, strides, pooling, activations and bias
 flags of its PyTorch counterpart in breaching's ``model_preparation.py`` / ``resnets.py``.
@@ -17,8 +17,7 @@ to each of its layers; ``None`` (the default) keeps the layers' own defaults
 
 from __future__ import annotations
 
-import functools
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -239,118 +238,6 @@ class CNN6(VisionModel):
         return nn.Dense(self.num_classes, name="fc", **self.dtypes)(x)
 
 
-class ConvNorm(nn.Module):
-    """A Sequential of a bias-free conv (index 0) and a BatchNorm (index 1).
-
-    Used for the ResNet stem (followed by ReLU) and the type-"B" downsample shortcut.
-    """
-
-    features: int
-    kernel: int
-    stride: int
-    padding: int
-    dtype: Optional[Dtype] = None
-    param_dtype: Optional[Dtype] = None
-
-    @nn.compact
-    def __call__(self, x: Array, train: bool, mask: Optional[Array], momentum: Momentum) -> Array:
-        dtypes = layer_dtypes(self.dtype, self.param_dtype)
-        conv = torch_conv(
-            self.features, self.kernel, self.stride, self.padding, use_bias=False, name="0", **dtypes
-        )
-        return BatchNorm(name="1", **dtypes)(conv(x), train, mask, momentum)
-
-
-class BasicBlock(nn.Module):
-    """ResNet BasicBlock: two 3x3 conv-BatchNorm layers and a (projected) shortcut."""
-
-    features: int
-    stride: int
-    project_shortcut: bool
-    dtype: Optional[Dtype] = None
-    param_dtype: Optional[Dtype] = None
-
-    @nn.compact
-    def __call__(self, x: Array, train: bool, mask: Optional[Array], momentum: Momentum) -> Array:
-        dtypes = layer_dtypes(self.dtype, self.param_dtype)
-        out = torch_conv(self.features, 3, self.stride, 1, use_bias=False, name="conv1", **dtypes)(x)
-        out = nn.relu(BatchNorm(name="bn1", **dtypes)(out, train, mask, momentum))
-        out = torch_conv(self.features, 3, 1, 1, use_bias=False, name="conv2", **dtypes)(out)
-        out = BatchNorm(name="bn2", **dtypes)(out, train, mask, momentum)
-        shortcut = x
-        if self.project_shortcut:
-            shortcut = ConvNorm(self.features, 1, self.stride, 0, name="downsample", **dtypes)(
-                x, train, mask, momentum
-            )
-        return nn.relu(out + shortcut)
-
-
-class ResNetStage(nn.Module):
-    """One ``_make_layer`` Sequential: BasicBlocks named by index, the first one may downsample."""
-
-    features: int
-    blocks: int
-    stride: int
-    project_first: bool
-    dtype: Optional[Dtype] = None
-    param_dtype: Optional[Dtype] = None
-
-    @nn.compact
-    def __call__(self, x: Array, train: bool, mask: Optional[Array], momentum: Momentum) -> Array:
-        for index in range(self.blocks):
-            first = index == 0
-            block = BasicBlock(
-                self.features,
-                self.stride if first else 1,
-                self.project_first and first,
-                name=str(index),
-                **layer_dtypes(self.dtype, self.param_dtype),
-            )
-            x = block(x, train, mask, momentum)
-        return x
-
-
-class ResNetStages(nn.Module):
-    """``ResNet.layers``: the stages named by index, doubling the width at each stage."""
-
-    stage_sizes: Sequence[int]
-    width: int
-    dtype: Optional[Dtype] = None
-    param_dtype: Optional[Dtype] = None
-
-    @nn.compact
-    def __call__(self, x: Array, train: bool, mask: Optional[Array], momentum: Momentum) -> Array:
-        in_features = self.width
-        for index, blocks in enumerate(self.stage_sizes):
-            features = self.width * 2**index
-            stride = 1 if index == 0 else 2
-            # breaching's downsample "B": project when the shape changes, else identity.
-            project = stride != 1 or in_features != features
-            stage = ResNetStage(
-                features, blocks, stride, project, name=str(index), **layer_dtypes(self.dtype, self.param_dtype)
-            )
-            x = stage(x, train, mask, momentum)
-            in_features = features
-        return x
-
-
-class ResNet(VisionModel):
-    """breaching's CIFAR ResNet: 3x3 stem, BasicBlock stages, downsample "B", BatchNorm."""
-
-    stage_sizes: Sequence[int] = (2, 2, 2, 2)
-    width: int = 64
-
-    @nn.compact
-    def __call__(
-        self, x: Array, train: bool = False, mask: Optional[Array] = None, momentum: Momentum = 0.1
-    ) -> Array:
-        x = self.check_inputs(x)
-        x = nn.relu(ConvNorm(self.width, 3, 1, 1, name="stem", **self.dtypes)(x, train, mask, momentum))
-        stages = ResNetStages(tuple(self.stage_sizes), self.width, name="layers", **self.dtypes)
-        x = stages(x, train, mask, momentum)
-        return nn.Dense(self.num_classes, name="linear", **self.dtypes)(global_avg_pool(x))
-
-
 # breaching's names -> constructors, called as ``constructor(num_classes=..., num_channels=...)``
 # and optionally ``dtype=`` / ``param_dtype=``.
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -360,6 +247,4 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "ConvNetSmall": ConvNetSmall,
     "ConvNet": ConvNet,
     "cnn6": CNN6,
-    "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), width=64),
-    "resnet20": functools.partial(ResNet, stage_sizes=(3, 3, 3), width=16),
 }

@@ -54,7 +54,7 @@ def test_float64_text_models_have_float64_variables_and_logits(name):
 def test_default_models_are_unchanged():
     # The defaults are what parity was measured on: no dtype set anywhere, Flax's float32 kernels
     # even under x64 (so float64 inputs alone give a mixed model; param_dtype is the way out).
-    assert models.get("resnet20") == models.vision.ResNet(num_classes=10, num_channels=3, stage_sizes=(3, 3, 3), width=16)
+    assert models.get("resnet20") == models.resnets.ResNet(num_classes=10, num_channels=3, stage_sizes=(3, 3, 3), width=16)
     assert models.get("transformer3", num_classes=50, modality="text") == models.text.TransformerModel(50)
     with jax.enable_x64(True):
         variables = variable_shapes(models.get("resnet20"), vision_example("resnet20", jnp.float64))
@@ -95,7 +95,7 @@ def test_batchnorm_dtypes():
 
 def small_resnet(**dtypes):
     """A one-block ResNet: BatchNorm in a few milliseconds of compile."""
-    return models.vision.ResNet(stage_sizes=(1,), width=4, **dtypes)
+    return models.resnets.ResNet(stage_sizes=(1,), width=4, **dtypes)
 
 
 BUILDERS = {
