@@ -29,3 +29,11 @@ def causal_lm_loss(logits: Array, labels: Array) -> Array:
     per_token = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], labels[:, 1:])
     # Every sequence has the same T - 1 targets, so the mean of these means is torch's token mean.
     return jnp.mean(per_token, axis=-1)
+
+
+def masked_lm_loss(logits: Array, labels: Array) -> Array:
+    """Token cross-entropy of ``logits [B, T, V]`` vs ``labels [B, T]``, averaged per sequence (breaching's MLMLoss)."""
+    chex.assert_rank(logits, 3)
+    chex.assert_shape(labels, logits.shape[:2])
+    # Every sequence has T targets, so the mean of these means is torch's mean over all tokens.
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), axis=-1)
