@@ -62,19 +62,32 @@ def _install_stubs() -> None:
             for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
                 del sys.modules[name]
 
-        class _DenseLayer(torch.nn.Module):
-            """Placeholder base class; breaching's DenseNet layers are never built here."""
-
         tv = _stub("torchvision", _fedjax_stub=True)
         # breaching's ImageNet branch asks ``getattr(torchvision.models, name)``: the real builders.
         tv.models = _stub("torchvision.models", __getattr__=_torchvision_builder)
-        tv.models.densenet = _stub("torchvision.models.densenet", _DenseLayer=_DenseLayer)
+        tv.models.densenet = _stub("torchvision.models.densenet", _DenseLayer=_dense_layer_base(torch))
         tv.transforms = _stub("torchvision.transforms")
         tv.datasets = _stub("torchvision.datasets")
         tv.datasets.utils = _stub(
             "torchvision.datasets.utils", download_and_extract_archive=None
         )
     _install_pil_stub()
+
+
+def _dense_layer_base(torch) -> type:
+    """torchvision's ``_DenseLayer``: breaching's DenseNet layers subclass it for its ``forward``.
+
+    Without torchvision's files (no ``make venv-test``) a placeholder stands in, so everything
+    but breaching's DenseNet still loads.
+    """
+    try:
+        return torchvision_module("densenet")._DenseLayer
+    except ModuleNotFoundError:
+
+        class _DenseLayer(torch.nn.Module):
+            """Placeholder base class: breaching's DenseNet cannot run without torchvision's files."""
+
+        return _DenseLayer
 
 
 def _install_pil_stub() -> None:

@@ -86,13 +86,11 @@ register("vision", vgg.MODELS)
 from fedjax_users.models import convnets  # noqa: E402
 
 register("vision", convnets.MODELS)
+from fedjax_users.models import densenet  # noqa: E402
+
+register("vision", densenet.MODELS)
 # ImageNet data: breaching's ``linear`` at the data's shape (``Flatten`` + ``Linear``, as on CIFAR).
 register("imagenet", {"linear": vision.Linear})
-
-from fedjax_users.models import resnets  # noqa: E402
-
-register("vision", resnets.MODELS)
-register("imagenet", resnets.IMAGENET_MODELS)
 
 from fedjax_users.models import resnets  # noqa: E402
 

@@ -1,0 +1,58 @@
+"""breaching's CIFAR DenseNets in Flax compute what breaching's own DenseNet computes, given the same weights."""
+
+import sys
+
+import pytest
+import torch
+
+from fedjax_users import models
+from fedjax_users.models import densenet
+from parity import reference
+
+import zoo
+
+CLASSES = 10
+# 16x16 images: the CIFAR stem keeps the size, three transitions leave 2x2 positions for norm5.
+SIDE = 16
+
+
+def breaching_densenet(**config):
+    """breaching's DenseNet class with model_preparation's arguments and the given sizes."""
+    torch.manual_seed(0)
+    reference.models_module()
+    densenets = sys.modules[f"{reference.PACKAGE}.cases.models.densenets"]
+    return densenets.DenseNet(bn_size=4, drop_rate=0, channels=3, num_classes=CLASSES, memory_efficient=False,
+                              norm="BatchNorm2d", nonlin="ReLU", stem="CIFAR", convolution_type="Standard", **config)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_small_densenet_matches_breaching_class(train):
+    """Every layer type of the named DenseNets, at a size a test can afford: breaching's own class."""
+    config = dict(growth_rate=4, block_config=(2, 3, 2, 2), num_init_features=8)
+    torch_model = breaching_densenet(**config)
+    flax_model = densenet.DenseNet(num_classes=CLASSES, stem="CIFAR", **config)
+    images = zoo.images(2, 3, SIDE)
+    zoo.assert_round_trip(torch_model, flax_model, images)
+    zoo.assert_forward_matches(torch_model, flax_model, images, train)
+    if train:  # eval mode's gradients pass through the same layers with fixed statistics
+        zoo.float64_gradients_match(torch_model, flax_model, images, torch.tensor([2, 5]), train)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["DenseNet121", "DenseNet161", "DenseNet169", "DenseNet201"])
+def test_named_densenet_matches_breaching(name):
+    torch.manual_seed(0)
+    torch_model = reference.vision_model(name, CLASSES, (3, SIDE, SIDE))
+    flax_model = models.get(name, num_classes=CLASSES)
+    images = zoo.images(2, 3, SIDE)
+    zoo.assert_round_trip(torch_model, flax_model, images)
+    for train in (False, True):
+        zoo.assert_forward_matches(torch_model, flax_model, images, train)
+
+
+def test_names_resolve_like_breaching():
+    # model_preparation matches "densenet" in the lower-cased name and reads the depth from its digits.
+    for depth, (growth, blocks, init) in densenet.CONFIGS.items():
+        model = models.get(f"densenet{depth}")
+        assert (model.growth_rate, tuple(model.block_config), model.num_init_features, model.stem) == (
+            growth, blocks, init, "CIFAR")
