@@ -100,7 +100,7 @@ def test_sequence_longer_than_positions_raises():
 
 def test_unknown_model_name_raises():
     with pytest.raises(ValueError, match="unknown text model"):
-        text.get_text_model("LSTM", VOCAB)
+        text.get_text_model("transformer2", VOCAB)
 
 
 @pytest.mark.parametrize("name", NAMES)
