@@ -73,10 +73,16 @@ def _is_layer_stats(node: Any) -> bool:
 
 
 def map_layers(fn, *trees):
-    """Apply ``fn`` to every BatchNorm layer's stats dict of one or more same-shaped trees."""
+    """Apply ``fn`` to every BatchNorm layer's stats dict of one or more same-shaped trees.
+
+    A buffer outside any BatchNorm layer (a fixed table such as breaching's sinusoidal positions,
+    which no step changes) is taken from the first tree as it is.
+    """
     first = trees[0]
     if _is_layer_stats(first):
         return fn(*trees)
+    if not isinstance(first, Mapping):
+        return first
     return {name: map_layers(fn, *(t[name] for t in trees)) for name in first}
 
 

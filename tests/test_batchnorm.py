@@ -179,6 +179,17 @@ def test_map_layers_visits_every_layer():
     np.testing.assert_array_equal(out["block"]["bn2"]["mean"], [1.0, 1.0])
 
 
+def test_fold_batch_stats_keeps_a_buffer_outside_batchnorm():
+    """breaching's fixed positional table sits in the buffers beside BatchNorm statistics; folding leaves it."""
+    layer = {"mean": jnp.zeros(2), "var": jnp.ones(2), "num_batches_tracked": jnp.asarray(0, jnp.int32)}
+    table = jnp.arange(6.0).reshape(1, 3, 2)
+    per_batch = {"bn": {"mean": jnp.ones((3, 2)), "var": jnp.ones((3, 2)), "num_batches_tracked": jnp.zeros(3)},
+                 "pos_encoder": {"pe": jnp.zeros((3, 1, 3, 2))}}
+    folded = fold_batch_stats({"bn": layer, "pos_encoder": {"pe": table}}, per_batch, None)
+    np.testing.assert_array_equal(folded["pos_encoder"]["pe"], table)
+    np.testing.assert_array_equal(folded["bn"]["mean"], [1.0, 1.0])
+
+
 @pytest.mark.parametrize("momentum", [None, 0.1])
 def test_fold_batch_stats_equals_sequential_calls(momentum):
     batches = jnp.stack([_batch(30 + s, (1, 3, 3, 5)) for s in range(5)])
