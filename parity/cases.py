@@ -54,6 +54,8 @@ class Case:
     seed: int = 0
     num_classes: int = 10
     image_shape: tuple = (3, 32, 32)
+    # breaching's ``cfg_data.name``: data named ``*ImageNet*`` takes torchvision's models.
+    data_name: str = "CIFAR10"
     vocab_size: int = 50
     seq_len: int = 8
 
@@ -65,7 +67,8 @@ class Case:
     @property
     def name(self) -> str:
         """Readable identifier used in the report."""
-        parts = [self.model, self.user, "buffers" if self.buffers_sent else "no-buffers", self.defence]
+        model = self.model if self.data_name == "CIFAR10" else f"{self.model}@{self.data_name}"
+        parts = [model, self.user, "buffers" if self.buffers_sent else "no-buffers", self.defence]
         if self.precision != "float32":
             parts.append(self.precision)
         if self.tag:
@@ -151,13 +154,34 @@ def _text(precision="float32") -> list[Case]:
             for model in TEXT_MODELS for user in USERS for defence in ("none", "clip", "gradient_noise")]
 
 
+# The ResNets of breaching's case files and one of each other family (basic and bottleneck
+# blocks, GroupNorm, torchvision's ImageNet stem): (model, data name, image shape). The images are
+# the smallest that leave 2x2 positions at the last stage (2x2 x one example is what a per-example
+# clipping user's BatchNorm normalises over): 64x64 for torchvision's stride-32 nets, 16x16 for
+# breaching's four-stage and 8x8 for its three-stage nets, which keeps float64 affordable here.
+RESNET_ZOO = (("resnet18", "ImageNet", (3, 64, 64)), ("resnet50", "ImageNet", (3, 64, 64)),
+              ("ResNet32-10", "CIFAR10", (3, 8, 8)), ("ResNet50", "CIFAR10", (3, 16, 16)),
+              ("ResNetGN18", "CIFAR10", (3, 16, 16)))
+
+
+def _resnet_zoo(precision: str = "float32") -> list[Case]:
+    """The three users, buffers sent or not, no defence and clipping, each case on every model in turn.
+
+    Without BatchNorm (ResNetGN18) "buffers sent" only flips the (empty) eval mode: one case per user.
+    """
+    return [Case(model, user, buffers, defence, precision=precision, image_shape=shape, data_name=data)
+            for user, buffers, defence in itertools.product(USERS, (False, True), ("none", "clip"))
+            for model, data, shape in RESNET_ZOO if not ("GN" in model and buffers and defence != "none")]
+
+
 def all_cases(quick: bool = False, precision: Optional[str] = None) -> list[Case]:
     """The full grid, or the CI subset with ``quick``; ``precision`` picks one precision only."""
     if quick:
         # resnet20 carries the BatchNorm paths at a fraction of ConvNet's cost on a CI CPU.
         f32 = _grid(("lenet_zhu", "resnet20"), defences=("none", "clip", "gradient_noise")) + [
             c for c in _special(("resnet20",)) if c.tag in ("ragged", "second-query")
-        ] + [Case("transformer3", "local_update", False, "none")] + _chunked()
+        ] + [Case("transformer3", "local_update", False, "none")] + _chunked() + [
+            Case("resnet18", "local_gradient", True, "none", image_shape=(3, 64, 64), data_name="ImageNet")]
         f64 = [Case(m, u, b, d, precision="float64") for m in ("resnet20",) for u in USERS
                for b in (False, True) for d in ("none", "clip")]
     else:
@@ -170,6 +194,7 @@ def all_cases(quick: bool = False, precision: Optional[str] = None) -> list[Case
             for m in ("ConvNet", "resnet20")] + [Case("ConvNetSmall", "aggregate", False, precision="float64")] + [
             Case(m, u, False, d, precision="float64") for m in TEXT_MODELS for u in USERS for d in ("none", "clip")
         ] + _chunked(precision="float64")
+        f32, f64 = f32 + _resnet_zoo(), f64 + _resnet_zoo("float64")
     if precision == "float32":
         return f32
     if precision == "float64":

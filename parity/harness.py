@@ -53,9 +53,10 @@ def build_models(case: Case):
         flax_model = get_text_model(TEXT_NAMES.get(case.model, case.model), vocab_size=case.vocab_size)
         example = jnp.zeros((1, case.seq_len), jnp.int32)
     else:
-        torch_model = reference.vision_model(case.model, num_classes=case.num_classes, shape=case.image_shape)
+        torch_model = reference.vision_model(case.model, num_classes=case.num_classes, shape=case.image_shape,
+                                             data_name=case.data_name)
         c, h, w = case.image_shape
-        flax_model = models.get(case.model, num_classes=case.num_classes, num_channels=c)
+        flax_model = models.for_data(case.model, case.data_name, num_classes=case.num_classes, num_channels=c)
         example = jnp.zeros((1, h, w, c), jnp.float64 if case.precision == "float64" else jnp.float32)
     torch_model = torch_model.to(_torch_dtype(case))
     if case.buffers_sent and not case.is_text:
