@@ -164,9 +164,27 @@ def config_dir() -> str:
 
 def vision_model(name: str, num_classes: int = 10, shape=(3, 32, 32), data_name: str = "CIFAR10"):
     """Build one of breaching's vision models exactly as ``construct_model`` does for ``data_name``
-    (data named ``*ImageNet*`` takes its ImageNet branch: torchvision's models, ``fc`` replaced)."""
+    (data named ``*ImageNet*`` takes its ImageNet branch: torchvision's models, ``fc`` replaced).
+    ``nfnet``, which breaching 0.1.2 cannot build, is ``nfnet_model``."""
+    if name == "nfnet":
+        return nfnet_model(num_classes, shape, data_name)
     cfg_data = types.SimpleNamespace(name=data_name, shape=list(shape), classes=num_classes)
     return models_module()._construct_vision_model(name, cfg_data, pretrained=False)
+
+
+def nfnet_model(num_classes: int = 10, shape=(3, 32, 32), data_name: str = "CIFAR10"):
+    """breaching's own ``NFNet`` class, in its ``VisionContainer``, with the arguments
+    ``_construct_vision_model`` gives it for ``nfnet`` but ``activation="relu"``.
+
+    breaching 0.1.2 passes ``activation="ReLU"``, which is not a key of ``nfnets.activations_dict``
+    (``"relu"``, ``"gelu"``): its ``construct_model`` raises ``KeyError: 'ReLU'`` for this name.
+    """
+    preparation = models_module()
+    nfnets = sys.modules[f"{PACKAGE}.cases.models.nfnets"]
+    model = nfnets.NFNet(shape[0], num_classes, variant="F0", stochdepth_rate=0.25, alpha=0.2, se_ratio=0.5,
+                         activation="relu", stem="ImageNet" if "ImageNet" in data_name else "CIFAR",
+                         use_dropout=True)
+    return preparation.VisionContainer(model)
 
 
 def text_model(name: str, vocab_size: int):

@@ -89,6 +89,9 @@ register("vision", convnets.MODELS)
 from fedjax_users.models import densenet  # noqa: E402
 
 register("vision", densenet.MODELS)
+from fedjax_users.models import nfnet  # noqa: E402
+
+register("vision", nfnet.MODELS)
 # ImageNet data: breaching's ``linear`` at the data's shape (``Flatten`` + ``Linear``, as on CIFAR).
 register("imagenet", {"linear": vision.Linear})
 

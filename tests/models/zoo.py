@@ -49,14 +49,19 @@ def assert_forward_matches(
     randomize_batchnorm(torch_model, seed)
     variables = convert(torch_model, flax_model, images)
     torch_model.train(train)
-    with torch.no_grad():
-        expected = torch_model(images)
     inputs = interop.nchw_to_nhwc(images)
+    with torch.no_grad():  # a clone: in-place activations (NFNet's VPReLU) may overwrite their input
+        expected = torch_model(images.clone())
 
-    def run():
+    # One compiled program: eager dispatch compiles every layer's shapes apart (minutes for DenseNet).
+    @jax.jit
+    def run_jitted(variables, inputs):
         return flax_model.apply(
             variables, inputs, train=train, mutable=["batch_stats"], rngs={"dropout": jax.random.key(seed)}
         )
+
+    def run():
+        return run_jitted(variables, inputs)
 
     if interceptor is None:
         logits, state = run()
@@ -81,7 +86,7 @@ def float64_gradients_match(torch_model: torch.nn.Module, flax_model, images, la
         randomize_batchnorm(torch_model, 0)
         variables = convert(torch_model, flax_model, images)
         torch_model.train(train)
-        torch_logits = torch_model(images)
+        torch_logits = torch_model(images.clone())
         torch.nn.functional.cross_entropy(torch_logits, labels).backward()
         inputs = interop.nchw_to_nhwc(images)
 
@@ -95,12 +100,12 @@ def float64_gradients_match(torch_model: torch.nn.Module, flax_model, images, la
             return nll, (logits, state)
 
         if interceptor is None:
-            grads, (logits, state) = jax.grad(loss, has_aux=True)(variables["params"])
+            grads, (logits, state) = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
         else:
 
 
             with nn.intercept_methods(interceptor):
-                grads, (logits, state) = jax.grad(loss, has_aux=True)(variables["params"])
+                grads, (logits, state) = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
         assert_close_scaled(logits, torch_logits.detach().numpy(), rtol, "logits")
         torch_grads = [p.grad for p in torch_model.parameters()]
         scale = max(float(g.abs().max()) for g in torch_grads)
