@@ -26,6 +26,7 @@ import optax
 from fedjax_users import privacy
 from fedjax_users.batchnorm import fold_batch_stats
 from fedjax_users.config import LocalDiffPrivacy, UserConfig
+from fedjax_users.types import LocalHyperparams, Metadata
 
 Array = jax.Array
 PyTree = Any
@@ -275,3 +276,41 @@ def aggregate_users(model, loss_fn: LossFn, cfg: UserConfig, params: PyTree, ser
         results.append(user(model, loss_fn, cfg, params, server_stats, own, inputs[u], labels[u], user_key))
     stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *results)
     return mean_over_users(stacked.gradients, num_users), mean_over_users(stacked.batch_stats, num_users)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a user reveals besides its update
+
+
+def step_labels(labels: Array, cfg: UserConfig) -> list[Array]:
+    """Each local step's labels, sorted: what ``local_hyperparams.labels`` reveals."""
+    slices = step_slices(cfg.num_data_points, cfg.num_data_per_local_update_step, cfg.num_local_updates)
+    return [jnp.sort(labels[start : start + length], axis=-1) for start, length in slices]
+
+
+def local_hyperparams(cfg: UserConfig, step_labels: Optional[list]) -> Optional[LocalHyperparams]:
+    """The local schedule a multi-step user reports when ``provide_local_hyperparams`` is set."""
+    if not cfg.provide_local_hyperparams:
+        return None
+    return LocalHyperparams(
+        lr=cfg.local_learning_rate,
+        steps=cfg.num_local_updates,
+        data_per_step=cfg.num_data_per_local_update_step,
+        labels=step_labels,
+    )
+
+
+def user_metadata(cfg: UserConfig, labels: Array, data_key: str) -> Metadata:
+    """What one user reveals besides the update, as breaching's user classes report it."""
+    num_points = cfg.num_data_points if cfg.provide_num_data_points else None
+    if not cfg.is_multi_step:
+        return Metadata(
+            num_data_points=num_points,
+            labels=jnp.sort(labels, axis=-1) if cfg.provide_labels else None,
+        )
+    return Metadata(
+        num_data_points=num_points,
+        labels=labels if cfg.provide_labels else None,
+        local_hyperparams=local_hyperparams(cfg, step_labels(labels, cfg)),
+        data_key=data_key,
+    )

@@ -24,7 +24,7 @@ from fedjax_users import privacy, semantics, validation
 from fedjax_users.config import UserConfig
 from fedjax_users.losses import softmax_cross_entropy
 from fedjax_users.strategy import Strategy, chunking, clipping, compilation, cpu, patches, sharding
-from fedjax_users.types import LocalHyperparams, Metadata, ServerPayload, SharedData, TrueUserData, UserData
+from fedjax_users.types import Metadata, ServerPayload, SharedData, TrueUserData, UserData
 
 Array = jax.Array
 PyTree = Any
@@ -145,42 +145,6 @@ def _single_user_strategy(strategy: Optional[Strategy]) -> Strategy:
 
 
 # ----------------------------------------------------------------------------------------------
-# Metadata
-
-
-def _step_labels(labels: Array, cfg: UserConfig) -> list[Array]:
-    slices = step_slices(cfg.num_data_points, cfg.num_data_per_local_update_step, cfg.num_local_updates)
-    return [jnp.sort(labels[start : start + length], axis=-1) for start, length in slices]
-
-
-def _hyperparams(cfg: UserConfig, step_labels: Optional[list]) -> Optional[LocalHyperparams]:
-    if not cfg.provide_local_hyperparams:
-        return None
-    return LocalHyperparams(
-        lr=cfg.local_learning_rate,
-        steps=cfg.num_local_updates,
-        data_per_step=cfg.num_data_per_local_update_step,
-        labels=step_labels,
-    )
-
-
-def _user_metadata(cfg: UserConfig, labels: Array, data_key: str) -> Metadata:
-    """What one user reveals besides the update, as breaching's user classes report it."""
-    num_points = cfg.num_data_points if cfg.provide_num_data_points else None
-    if not cfg.is_multi_step:
-        return Metadata(
-            num_data_points=num_points,
-            labels=jnp.sort(labels, axis=-1) if cfg.provide_labels else None,
-        )
-    return Metadata(
-        num_data_points=num_points,
-        labels=labels if cfg.provide_labels else None,
-        local_hyperparams=_hyperparams(cfg, _step_labels(labels, cfg)),
-        data_key=data_key,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
 # Public API
 
 
@@ -214,7 +178,7 @@ def _run_user(model, payload, data, cfg, key, user_state, loss, expect_multi_ste
     shared = SharedData(
         gradients=grads,
         batch_stats=buffers if cfg.provide_buffers else None,
-        metadata=_user_metadata(user_cfg, labels, data.data_key),
+        metadata=semantics.user_metadata(user_cfg, labels, data.data_key),
     )
     true_data = TrueUserData(data=recorded, labels=labels, batch_stats=buffers, user_state=new_stats)
     return shared, true_data, new_stats
@@ -465,7 +429,7 @@ def aggregate(
     metadata = Metadata(
         num_data_points=cfg.num_data_points * num_users if cfg.provide_num_data_points else None,
         labels=jnp.sort(labels.reshape((-1,) + labels.shape[2:]), axis=-1) if cfg.provide_labels else None,
-        local_hyperparams=_hyperparams(user_cfg, step_labels) if user_cfg.provide_local_hyperparams else None,
+        local_hyperparams=semantics.local_hyperparams(user_cfg, step_labels) if user_cfg.provide_local_hyperparams else None,
         num_users=num_users,
     )
     shared = SharedData(
