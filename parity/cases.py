@@ -8,6 +8,10 @@ from typing import Optional
 
 VISION_MODELS = ("linear", "MLP", "lenet_zhu", "ConvNetSmall", "ConvNet", "cnn6", "resnet18", "resnet20")
 TEXT_MODELS = ("linear-text", "transformer3")
+# The rest of breaching's text zoo: full grid only, one defence (the fixed-position models hold a
+# buffer, their sinusoidal table, so for them "buffers sent" is a case of its own).
+TEXT_ZOO_MODELS = ("transformer1", "transformerS", "transformer3f", "transformer3t", "LSTM")
+FIXED_POSITION_MODELS = ("transformer1", "transformerS", "transformer3f")
 USERS = ("local_gradient", "local_update", "aggregate")
 DEFENCES = ("none", "clip", "input_noise", "gradient_noise")
 
@@ -62,7 +66,7 @@ class Case:
     @property
     def is_text(self) -> bool:
         """Text models get token users and the causal-LM loss."""
-        return self.model in TEXT_MODELS
+        return self.model in TEXT_MODELS or self.model in TEXT_ZOO_MODELS
 
     @property
     def name(self) -> str:
@@ -174,6 +178,12 @@ def _resnet_zoo(precision: str = "float32") -> list[Case]:
             for model, data, shape in RESNET_ZOO if not ("GN" in model and buffers and defence != "none")]
 
 
+def _text_zoo(precision="float32") -> list[Case]:
+    return [Case(model, user, buffers, defence, precision=precision)
+            for model in TEXT_ZOO_MODELS for user in USERS for defence in ("none", "clip")
+            for buffers in ((False, True) if model in FIXED_POSITION_MODELS else (False,))]
+
+
 def all_cases(quick: bool = False, precision: Optional[str] = None) -> list[Case]:
     """The full grid, or the CI subset with ``quick``; ``precision`` picks one precision only."""
     if quick:
@@ -185,7 +195,7 @@ def all_cases(quick: bool = False, precision: Optional[str] = None) -> list[Case
         f64 = [Case(m, u, b, d, precision="float64") for m in ("resnet20",) for u in USERS
                for b in (False, True) for d in ("none", "clip")]
     else:
-        f32 = _grid(VISION_MODELS) + _special(("resnet20",)) + _text() + _chunked((False, True))
+        f32 = _grid(VISION_MODELS) + _special(("resnet20",)) + _text() + _text_zoo() + _chunked((False, True))
         # Every vision model but ConvNetSmall (15M parameters: one float64 aggregate takes minutes here).
         f64_models = ("linear", "MLP", "lenet_zhu", "ConvNet", "cnn6", "resnet18", "resnet20")
         f64 = _grid(f64_models, precision="float64", defences=("none", "clip")) + [
@@ -193,7 +203,7 @@ def all_cases(quick: bool = False, precision: Optional[str] = None) -> list[Case
                  user_overrides=(("num_local_updates", 4), ("num_data_per_local_update_step", 2)))
             for m in ("ConvNet", "resnet20")] + [Case("ConvNetSmall", "aggregate", False, precision="float64")] + [
             Case(m, u, False, d, precision="float64") for m in TEXT_MODELS for u in USERS for d in ("none", "clip")
-        ] + _chunked(precision="float64")
+        ] + _text_zoo("float64") + _chunked(precision="float64")
         f32, f64 = f32 + _resnet_zoo(), f64 + _resnet_zoo("float64")
     if precision == "float32":
         return f32

@@ -188,10 +188,38 @@ def nfnet_model(num_classes: int = 10, shape=(3, 32, 32), data_name: str = "CIFA
 
 
 def text_model(name: str, vocab_size: int):
-    """Build one of breaching's text models (``linear``, ``transformer3``) as ``construct_model`` does."""
+    """Build one of breaching's text models as ``construct_model`` does (``LSTM`` wrapped, see below)."""
     cfg_data = types.SimpleNamespace(vocab_size=vocab_size)
     name = {"linear-text": "linear"}.get(name, name)
-    return models_module()._construct_text_model(name, cfg_data, pretrained=False)
+    model = models_module()._construct_text_model(name, cfg_data, pretrained=False)
+    return zero_state_rnn_class()(model) if name == "LSTM" else model
+
+
+@functools.lru_cache(maxsize=None)
+def zero_state_rnn_class():
+    """The wrapper class below, defined on first use (this module imports torch only when used)."""
+    import torch
+
+    class ZeroStateRNN(torch.nn.Module):
+        """breaching's ``RNNModel`` as its users would have to call it: ``model(input_ids=...) -> [B, T, vocab]``.
+
+        breaching's users call ``model(**data)``, but ``RNNModel.forward(input_ids, hiddens)`` needs
+        the initial state and returns ``(logits [B*T, vocab], state)``, so no breaching user can run
+        it (and its ``init_hidden`` has the wrong layout for ``torch.nn.LSTM``). This wrapper passes
+        ``hiddens=None`` (torch's zero state) and shapes the logits back; the model itself runs
+        unmodified, and as the attribute ``model`` its parameter names carry the container prefix
+        that ``fedjax_users.interop`` drops.
+        """
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, **kwargs):
+            logits, _ = self.model(input_ids, None)
+            return logits.view(*input_ids.shape, -1)
+
+    return ZeroStateRNN
 
 
 def torchvision_source() -> str:

@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Optional
 
 import flax.linen as nn
 
-from fedjax_users.models import vision
+from fedjax_users.models import huggingface, vision
 from fedjax_users.models.dtypes import Dtype, layer_dtypes
 
 Constructor = Callable[..., nn.Module]
@@ -50,7 +50,10 @@ def get(
     model whose parameters, statistics and gradients are all float64.
     """
     table = _REGISTRY.get(modality, {})
-    matches = [key for key in table if key.lower() == name.lower()]
+    # breaching's text names are exact: any other text name goes to Hugging Face there.
+    matches = [key for key in table if key == name or (modality != "text" and key.lower() == name.lower())]
+    if not matches and modality == "text":
+        raise huggingface.unavailable(name, names(modality))
     if not matches:
         raise ValueError(
             f"unknown {modality} model {name!r}; known {modality} models: {names(modality)}"
