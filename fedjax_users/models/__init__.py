@@ -95,6 +95,8 @@ register("vision", densenet.MODELS)
 from fedjax_users.models import nfnet  # noqa: E402
 
 register("vision", nfnet.MODELS)
+register("imagenet", vgg.IMAGENET_MODELS)
+register("imagenet", densenet.IMAGENET_MODELS)
 # ImageNet data: breaching's ``linear`` at the data's shape (``Flatten`` + ``Linear``, as on CIFAR).
 register("imagenet", {"linear": vision.Linear})
 

@@ -56,3 +56,36 @@ def test_names_resolve_like_breaching():
         model = models.get(f"densenet{depth}")
         assert (model.growth_rate, tuple(model.block_config), model.num_init_features, model.stem) == (
             growth, blocks, init, "CIFAR")
+
+
+# torchvision's DenseNets (breaching's ImageNet data), at 64x64 (the 7x7 stride-2 stem and max pool
+# leave 16x16, the transitions 2x2) and one at 224x224.
+IMAGENET = [pytest.param(f"densenet{d}", 64, marks=pytest.mark.slow) for d in densenet.CONFIGS]
+IMAGENET.append(pytest.param("densenet121", 224, marks=pytest.mark.slow))
+
+
+@pytest.mark.parametrize("name, side", IMAGENET)
+def test_torchvision_densenet_matches_breachings_imagenet_model(name, side):
+    torch.manual_seed(0)
+    torch_model = reference.vision_model(name, CLASSES, (3, side, side), data_name="ImageNet")
+    flax_model = models.for_data(name, "ImageNet", num_classes=CLASSES)
+    images = zoo.images(2, 3, side)
+    zoo.assert_round_trip(torch_model, flax_model, images)
+    for train in (False, True):
+        zoo.assert_forward_matches(torch_model, flax_model, images, train)
+
+
+def test_small_torchvision_densenet_matches_torchvision_class():
+    """The ImageNet stem (7x7 conv, BatchNorm, 3x3 max pool) at a size a test can afford: torchvision's class."""
+    torch.manual_seed(0)
+    config = dict(growth_rate=4, block_config=(2, 2), num_init_features=8)
+    torch_model = reference.torchvision_module("densenet").DenseNet(bn_size=4, num_classes=CLASSES, **config)
+    flax_model = densenet.DenseNet(num_classes=CLASSES, stem="ImageNet", **config)
+    images = zoo.images(2, 3, 15)  # odd: the padded max pool's edge windows
+    zoo.assert_round_trip(torch_model, flax_model, images)
+    zoo.assert_forward_matches(torch_model, flax_model, images, train=True)
+
+
+def test_imagenet_densenet_keeps_torchvisions_classes():
+    model = models.for_data("densenet161", "ImageNet", num_classes=CLASSES)
+    assert (model.num_classes, model.growth_rate, model.stem) == (1000, 48, "ImageNet")

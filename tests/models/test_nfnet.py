@@ -30,32 +30,6 @@ def nfnets_module():
     return sys.modules[f"{reference.PACKAGE}.cases.models.nfnets"]
 
 
-class TorchDraws:
-    """Records the masks torch's StochDepth and Dropout modules draw; replays them in Flax."""
-
-    def __init__(self, torch_model: torch.nn.Module):
-        self.masks = {}
-        nfnets = nfnets_module()
-        for name, module in torch_model.named_modules():
-            path = tuple(name.split(".")[1:] if name.startswith("model.") else name.split("."))
-            if isinstance(module, (nfnets.StochDepth, torch.nn.Dropout)):
-                module.register_forward_hook(self._recorder(path, isinstance(module, torch.nn.Dropout)))
-
-    def _recorder(self, path, is_dropout):
-        def record(module, inputs, output):
-            if is_dropout:  # where the input is zero the draw does not matter
-                self.masks[path] = (output != 0).numpy()
-            else:  # x * floor(u + keep): each example's output is its input or zero
-                kept = [float(torch.equal(o, i)) for o, i in zip(output, inputs[0])]
-                self.masks[path] = torch.tensor(kept).reshape(-1, 1, 1, 1).numpy()
-        return record
-
-    def __call__(self, next_fun, args, kwargs, context):
-        if context.method_name == "keep_mask":
-            return jnp.asarray(self.masks[tuple(context.module.path)])
-        return next_fun(*args, **kwargs)
-
-
 def randomize_gains(torch_model: torch.nn.Module, seed: int = 0) -> None:
     """Non-trivial skip gains (zero at init: every residual branch would be switched off) and conv gains."""
     zoo.randomize_named(torch_model, "gain", seed, 0.5, 1.5)
@@ -102,10 +76,10 @@ def test_block_matches_breaching_nfblock(kind, train):
                            cfg["stochdepth_rate"], "relu", 0, group_size=8)
     images = zoo.images(4, cfg["in_channels"], 6)
     zoo.assert_round_trip(torch_block, flax_block, images)
-    zoo.assert_forward_matches(torch_block, flax_block, images, train, interceptor=TorchDraws(torch_block))
+    zoo.assert_forward_matches(torch_block, flax_block, images, train, interceptor=zoo.TorchDraws(torch_block))
     if train:  # eval mode runs the same layers without the draws
         labels = torch.tensor([0, 1, 2, 3])
-        zoo.float64_gradients_match(torch_block, flax_block, images, labels, train, interceptor=TorchDraws(torch_block))
+        zoo.float64_gradients_match(torch_block, flax_block, images, labels, train, interceptor=zoo.TorchDraws(torch_block))
 
 
 def test_weight_standardisation_is_torchs_with_unbiased_variance():
@@ -140,7 +114,7 @@ def test_nfnet_f0_matches_breaching_nfnet(train):
     flax_model = models.get("nfnet", num_classes=CLASSES)
     images = zoo.images(2, 3, 16)
     zoo.assert_round_trip(torch_model, flax_model, images)
-    zoo.assert_forward_matches(torch_model, flax_model, images, train, interceptor=TorchDraws(torch_model))
+    zoo.assert_forward_matches(torch_model, flax_model, images, train, interceptor=zoo.TorchDraws(torch_model))
 
 
 def test_train_mode_needs_a_dropout_key():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fedjax_users import models
+from fedjax_users.models import vgg
 from parity import reference
 
 import zoo
@@ -62,3 +63,39 @@ def test_classical_weight_init():
     assert abs(kernel.std() / np.sqrt(2.0 / (9 * 256)) - 1) < 0.02
     assert not np.any(params["features"]["8"]["bias"])
     assert abs(np.asarray(params["classifier"]["kernel"]).std() / 0.01 - 1) < 0.05
+
+
+# ----------------------------------------------------------------------------------------------
+# torchvision's VGGs (breaching's ImageNet data): 132M+ parameters each, so every named one is slow.
+# 64x64 images: the features leave 2x2 positions, which AdaptiveAvgPool2d((7, 7)) spreads over 7x7
+# overlapping bins; one case runs at 224x224, where that pool is the identity.
+IMAGENET = [pytest.param(f"vgg{d}{s}", 64, marks=pytest.mark.slow) for d in (11, 13, 16, 19) for s in ("", "_bn")]
+IMAGENET.append(pytest.param("vgg11_bn", 224, marks=pytest.mark.slow))
+
+
+@pytest.mark.parametrize("name, side", IMAGENET)
+def test_torchvision_vgg_matches_breachings_imagenet_model(name, side):
+    torch.manual_seed(0)
+    torch_model = reference.vision_model(name, CLASSES, (3, side, side), data_name="ImageNet")
+    flax_model = models.for_data(name, "ImageNet", num_classes=CLASSES)
+    images = zoo.images(2, 3, side)
+    zoo.assert_round_trip(torch_model, flax_model, images)
+    for train in (False, True):  # train mode: dropout on torch's own draws
+        zoo.assert_forward_matches(torch_model, flax_model, images, train, interceptor=zoo.TorchDraws(torch_model))
+
+
+@pytest.mark.parametrize("side, out", [(2, 7), (5, 7), (13, 7), (7, 7), (9, 4)])
+def test_adaptive_avg_pool_is_torchs(side, out):
+    x = torch.randn(2, 3, side, side + 1, dtype=torch.float64)
+    expected = torch.nn.functional.adaptive_avg_pool2d(x, (out, out))
+    ours = vgg.adaptive_avg_pool(jnp.asarray(x.permute(0, 2, 3, 1).numpy()), (out, out))
+    # float32 on our side (no x64 here): agreement to its rounding.
+    np.testing.assert_allclose(np.asarray(ours), expected.permute(0, 2, 3, 1).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_imagenet_vgg_keeps_torchvisions_classes_and_channels():
+    # breaching replaces only a `.fc` layer; torchvision's VGG has none, so 1000 outputs stay.
+    model = models.for_data("vgg16_bn", "ImageNet", num_classes=CLASSES)
+    assert (model.num_classes, model.depth, model.batch_norm) == (1000, 16, True)
+    with pytest.raises(ValueError, match="3-channel"):
+        models.for_data("vgg11", "ImageNet", num_channels=1)

@@ -132,4 +132,28 @@ def images(batch: int, channels: int, side: int, seed: int = 0, dtype=torch.floa
     return torch.randn(batch, channels, side, side, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+class TorchDraws:
+    """Records the masks torch's Dropout and breaching's StochDepth modules draw; an
+    ``nn.intercept_methods`` interceptor handing them to the Flax layers' ``keep_mask``."""
 
+    def __init__(self, torch_model: torch.nn.Module):
+        self.masks = {}
+        for name, module in torch_model.named_modules():
+            path = tuple(name.split(".")[1:] if name.startswith("model.") else name.split("."))
+            # breaching's nfnets.StochDepth, matched by name (its module is loaded by path).
+            if isinstance(module, torch.nn.Dropout) or type(module).__name__ == "StochDepth":
+                module.register_forward_hook(self._recorder(path, isinstance(module, torch.nn.Dropout)))
+
+    def _recorder(self, path, is_dropout):
+        def record(module, inputs, output):
+            if is_dropout:  # where the input is zero the draw does not matter
+                self.masks[path] = (output != 0).numpy()
+            else:  # x * floor(u + keep): each example's output is its input or zero
+                kept = [float(torch.equal(o, i)) for o, i in zip(output, inputs[0])]
+                self.masks[path] = torch.tensor(kept).reshape(-1, 1, 1, 1).numpy()
+        return record
+
+    def __call__(self, next_fun, args, kwargs, context):
+        if context.method_name == "keep_mask":
+            return jnp.asarray(self.masks[tuple(context.module.path)])
+        return next_fun(*args, **kwargs)
