@@ -91,32 +91,56 @@ def _batchnorm_mode(case) -> str:
 
 
 def _compute(case, key, progress: bool):
-    """Run the case's user computation; returns (shared, seconds of first call, seconds of second)."""
+    """Run the case's queries in order, each user's own BatchNorm state carried to the next.
+
+    Returns (shared per query, seconds of the first call, seconds of a steady call: the second
+    query's, or the first query run again when there is one).
+    """
     import jax
 
     import fedjax_users as fu
     from fedjax_users.progress import TextProgress
 
     cfg = case.user_cfg
-    if cfg.user_type == "multiuser_aggregate":
-        def call():
+    multi = cfg.user_type == "multiuser_aggregate"
+    compute = fu.local_update if cfg.user_type == "local_update" else fu.local_gradient
+
+    def call(query, query_key, state, report):
+        if multi:
             # Only the first call reports progress: waiting on each chunk would slow the timed one.
-            bar = TextProgress(label="users (first call, with compile) ") if progress else None
-            return fu.aggregate(case.model, case.payload, case.data, cfg, key, loss=case.loss, progress=bar)[0]
-    else:
-        compute = fu.local_update if cfg.user_type == "local_update" else fu.local_gradient
+            bar = TextProgress(label="users (first call, with compile) ") if report else None
+            shared, true = fu.aggregate(case.model, query.payload, query.data, cfg, query_key, users_state=state,
+                                        loss=case.loss, progress=bar)
+            return shared, true.user_state
+        shared, _, new_state = compute(case.model, query.payload, query.data, cfg, query_key, user_state=state,
+                                       loss=case.loss)
+        return shared, new_state
 
-        def call():
-            return compute(case.model, case.payload, case.data, cfg, key, loss=case.loss)[0]
-
-    timings = []
-    for _ in range(2):
+    def timed(*args):
         start = time.perf_counter()
-        shared = call()
+        shared, state = call(*args)
         jax.block_until_ready(shared.gradients)
-        timings.append(time.perf_counter() - start)
-        progress = False
-    return shared, timings[0], timings[1]
+        return shared, state, time.perf_counter() - start
+
+    queries = case.queries or ()
+    state, results, timings = case.user_state, [], []
+    for q, query in enumerate(queries):
+        shared, new_state, seconds = timed(query, jax.random.fold_in(key, q), state, progress and q == 0)
+        # As breaching's users: with no buffers from the server, a user keeps its own statistics.
+        state = new_state if query.payload.batch_stats is None else state
+        results.append(shared)
+        timings.append(seconds)
+    if len(timings) == 1:
+        timings.append(timed(queries[0], jax.random.fold_in(key, 0), case.user_state, False)[2])
+    return results, timings[0], timings[1]
+
+
+def query_path(out: str, query: int, queries: int) -> str:
+    """Where query ``query`` of ``queries`` is saved: ``out`` itself for a single query."""
+    if queries == 1:
+        return out
+    stem, ext = os.path.splitext(out)
+    return f"{stem}.query{query}{ext}"
 
 
 def _privacy_sizes(cfg_case, params=None) -> dict:
@@ -126,17 +150,17 @@ def _privacy_sizes(cfg_case, params=None) -> dict:
     """
     from fedjax_users import accounting, models
     from fedjax_users.data.errors import DataError
-    from fedjax_users.models.text import get_text_model
 
     cfg_data = cfg_case.data
     if params is None:
         modality, shape, name = cfg_data.get("modality"), list(cfg_data.get("shape") or []), str(cfg_case.model)
         try:
+            data_name = str(cfg_data.get("like") or cfg_data.name)
             if modality == "vision":
-                model = models.get(name, num_classes=int(cfg_data.classes), num_channels=int(shape[0]))
+                model = models.for_data(name, data_name, int(cfg_data.classes), int(shape[0]))
                 count = accounting.model_num_params(model, (1, int(shape[1]), int(shape[2]), int(shape[0])))
             elif modality == "text":
-                model = get_text_model(name, vocab_size=int(cfg_data.vocab_size))
+                model = models.for_data(name, data_name, int(cfg_data.vocab_size), modality="text")
                 count = accounting.model_num_params(model, (1, int(shape[0])), "int32")
             else:
                 raise DataError(f"unknown data.modality {modality!r}; expected vision or text")
@@ -212,42 +236,76 @@ def privacy_report(args) -> int:
     return 0
 
 
+def _server_line(cfg_case, case) -> str:
+    server = cfg_case.get("server") or {}
+    weights = f"pretrained from {server.get('weights')}" if case.pretrained else "not pretrained"
+    buffers = "buffers sent" if case.payload.batch_stats is not None else "no buffers sent"
+    queries = len(case.queries)
+    return (f"server      {server.get('name', 'honest_but_curious')}, model_state "
+            f"{server.get('model_state', 'default')}, {weights}, {buffers}, {queries} quer{'y' if queries == 1 else 'ies'}")
+
+
 def run(args) -> int:
     """``fedjax-users run``: build the users of a case, compute, summarise, save."""
-    import jax
-    import jax.numpy as jnp
-    from omegaconf import OmegaConf
+    import contextlib
 
-    from fedjax_users import io, privacy
-    from fedjax_users.data import construct_users, load_case
+    import jax
+
+    from fedjax_users import io
+    from fedjax_users.data import load_case
+    from fedjax_users.data.cases import case_dtype
 
     # Before any work: a missing or read-only folder would otherwise fail after the computation.
     io.check_writable(args.out)
     case_path, overrides = _split_case_argument(args.case, list(args.overrides))
     cfg_case = load_case(case_path, overrides)
+    double = case_dtype(cfg_case).__name__ == "float64"
+    # impl.dtype=double: JAX's 64-bit mode for this run only (restored after, also in-process).
+    with jax.enable_x64(True) if double else contextlib.nullcontext():
+        return _run_case(args, cfg_case, case_path, overrides)
+
+
+def _run_case(args, cfg_case, case_path, overrides) -> int:
+    import jax
+    from omegaconf import OmegaConf
+
+    from fedjax_users import io, privacy
+    from fedjax_users.data import construct_users
+
     key = jax.random.key(args.seed)
     case = construct_users(cfg_case, key)
     cfg = case.user_cfg
-    shared, first, steady = _compute(case, key, progress=not args.no_progress)
+    results, first, steady = _compute(case, key, progress=not args.no_progress)
+    shared = results[-1]
     examples = int(case.data.labels.shape[0] * (case.data.labels.shape[1] if cfg.user_type ==
                                                 "multiuser_aggregate" else 1))
     num_users = cfg.num_users if cfg.user_type == "multiuser_aggregate" else 1
     kind = "parameter difference" if cfg.is_multi_step else "gradient"
+    dtype = jax.tree_util.tree_leaves(case.payload.params)[0].dtype
     print(f"case        {_case_name(cfg_case, case_path, overrides)}")
     print(f"user type   {cfg.user_type} ({num_users} user{'s' if num_users > 1 else ''}, "
           f"{cfg.num_data_points} examples each, user index {', '.join(map(str, case.user_indices[:8]))}"
           f"{'...' if len(case.user_indices) > 8 else ''})")
     print(f"data        {case.data_cfg.name}, {examples} examples held, inputs {tuple(case.data.inputs.shape)}")
-    print(f"model       {cfg_case.model}, {_parameter_count(case.payload.params):,} parameters, {_batchnorm_mode(case)}")
-    print(f"update      {kind}, global norm {float(privacy.global_norm(shared.gradients)):.6g}")
+    print(f"model       {cfg_case.model}, {_parameter_count(case.payload.params):,} parameters, {dtype}, "
+          f"{_batchnorm_mode(case)}")
+    print(_server_line(cfg_case, case))
+    norms = ", ".join(f"{float(privacy.global_norm(r.gradients)):.6g}" for r in results)
+    print(f"update      {kind}, global norm {norms}")
     print(f"server sees {_describe_metadata(shared.metadata)}"
           f"{', buffers' if shared.batch_stats is not None else ''}")
     print(_privacy_line(cfg_case, cfg, case.payload.params))
+    if case.not_applicable:
+        print(f"not applicable {', '.join(case.not_applicable)} (torch or breaching machinery only)")
+    if case.not_read:
+        print(f"not read    {', '.join(case.not_read)}")
     print(f"wall time   {steady * 1e3:.1f} ms steady state, {max(first - steady, 0.0):.2f} s compile "
           f"(first call {first:.2f} s) on {jax.devices()[0].platform}")
-    io.save_shared(args.out, shared, OmegaConf.to_container(cfg_case, resolve=True))
-    print(f"saved       {args.out} (load with fedjax_users.io.load_shared)")
-    del jnp
+    config = OmegaConf.to_container(cfg_case, resolve=True)
+    paths = [query_path(args.out, q, len(results)) for q in range(len(results))]
+    for path, result in zip(paths, results):
+        io.save_shared(path, result, config)
+    print(f"saved       {', '.join(paths)} (load with fedjax_users.io.load_shared)")
     return 0
 
 

@@ -16,7 +16,7 @@ def test_run_default_case_saves_an_update_that_loads_back(tmp_path, capsys):
         assert word in printed
     # The case as run (its overrides named), and lenet_zhu has no BatchNorm to run in any mode.
     assert "case        default_digits with model=lenet_zhu\n" in printed
-    assert "parameters, no BatchNorm\n" in printed
+    assert "parameters, float32, no BatchNorm\n" in printed
     shared, config = io.load_shared(out)
     assert config["model"] == "lenet_zhu"
     assert config["user"]["user_type"] == "local_update"

@@ -1,169 +1,73 @@
-"""Cases (data + user + model + server, composed like breaching's ``config/case/*.yaml``) and the
-users they describe.
+"""Cases (data + user + model + server + impl, composed like breaching's ``config/case/*.yaml``)
+and the users they describe.
 
-A case file is a YAML mapping with a Hydra-style ``defaults`` list naming a data config
-(``configs/data/<name>.yaml``) and a user config (``configs/user/<name>.yaml``), then its own keys,
-which are merged last (``_self_`` may be placed explicitly):
+``load_case`` composes a case file (fedjax_users.data.compose: breaching's own case files run
+unchanged); ``construct_users`` builds what the case's server sends and the users' data for every
+query (``server.num_queries``):
 
-    defaults:
-      - data: digits
-      - user: local_updates
-      - _self_
-    model: ConvNet
-    server:
-      provide_public_buffers: True
-    user:
-      num_data_points: 8
+* ``impl.dtype``: ``float`` (float32) or ``double`` (float64; JAX's x64 mode must be on, as
+  ``fedjax-users run`` turns it on); the model's parameters, statistics and inputs take it.
+* ``impl.shuffle`` (``impl.sample_with_replacement``): each query a user takes its first
+  ``num_data_points`` of its examples in a fresh random order (drawn with replacement), as
+  breaching's ``RandomSampler``; otherwise the same first examples every query.
+* ``server.*``: see fedjax_users.data.server (pretrained weights, ``model_state``); with
+  ``server.provide_public_buffers`` the payload carries the model's BatchNorm statistics (users
+  run in eval mode), else ``None`` (users train their own, carried from query to query from the
+  statistics of the model as built, as breaching's users keep their own copy of it).
+* The model is the one breaching builds for the data (``models.for_data``).
 
-``server.provide_public_buffers`` (default True, as breaching's honest-but-curious server) decides
-whether the payload carries the model's BatchNorm statistics (users then run in eval mode) or
-``None`` (users train their own statistics).
-
-Overrides are ``key=value`` (the key must exist), ``+key=value`` (adds a key) or ``group=name``
-to pick another config of a group, e.g. ``data=CIFAR10``, ``user.num_local_updates=8``.
+Every key of the case is checked (fedjax_users.data.keys): honoured, or listed as not applicable.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
 
 from fedjax_users import losses, models
-from fedjax_users.config import UserConfig, load_yaml_mapping
+from fedjax_users.config import UserConfig
+from fedjax_users.data import server as case_server
+from fedjax_users.data.compose import CONFIG_ROOT, DEFAULT_CASE, require_mapping, load_case
 from fedjax_users.data.errors import CaseConfigError, DataError
+from fedjax_users.data.keys import check_keys, not_applicable, num_queries
 from fedjax_users.data.partition import partition_indices
 from fedjax_users.data.sources import Examples, load_examples, normalize
-from fedjax_users.models.text import get_text_model
 from fedjax_users.types import ServerPayload, UserData
 
+__all__ = ["CONFIG_ROOT", "DEFAULT_CASE", "Query", "UsersCase", "construct_users", "load_case", "user_example_indices"]
 
-# The bundled configs ship inside the package (the checkout's top-level configs/ links to them).
-CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-DEFAULT_CASE = os.path.join(CONFIG_ROOT, "case", "default.yaml")
 GROUPS = ("data", "user")
-SELF = "_self_"
 LOSSES: dict[str, Callable] = {
     "classification": losses.softmax_cross_entropy,
     "causal-lm": losses.causal_lm_loss,
 }
-
-# ---------------------------------------------------------------------------------------------
-# Loading a case
+DTYPES = {"float": np.float32, "float32": np.float32, "double": np.float64, "float64": np.float64}
 
 
-def _read_yaml(path: str) -> DictConfig:
-    return load_yaml_mapping(path, "config file", CaseConfigError)
-
-
-def _defaults_list(case: DictConfig, path: str) -> list:
-    """``[(group, name) | SELF, ...]`` from the case's ``defaults``; ``_self_`` last unless placed."""
-    defaults = case.get("defaults") or []
-    if not isinstance(defaults, (list, ListConfig)):
-        raise CaseConfigError(f"{path}: defaults must be a list of 'group: name' entries, got {defaults!r}")
-    entries = []
-    for entry in defaults:
-        if entry == SELF:
-            entries.append(SELF)
-        elif isinstance(entry, DictConfig) and len(entry) == 1:
-            (group, name), = entry.items()
-            if group not in GROUPS:
-                raise CaseConfigError(f"{path}: unknown defaults group {group!r}; known groups: {', '.join(GROUPS)}")
-            entries.append((group, str(name)))
-        else:
-            raise CaseConfigError(f"{path}: defaults entries must be '{SELF}' or 'group: name', got {entry!r}")
-    return entries if SELF in entries else entries + [SELF]
-
-
-def _group_file(group: str, name: str, case_path: str) -> str:
-    """``<configs>/<group>/<name>.yaml``, beside the case file first, then the bundled configs."""
-    beside = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(case_path))), group)
-    for folder in dict.fromkeys([beside, os.path.join(CONFIG_ROOT, group)]):
-        candidate = os.path.join(folder, f"{name}.yaml")
-        if os.path.isfile(candidate):
-            return candidate
-    raise CaseConfigError(f"no {group} config named {name!r} (looked for {name}.yaml in {beside} and {CONFIG_ROOT}/{group})")
-
-
-def _split_overrides(overrides: Sequence[str]) -> tuple[dict[str, str], list[tuple[str, str, bool]]]:
-    """Group choices ``{group: name}`` and key overrides ``[(key, value, may_add)]``."""
-    choices, keys = {}, []
-    for item in overrides:
-        if "=" not in item:
-            raise CaseConfigError(f"override {item!r} is not of the form key=value")
-        key, value = (part.strip() for part in item.split("=", 1))
-        may_add = key.startswith("+")
-        key = key.lstrip("+")
-        if not key:
-            raise CaseConfigError(f"override {item!r} has no key")
-        if key in GROUPS and not may_add:
-            choices[key] = value
-        else:
-            keys.append((key, value, may_add))
-    return choices, keys
-
-
-_ABSENT = object()
-
-
-def _apply_override(cfg: DictConfig, key: str, value: str, may_add: bool) -> DictConfig:
-    if not may_add and OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
-        raise CaseConfigError(f"override key {key!r} is not in the case (use +{key}=... to add a new key)")
-    try:
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
-    except (OmegaConfBaseException, TypeError, ValueError) as err:  # OmegaConf raises all three
-        raise CaseConfigError(f"cannot apply override {key}={value}: {err}".replace("\n", " ")) from None
-
-
-def load_case(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose a case file (``None``: the bundled default case) and apply command-line overrides."""
-    path = DEFAULT_CASE if path is None else os.fspath(path)
-    case = _read_yaml(path)
-    choices, key_overrides = _split_overrides(overrides)
-    entries = _defaults_list(case, path)
-    unknown = sorted(set(choices) - {entry[0] for entry in entries if entry != SELF})
-    if unknown:
-        raise CaseConfigError(f"the case has no {unknown[0]!r} entry in its defaults to replace")
-    body = OmegaConf.masked_copy(case, [k for k in case if k != "defaults"])
-    cfg = OmegaConf.create()
-    for entry in entries:
-        if entry == SELF:
-            cfg = _merge(cfg, body, path)
-        else:
-            group, name = entry
-            group_path = _group_file(group, choices.get(group, name), path)
-            cfg = _merge(cfg, {group: _read_yaml(group_path)}, group_path)
-    for key, value, may_add in key_overrides:
-        cfg = _apply_override(cfg, key, value, may_add)
-    for group in GROUPS:
-        _require_mapping(cfg, group, path)
-    return cfg
-
-
-def _merge(cfg: DictConfig, other: Any, where: str) -> DictConfig:
-    """``OmegaConf.merge``, a conflict (a list where the case has a mapping) named by its file."""
-    try:
-        return OmegaConf.merge(cfg, other)
-    except (OmegaConfBaseException, TypeError, ValueError) as err:  # OmegaConf raises all three
-        raise CaseConfigError(f"{where}: cannot merge: {err}".replace("\n", " ")) from None
-
-
-def _require_mapping(cfg: DictConfig, group: str, where: str) -> None:
-    """A case's ``data`` / ``user`` block, when present, is a mapping of keys (``user: 5`` is not)."""
-    value = cfg.get(group)
-    if value is not None and not isinstance(value, DictConfig):
-        raise CaseConfigError(f"{where}: {group} must be a mapping of {group} keys, got {value!r}")
+def case_dtype(cfg_case: DictConfig) -> type:
+    """``impl.dtype`` as a NumPy float type (breaching's ``getattr(torch, impl.dtype)``)."""
+    name = (cfg_case.get("impl") or {}).get("dtype", "float")
+    if name not in DTYPES:
+        raise CaseConfigError(f"impl.dtype={name!r} is not supported; supported: {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 # ---------------------------------------------------------------------------------------------
 # Users of a case
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    """One query: what the server sends and the data its users hold for it."""
+
+    payload: ServerPayload
+    data: UserData
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +76,11 @@ class UsersCase:
 
     ``data`` holds one user's examples for ``local_gradient`` / ``local_update`` users and the
     users of ``range(*user_range)`` stacked on a leading axis for ``multiuser_aggregate``.
+    ``payload`` / ``data`` are the first query's; ``queries`` has every query, in order.
+    ``user_state``: the users' own BatchNorm statistics before the first query where the server
+    sends no buffers (stacked per user for ``multiuser_aggregate``), else ``None``.
+    ``not_applicable``: the case's keys that only concern torch or breaching's machinery;
+    ``not_read``: honoured keys this case does not read (as breaching would not), with why.
     """
 
     model: nn.Module
@@ -181,6 +90,11 @@ class UsersCase:
     loss: Callable
     data_cfg: DictConfig
     user_indices: tuple[int, ...]
+    queries: tuple[Query, ...] = ()
+    user_state: Any = None
+    not_applicable: tuple[str, ...] = ()
+    not_read: tuple[str, ...] = ()
+    pretrained: bool = False
 
 
 def _require(cfg: DictConfig, key: str, where: str) -> Any:
@@ -190,10 +104,8 @@ def _require(cfg: DictConfig, key: str, where: str) -> Any:
     return value
 
 
-def user_example_indices(
-    examples: Examples, cfg_data: DictConfig, user_idx: int, num_data_points: int, seed: Optional[int] = None
-) -> np.ndarray:
-    """The first ``num_data_points`` examples of user ``user_idx`` under the data config's partition."""
+def user_partition(examples: Examples, cfg_data: DictConfig, user_idx: int, seed: Optional[int] = None) -> np.ndarray:
+    """Every example index user ``user_idx`` holds under the data config's partition, in order."""
     partition = _require(cfg_data, "partition", "the data config")
     clients = _require(cfg_data, "default_clients", "the data config")
     indices = partition_indices(
@@ -212,15 +124,31 @@ def user_example_indices(
             f"user {user_idx} has no data under partition {partition!r} "
             f"({len(examples)} examples, {clients} clients)"
         )
+    return indices
+
+
+def user_example_indices(
+    examples: Examples, cfg_data: DictConfig, user_idx: int, num_data_points: int, seed: Optional[int] = None,
+    order_key: Optional[jax.Array] = None, with_replacement: bool = False,
+) -> np.ndarray:
+    """The first ``num_data_points`` examples of user ``user_idx`` under the data config's partition.
+
+    ``order_key`` (``impl.shuffle``): in a random order drawn from it, with replacement if asked.
+    """
+    indices = user_partition(examples, cfg_data, user_idx, seed)
     if len(indices) < num_data_points:
         raise DataError(
-            f"user {user_idx} has {len(indices)} examples under partition {partition!r}, "
+            f"user {user_idx} has {len(indices)} examples under partition {cfg_data.partition!r}, "
             f"fewer than the {num_data_points} of user.num_data_points"
         )
+    if order_key is not None:
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(order_key)).ravel().tolist())
+        order = rng.integers(0, len(indices), len(indices)) if with_replacement else rng.permutation(len(indices))
+        indices = indices[order]
     return indices[:num_data_points]
 
 
-def _model_inputs(examples: Examples, indices: np.ndarray, cfg_data: DictConfig) -> tuple[np.ndarray, np.ndarray]:
+def _model_inputs(examples: Examples, indices: np.ndarray, cfg_data: DictConfig, dtype) -> tuple[np.ndarray, np.ndarray]:
     inputs, labels = examples.take(indices)
     if cfg_data.get("modality") == "vision":
         channels, height, width = _require(cfg_data, "shape", "the data config")
@@ -231,6 +159,7 @@ def _model_inputs(examples: Examples, indices: np.ndarray, cfg_data: DictConfig)
             )
         if cfg_data.get("normalize", False):
             inputs = normalize(inputs, cfg_data.mean, cfg_data.std)
+        inputs = inputs.astype(dtype)
     return inputs, labels
 
 
@@ -251,18 +180,23 @@ def _user_seed(key: jax.Array, user_idx: int) -> int:
     return int(jax.random.bits(jax.random.fold_in(key, user_idx), dtype=jnp.uint32))
 
 
-def _build_model(cfg_case: DictConfig, cfg_data: DictConfig, examples: Examples) -> nn.Module:
+def _layer_dtypes(dtype) -> dict:
+    return {} if dtype == np.float32 else {"dtype": jnp.float64, "param_dtype": jnp.float64}
+
+
+def _build_model(cfg_case: DictConfig, cfg_data: DictConfig, examples: Examples, dtype) -> nn.Module:
     name = str(_require(cfg_case, "model", "the case"))
     modality = cfg_data.get("modality")
+    if modality not in ("vision", "text"):
+        raise DataError(f"unknown data.modality {modality!r}; expected vision or text")
+    channels = _require(cfg_data, "shape", "the data config")[0] if modality == "vision" else 1
     try:
-        if modality == "vision":
-            channels = _require(cfg_data, "shape", "the data config")[0]
-            return models.get(name, num_classes=examples.num_classes, num_channels=channels)
-        if modality == "text":
-            return get_text_model(name, vocab_size=examples.num_classes)
+        return models.for_data(
+            name, str(cfg_data.get("like") or cfg_data.name), num_classes=examples.num_classes,
+            num_channels=channels, modality=modality, **_layer_dtypes(dtype),
+        )
     except ValueError as err:
         raise DataError(str(err)) from None
-    raise DataError(f"unknown data.modality {modality!r}; expected vision or text")
 
 
 def _loss(cfg_data: DictConfig) -> Callable:
@@ -280,29 +214,28 @@ def _check_classes(cfg_data: DictConfig, examples: Examples) -> None:
         )
 
 
-def construct_users(cfg_case: DictConfig, key: Optional[jax.Array] = None) -> UsersCase:
-    """Build the case's model, server payload and users' data (``key`` seeds the model and any draws)."""
-    key = jax.random.key(0) if key is None else key
-    init_key, choice_key, partition_key = jax.random.split(key, 3)
-    cfg_data = _require(cfg_case, "data", "the case")
-    user_block = _require(cfg_case, "user", "the case")
-    for group in GROUPS:
-        _require_mapping(cfg_case, group, "the case")
-    user_cfg = UserConfig.from_dict(OmegaConf.to_container(user_block, resolve=True))
-    loss = _loss(cfg_data)
+def _check_dtype(dtype) -> None:
+    if dtype == np.float64 and not jax.config.jax_enable_x64:
+        raise CaseConfigError(
+            "impl.dtype=double needs JAX's 64-bit mode: call jax.config.update('jax_enable_x64', True) "
+            "before building the case (fedjax-users run does)"
+        )
 
-    examples = load_examples(cfg_data)
-    _check_classes(cfg_data, examples)
-    model = _build_model(cfg_case, cfg_data, examples)
-    user_ids = _user_indices(user_cfg, cfg_data, choice_key)
+
+def _query_data(examples, cfg_data, user_cfg, impl, user_ids, partition_key, order_key, dtype) -> UserData:
     seeded = cfg_data.get("partition") == "random-full"
+    shuffle = bool(impl.get("shuffle", False))
     per_user = [
         _model_inputs(
             examples,
             user_example_indices(
-                examples, cfg_data, u, user_cfg.num_data_points, _user_seed(partition_key, u) if seeded else None
+                examples, cfg_data, u, user_cfg.num_data_points,
+                _user_seed(partition_key, u) if seeded else None,
+                order_key=jax.random.fold_in(order_key, u) if shuffle else None,
+                with_replacement=bool(impl.get("sample_with_replacement", False)),
             ),
             cfg_data,
+            dtype,
         )
         for u in user_ids
     ]
@@ -310,19 +243,88 @@ def construct_users(cfg_case: DictConfig, key: Optional[jax.Array] = None) -> Us
     labels = np.stack([y for _, y in per_user])
     if user_cfg.user_type != "multiuser_aggregate":
         inputs, labels = inputs[0], labels[0]
-    data = UserData(inputs=jnp.asarray(inputs), labels=jnp.asarray(labels))
+    return UserData(inputs=jnp.asarray(inputs), labels=jnp.asarray(labels))
 
-    variables = model.init(init_key, jnp.asarray(per_user[0][0][:1]))
-    server = cfg_case.get("server") or {}
-    # A model without buffers still sends an (empty) set, as breaching's server sends an empty list.
-    batch_stats = variables.get("batch_stats", {}) if server.get("provide_public_buffers", True) else None
-    payload = ServerPayload(params=variables["params"], batch_stats=batch_stats)
+
+def construct_users(cfg_case: DictConfig, key: Optional[jax.Array] = None) -> UsersCase:
+    """Build the case's model, server payloads and users' data (``key`` seeds the model and any draws)."""
+    key = jax.random.key(0) if key is None else key
+    init_key, choice_key, partition_key, order_key = jax.random.split(key, 4)
+    cfg_data = _require(cfg_case, "data", "the case")
+    user_block = _require(cfg_case, "user", "the case")
+    for group in GROUPS:
+        require_mapping(cfg_case, group, "the case")
+    check_keys(cfg_case)
+    cfg_server = cfg_case.get("server") or OmegaConf.create()
+    impl = cfg_case.get("impl") or OmegaConf.create()
+    case_server.check_server(cfg_server)
+    queries = num_queries(cfg_case)
+    dtype = case_dtype(cfg_case)
+    _check_dtype(dtype)
+    user_cfg = UserConfig.from_dict(OmegaConf.to_container(user_block, resolve=True))
+    model_name = str(_require(cfg_case, "model", "the case"))
+    pretrained = bool(cfg_server.get("pretrained", False)) and case_server.reads_pretrained(
+        model_name, str(cfg_data.get("like") or cfg_data.name), str(cfg_data.get("modality"))
+    )
+    if pretrained:
+        case_server.weights_path(cfg_server, model_name)  # before reading any data
+    # The data first: an offline text case says what is missing before what else it lacks.
+    examples = load_examples(cfg_data)
+    loss = _loss(cfg_data)
+    _check_classes(cfg_data, examples)
+    model = _build_model(cfg_case, cfg_data, examples, dtype)
+    user_ids = _user_indices(user_cfg, cfg_data, choice_key)
+    datas = [
+        _query_data(examples, cfg_data, user_cfg, impl, user_ids, partition_key, jax.random.fold_in(order_key, q), dtype)
+        for q in range(queries if impl.get("shuffle", False) else 1)
+    ]
+    one_input = (datas[0].inputs[0] if user_cfg.user_type == "multiuser_aggregate" else datas[0].inputs)[:1]
+
+    init_jit = jax.jit(model.init)  # compiled once for every query that re-initialises
+
+    def init(k):
+        return init_jit(k, one_input)
+
+    built = dict(init(init_key))
+    if pretrained:
+        built = case_server.pretrained_variables(cfg_server, built, examples.num_classes, str(cfg_case.model))
+    state = cfg_server.get("model_state", "default")
+    sends_buffers = bool(cfg_server.get("provide_public_buffers", True))
+    payloads, previous = [], None
+    for q in range(queries):
+        previous = case_server.query_variables(state, built, previous, init, init_key, q)
+        # A model without buffers still sends an (empty) set, as breaching's server sends an empty list.
+        payloads.append(ServerPayload(
+            params=previous["params"], batch_stats=previous.get("batch_stats", {}) if sends_buffers else None
+        ))
+    all_queries = tuple(Query(payload=p, data=datas[min(q, len(datas) - 1)]) for q, p in enumerate(payloads))
+    user_state = None
+    if not sends_buffers and built.get("batch_stats"):
+        user_state = built["batch_stats"]
+        if user_cfg.user_type == "multiuser_aggregate":
+            user_state = jax.tree_util.tree_map(lambda s: jnp.broadcast_to(s, (len(user_ids),) + s.shape), user_state)
     return UsersCase(
         model=model,
-        payload=payload,
-        data=data,
+        payload=payloads[0],
+        data=datas[0],
         user_cfg=user_cfg,
         loss=loss,
         data_cfg=cfg_data,
         user_indices=user_ids,
+        queries=all_queries,
+        user_state=user_state,
+        not_applicable=not_applicable(cfg_case),
+        not_read=_unused_here(cfg_case, pretrained),
+        pretrained=pretrained,
     )
+
+
+def _unused_here(cfg_case: DictConfig, pretrained: bool) -> tuple[str, ...]:
+    """Honoured keys that this particular case does not read (as breaching would not)."""
+    unused = []
+    server = cfg_case.get("server") or {}
+    if server.get("pretrained", False) and not pretrained:
+        unused.append("server.pretrained (breaching builds this model untrained)")
+    if not (cfg_case.get("impl") or {}).get("shuffle", False) and "sample_with_replacement" in (cfg_case.get("impl") or {}):
+        unused.append("impl.sample_with_replacement (without impl.shuffle)")
+    return tuple(unused)

@@ -63,9 +63,14 @@ def _balanced(labels: np.ndarray, num_classes: int, user_idx: int, default_clien
             f"too many clients for a balanced partition: {len(labels)} examples, {num_classes} classes, "
             f"{default_clients} clients leave less than one example per class per client"
         )
-    # Each user takes its own block of every class, class by class.
+    # Each user takes its own block of every class, class by class. A stable sort by label lists
+    # every class's examples in index order, one class after the other (one pass for all classes).
     start, stop = user_idx * per_class, (user_idx + 1) * per_class
-    return _indices(np.concatenate([np.flatnonzero(labels == c)[start:stop] for c in range(num_classes)]))
+    by_class = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[by_class], np.arange(num_classes + 1), side="left")
+    return _indices(np.concatenate(
+        [by_class[bounds[c] : bounds[c + 1]][start:stop] for c in range(num_classes)]
+    ))
 
 
 def _mixup(num_examples: int, user_idx: int, default_clients: int) -> np.ndarray:

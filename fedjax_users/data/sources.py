@@ -13,8 +13,11 @@ examples a user holds are ever converted to model inputs. Images decode to float
   (nearest-neighbour upsampling, 8x8 -> 32x32) and the grey channel is copied into 3 channels, so
   CIFAR-size models run on them unchanged. ``validation`` is the last 500 images, ``training``
   the first 1,297 (scikit-learn's order; the set has no official split).
+* ``ImageNet`` / ``ImageNetAnimals`` / ``TinyImageNet``: image folders in the layouts their
+  users have (fedjax_users.data.images), decoded with Pillow and ``data.augmentations_val``.
 * ``synthetic``: uniform [0, 1) images of ``cfg_data.shape`` (CHW, as breaching's configs) with
-  uniform labels, ``cfg_data.size`` of them, seeded by ``cfg_data.seed``.
+  uniform labels, ``cfg_data.size`` of them, seeded by ``cfg_data.seed``, drawn when taken.
+* ``wikitext``: from a local HuggingFace cache only (fedjax_users.data.text).
 * ``random-tokens``: ``cfg_data.size`` sequences of ``cfg_data.shape[0]`` uniform token ids below
   ``cfg_data.vocab_size``, seeded; the labels are the ids themselves, as breaching's causal-LM
   text data (``labels = input_ids``).
@@ -32,6 +35,15 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from fedjax_users.data.errors import DataError
+from fedjax_users.data.images import (
+    ANIMAL_CLASSES,
+    ImageListing,
+    image_decoder,
+    list_imagenet,
+    list_tiny_imagenet,
+    parse_transforms,
+)
+from fedjax_users.data.text import wikitext
 
 SPLITS = ("training", "validation")
 EMBEDDED_DIGITS = os.path.join(os.path.dirname(__file__), "digits.npz")
@@ -214,13 +226,22 @@ def embedded_digits(split: str) -> Examples:
 # Generated data
 
 
-def synthetic_images(size: int, shape: tuple[int, int, int], num_classes: int, seed: int) -> Examples:
-    """``size`` uniform [0, 1) images of CHW ``shape`` (returned NHWC) with uniform labels."""
+def synthetic_images(size: int, shape: tuple[int, int, int], num_classes: int, seed) -> Examples:
+    """``size`` uniform [0, 1) images of CHW ``shape`` (decoded NHWC) with uniform labels.
+
+    Each image is drawn from its own seed (``[*seed, index]``) when it is taken, so an ImageNet-size
+    split costs its labels only.
+    """
     channels, height, width = shape
-    rng = np.random.default_rng(seed)
-    images = rng.random((size, height, width, channels), dtype=np.float32)
-    labels = rng.integers(0, num_classes, size=size, dtype=np.int64)
-    return Examples(stored=images, labels=labels, num_classes=num_classes)
+    seed = list(np.atleast_1d(seed))
+    labels = np.random.default_rng(seed).integers(0, num_classes, size=size, dtype=np.int64)
+
+    def decode(indices: np.ndarray) -> np.ndarray:
+        draws = [np.random.default_rng(seed + [int(i)]).random((height, width, channels), dtype=np.float32)
+                 for i in indices]
+        return np.stack(draws) if draws else np.zeros((0, height, width, channels), np.float32)
+
+    return Examples(stored=np.arange(size, dtype=np.int64), labels=labels, num_classes=num_classes, decode=decode)
 
 
 def random_tokens(size: int, seq_length: int, vocab_size: int, seed: int) -> Examples:
@@ -261,12 +282,21 @@ def _load_random_tokens(cfg_data, split: str) -> Examples:
     return random_tokens(_positive(cfg_data, "size"), int(shape[0]), _positive(cfg_data, "vocab_size"), seed)
 
 
+def _folder_of_images(listing: ImageListing, cfg_data) -> Examples:
+    decode = image_decoder(parse_transforms(cfg_data.get("augmentations_val")))
+    return Examples(stored=listing.files, labels=listing.labels, num_classes=listing.num_classes, decode=decode)
+
+
 SOURCES: dict[str, Callable[[Any, str], Examples]] = {
     "CIFAR10": lambda cfg, split: read_cifar(cfg.path, "CIFAR10", split),
     "CIFAR100": lambda cfg, split: read_cifar(cfg.path, "CIFAR100", split),
+    "ImageNet": lambda cfg, split: _folder_of_images(list_imagenet(cfg.path, split), cfg),
+    "ImageNetAnimals": lambda cfg, split: _folder_of_images(list_imagenet(cfg.path, split, ANIMAL_CLASSES), cfg),
+    "TinyImageNet": lambda cfg, split: _folder_of_images(list_tiny_imagenet(cfg.path, split), cfg),
     "digits": lambda cfg, split: embedded_digits(split),
     "synthetic": _load_synthetic,
     "random-tokens": _load_random_tokens,
+    "wikitext": lambda cfg, split: wikitext(cfg, split),
 }
 
 

@@ -103,7 +103,7 @@ def test_bad_case_files(tmp_path):
     with pytest.raises(DataError, match="must hold a mapping"):
         load_case(tmp_path / "list.yaml")
     (tmp_path / "group.yaml").write_text("defaults:\n  - server: honest\n")
-    with pytest.raises(DataError, match="unknown defaults group 'server'"):
+    with pytest.raises(DataError, match="no server config named 'honest'.*options: honest-but-curious"):
         load_case(tmp_path / "group.yaml")
     (tmp_path / "bare.yaml").write_text("model: linear\n")
     with pytest.raises(DataError, match="no 'data' entry in its defaults"):

@@ -130,13 +130,17 @@ def test_embedded_digits_decoding_and_splits():
 def test_synthetic_images_are_seeded_nhwc():
     cfg = OmegaConf.create(dict(name="synthetic", size=12, shape=[2, 5, 7], classes=4, seed=3))
     a, b = load_examples(cfg), load_examples(cfg)
-    np.testing.assert_array_equal(a.stored, b.stored)
-    assert a.stored.shape == (12, 5, 7, 2) and a.stored.dtype == np.float32
+    every = np.arange(12)
+    images = a.take(every)[0]
+    np.testing.assert_array_equal(images, b.take(every)[0])
+    assert images.shape == (12, 5, 7, 2) and images.dtype == np.float32
+    assert images.min() >= 0 and images.max() < 1
+    np.testing.assert_array_equal(a.take(np.array([9, 3]))[0], images[[9, 3]])  # each image its own draw
     assert set(a.labels.tolist()) <= set(range(4)) and a.num_classes == 4
     other = load_examples(OmegaConf.merge(cfg, {"seed": 4}))
-    assert not np.array_equal(a.stored, other.stored)
+    assert not np.array_equal(images, other.take(every)[0])
     training = load_examples(OmegaConf.merge(cfg, {"examples_from_split": "training"}))
-    assert not np.array_equal(a.stored, training.stored)
+    assert not np.array_equal(images, training.take(every)[0])
 
 
 def test_random_tokens_label_is_the_input():

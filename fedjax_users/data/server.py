@@ -1,0 +1,188 @@
+"""What breaching's honest-but-curious server sends: pretrained weights, ``model_state``, buffers.
+
+``HonestServer.distribute_payload`` reconfigures its model by ``server.model_state`` before every
+query, then sends the parameters, and the buffers when ``server.provide_public_buffers``:
+
+* ``default`` / ``trained``: the model as built (breaching does nothing for either);
+* ``untrained``: every module re-initialised (``reset_parameters``, BatchNorm statistics too),
+  afresh at each query; here a fresh ``model.init`` from a key folded with the query index;
+* ``orthogonal``: re-initialised, then every kernel of a module whose torch name contains
+  ``conv`` or ``linear`` set orthogonal (``torch.nn.init.orthogonal_``: the weight as a
+  ``(out, in * k * k)`` matrix, gain 1), at each query;
+* ``linearized``: each BatchNorm's scale set to its running variance and bias to its running
+  mean + 10, each convolution's bias + 10, compounding from query to query; breaching fails on a
+  convolution without bias (``None.data``), and so does this, with one line.
+
+Other values (breaching's malicious servers' states) are refused. ``server.pretrained=True``
+matters where breaching's ``construct_model`` reads it, torchvision's models on ImageNet data;
+the torchvision state dict then comes from the local file ``server.weights``
+(``torch.load(weights_only=True)``: tensors only, no code), its ``fc`` cut to the data's classes
+as breaching does, and is converted by torch name with fedjax_users.interop.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from fedjax_users.data.errors import CaseConfigError, DataError
+
+HONEST = "honest_but_curious"
+MODEL_STATES = ("default", "trained", "untrained", "orthogonal", "linearized")
+# breaching's own ImageNet-branch models (model_preparation.py): never pretrained.
+BREACHING_IMAGENET_MODELS = ("linear", "none")
+BUFFER_LEAVES = ("running_mean", "running_var", "num_batches_tracked")
+LINEARIZED_SHIFT = 10.0
+
+Variables = Mapping[str, Any]
+
+
+def check_server(cfg_server: Mapping) -> None:
+    """Refuse a server other than breaching's honest one, or a ``model_state`` it does not have."""
+    name = cfg_server.get("name", HONEST)
+    if name != HONEST:
+        raise CaseConfigError(
+            f"server.name={name!r}: only breaching's honest-but-curious server ({HONEST!r}) is supported"
+        )
+    state = cfg_server.get("model_state", "default")
+    if state not in MODEL_STATES:
+        raise CaseConfigError(f"server.model_state={state!r} is not an honest server's; known: {', '.join(MODEL_STATES)}")
+
+
+def reads_pretrained(model_name: str, data_name: str, modality: str) -> bool:
+    """Whether breaching's ``construct_model`` reads ``pretrained`` for this model and data."""
+    return modality == "vision" and "ImageNet" in data_name and model_name.lower() not in BREACHING_IMAGENET_MODELS
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretrained weights from a local torchvision state dict
+
+
+def _read_state_dict(path: str) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise DataError(
+            "server.pretrained=True reads a torch state dict and needs torch installed "
+            "(pip install torch), or pass server.pretrained=False"
+        ) from None
+    if not os.path.isfile(path):
+        raise DataError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # an untrusted file can fail in any number of ways
+        raise DataError(f"cannot read weights file {path} as tensors only: {type(err).__name__}: {err}".split("\n")[0]) from None
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataError(f"weights file {path} is not a state dict (a mapping of names to tensors)")
+    return dict(state)
+
+
+def load_pretrained(path: str, template: Variables, classes: int, model_name: str) -> dict:
+    """Variables shaped like ``template`` from the torchvision state dict at ``path``.
+
+    As breaching: ``fc.weight`` / ``fc.bias`` keep their first ``classes`` rows.
+    """
+    from fedjax_users.interop.torch_flax import tree_from_torch
+
+    state = _read_state_dict(path)
+    for name in ("fc.weight", "fc.bias"):
+        if name in state:
+            state[name] = state[name][:classes]
+    buffers = [(k, v) for k, v in state.items() if k.rsplit(".", 1)[-1] in BUFFER_LEAVES]
+    params = [(k, v) for k, v in state.items() if k.rsplit(".", 1)[-1] not in BUFFER_LEAVES]
+    try:
+        variables = {"params": tree_from_torch(params, template["params"], "params")}
+        if "batch_stats" in template:
+            variables["batch_stats"] = tree_from_torch(buffers, template["batch_stats"], "batch_stats")
+        elif buffers:
+            raise ValueError(f"torch buffer {buffers[0][0]!r} has no counterpart: {model_name} has no BatchNorm")
+    except ValueError as err:
+        raise DataError(f"weights file {path} does not fit model {model_name}: {err}") from None
+    # The file's dtypes give way to the model's (as load_state_dict copies into the model's tensors).
+    return jax.tree_util.tree_map(lambda v, t: jnp.asarray(v, dtype=t.dtype), variables, dict(template))
+
+
+def weights_path(cfg_server: Mapping, model_name: str) -> str:
+    """``server.weights``, or one line saying how to give it."""
+    path = cfg_server.get("weights")
+    if not path:
+        raise DataError(
+            f"server.pretrained=True needs torchvision's {model_name} weights from a local file (nothing is "
+            f"downloaded): pass server.weights=<path to the state dict .pth>, or server.pretrained=False"
+        )
+    return os.path.expanduser(str(path))
+
+
+def pretrained_variables(cfg_server: Mapping, template: Variables, classes: int, model_name: str) -> dict:
+    """``load_pretrained`` from ``server.weights``."""
+    return load_pretrained(weights_path(cfg_server, model_name), template, classes, model_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# model_state, per query
+
+
+def _orthogonal(kernel: jax.Array, key: jax.Array) -> jax.Array:
+    """``torch.nn.init.orthogonal_`` of the torch weight this Flax kernel stands for (gain 1)."""
+    ndim = kernel.ndim
+    # Flax (spatial..., in, out) -> torch (out, in, spatial...): flattened rows are torch's.
+    to_torch = (ndim - 1, ndim - 2) + tuple(range(ndim - 2))
+    torch_shape = tuple(kernel.shape[a] for a in to_torch)
+    rows, cols = torch_shape[0], int(np.prod(torch_shape[1:]))
+    matrix = jax.nn.initializers.orthogonal()(key, (rows, cols), kernel.dtype).reshape(torch_shape)
+    return jnp.transpose(matrix, np.argsort(to_torch))
+
+
+def _orthogonalize(params: Mapping, key: jax.Array) -> dict:
+    flat = traverse_util.flatten_dict(dict(params))
+    out = {}
+    for i, (path, value) in enumerate(flat.items()):
+        module = ".".join(path[:-1])
+        if path[-1] == "kernel" and ("conv" in module or "linear" in module):
+            value = _orthogonal(value, jax.random.fold_in(key, i))
+        out[path] = value
+    return traverse_util.unflatten_dict(out)
+
+
+def _linearize(variables: Variables) -> dict:
+    params = traverse_util.flatten_dict(dict(variables["params"]))
+    stats = traverse_util.flatten_dict(dict(variables.get("batch_stats", {})))
+    out = dict(params)
+    for path, value in params.items():
+        module = path[:-1]
+        if module + ("mean",) in stats:  # a BatchNorm
+            if path[-1] == "scale":
+                out[path] = stats[module + ("var",)].astype(value.dtype)
+            elif path[-1] == "bias":
+                out[path] = stats[module + ("mean",)].astype(value.dtype) + LINEARIZED_SHIFT
+        elif path[-1] == "kernel" and value.ndim == 4:  # a convolution
+            if module + ("bias",) not in params:
+                raise DataError(
+                    f"server.model_state=linearized: convolution {'.'.join(module)} has no bias, where "
+                    f"breaching's server fails (it adds to the bias); pick another model_state"
+                )
+            out[module + ("bias",)] = params[module + ("bias",)] + LINEARIZED_SHIFT
+    return {**variables, "params": traverse_util.unflatten_dict(out)}
+
+
+def query_variables(
+    model_state: str, built: Variables, previous: Optional[Variables], init: Callable[[jax.Array], Variables],
+    key: jax.Array, query_id: int,
+) -> dict:
+    """The server's variables at query ``query_id`` (``previous``: those of the query before)."""
+    query_key = jax.random.fold_in(key, query_id)
+    if model_state == "untrained":
+        return dict(init(query_key))
+    if model_state == "orthogonal":
+        fresh = dict(init(query_key))
+        return {**fresh, "params": _orthogonalize(fresh["params"], jax.random.fold_in(query_key, 1))}
+    if model_state == "linearized":
+        return _linearize(built if previous is None else previous)
+    return dict(built)
