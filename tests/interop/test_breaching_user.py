@@ -9,8 +9,6 @@ breaching's CIFAR10 data config; a small BatchNorm model of the test's own passe
 
 from __future__ import annotations
 
-import os
-
 import flax.linen as nn
 import jax.numpy as jnp
 import pytest
@@ -56,12 +54,6 @@ class Loader(list):
     name = "synthetic"
 
 
-def cifar10():
-    cfg = omegaconf.OmegaConf.load(os.path.join(reference.config_dir(), "case", "data", "CIFAR10.yaml"))
-    cfg.pop("defaults", None)
-    return cfg
-
-
 def user_cfg(user_type: str, n: int = 4, **ldp):
     cfg = dict(user_type=user_type, user_idx=0, num_data_points=n, provide_labels=True, provide_buffers=True,
                provide_num_data_points=True,
@@ -80,7 +72,7 @@ def make_model(kind: str):
     if kind == "lenet_zhu":
         model = reference.vision_model("lenet_zhu")
         model.name = "lenet_zhu"  # as breaching's construct_model sets it
-        return model, dict(cfg_data=cifar10())
+        return model, dict(cfg_data=reference.data_config("CIFAR10"))
     return TorchBN(), dict(flax_model=FlaxBN())
 
 
@@ -152,8 +144,8 @@ def test_repr_counted_queries_and_attributes_are_breachings():
                                      **options)
         assert repr(ours) == repr(theirs)
         assert (ours.user_idx, ours.num_data_points, ours.counted_queries) == (3, 4, 0)
-        ours.compute_local_updates(payload(model, False))
-        ours.compute_local_updates(payload(model, True))
+        for _ in range(2):
+            ours.compute_local_updates(payload(model, False))
         assert ours.counted_queries == 2
     loaders = [Loader([d]) for d in make_data("bn", users=2)]
     theirs = module.MultiUserAggregate(model, torch.nn.CrossEntropyLoss(), loaders, SETUP, user_cfg("multiuser_aggregate"),
@@ -172,7 +164,7 @@ def test_construct_user_builds_the_user_the_case_names():
     loaders = [Loader([d]) for d in make_data("lenet_zhu", users=2)]
     for user_type, cls in (("local_gradient", drop_in.UserSingleStep), ("local_update", drop_in.UserMultiStep),
                            ("multiuser_aggregate", drop_in.MultiUserAggregate)):
-        case = omegaconf.OmegaConf.create(dict(user=user_cfg(user_type), data=cifar10()))
+        case = omegaconf.OmegaConf.create(dict(user=user_cfg(user_type), data=reference.data_config("CIFAR10")))
         user = drop_in.construct_user(model, torch.nn.CrossEntropyLoss(), case, SETUP, dataloaders=loaders)
         assert type(user) is cls
     shared, _ = user.compute_local_updates(payload(model, False))
