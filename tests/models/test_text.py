@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import types
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,13 +14,14 @@ from parity import reference
 
 VOCAB, B, T = 50, 3, 8
 NAMES = ["linear", "transformer3", "transformer3t"]
+# The rest of breaching's text zoo (tests/models/test_text_zoo.py checks the rest of their contract).
+ZOO = ["transformer1", "transformerS", "transformer3f", "LSTM"]
 
 
 def _torch_model(name: str) -> torch.nn.Module:
-    """breaching's model, built by its own ``_construct_text_model``."""
+    """breaching's model, built by its own ``_construct_text_model`` (``LSTM`` in parity's zero-state wrapper)."""
     torch.manual_seed(0)
-    cfg_data = types.SimpleNamespace(vocab_size=VOCAB)
-    return reference.models_module()._construct_text_model(name, cfg_data, pretrained=False)
+    return reference.text_model(name, VOCAB)
 
 
 def _torch_run(model: torch.nn.Module, tokens: np.ndarray) -> tuple[np.ndarray, float, list[torch.Tensor]]:
@@ -36,14 +35,15 @@ def _torch_run(model: torch.nn.Module, tokens: np.ndarray) -> tuple[np.ndarray, 
     return logits.detach().numpy(), loss.item(), [p.grad.clone() for p in model.parameters()]
 
 
-def _jax_run(model, params, tokens: np.ndarray) -> tuple[np.ndarray, float, dict]:
+def _jax_run(model, variables, tokens: np.ndarray) -> tuple[np.ndarray, float, dict]:
     ids = jnp.asarray(tokens)
+    buffers = {k: v for k, v in variables.items() if k != "params"}  # the fixed positional table
 
     def mean_loss(p):
-        logits = model.apply({"params": p}, ids, train=True)
+        logits = model.apply({"params": p, **buffers}, ids, train=True)
         return jnp.mean(losses.causal_lm_loss(logits, ids)), logits
 
-    (loss, logits), grads = jax.jit(jax.value_and_grad(mean_loss, has_aux=True))(params)
+    (loss, logits), grads = jax.jit(jax.value_and_grad(mean_loss, has_aux=True))(variables["params"])
     return np.asarray(logits), float(loss), grads
 
 
@@ -53,7 +53,7 @@ def _assert_close(actual, expected, rtol: float, what: str) -> None:
     np.testing.assert_allclose(np.asarray(actual), expected, rtol=rtol, atol=rtol * scale, err_msg=what)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + ZOO)
 def test_logits_loss_and_gradients_match_torch(name):
     torch_model = _torch_model(name)
     model = text.get_text_model(name, VOCAB)
@@ -61,7 +61,7 @@ def test_logits_loss_and_gradients_match_torch(name):
     variables = interop.variables_from_torch(torch_model, model.init(jax.random.key(0), jnp.asarray(tokens)))
 
     ref_logits, ref_loss, ref_grads = _torch_run(torch_model, tokens)
-    logits, loss, grads = _jax_run(model, variables["params"], tokens)
+    logits, loss, grads = _jax_run(model, variables, tokens)
 
     assert logits.shape == (B, T, VOCAB)
     _assert_close(logits, ref_logits, 1e-5, "logits")

@@ -1,8 +1,8 @@
 """breaching's other text models (transformer1, transformerS, transformer3f, LSTM) against its torch code.
 
 Each test builds the reference with breaching's own ``_construct_text_model`` (via
-``parity.reference``), converts weights in one direction and compares logits, the causal-LM loss
-and its gradients. The sequence length is the text data configs' (``shape: [32]``); the vocabulary
+``parity.reference``); logits, loss and gradients from the reference's weights are checked in
+``tests/models/test_text.py``, our weights converted to torch here. The sequence length is the text data configs' (``shape: [32]``); the vocabulary
 is small so the tests stay fast (``test_builds_at_breaching_vocabulary`` covers the real one).
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedjax_users import interop, losses, models
+from fedjax_users import interop, models
 from fedjax_users.models import text
 from parity import reference
 
@@ -35,27 +35,6 @@ def _tokens(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, VOCAB, size=(B, T))
 
 
-def _torch_logits_loss_grads(model: torch.nn.Module, tokens: np.ndarray):
-    model.zero_grad()
-    ids = torch.tensor(tokens)
-    logits = model(input_ids=ids)
-    loss = reference.losses_module().CausalLoss()(logits, ids)
-    loss.backward()
-    return logits.detach().numpy(), loss.item(), [p.grad.clone() for p in model.parameters()]
-
-
-def _jax_logits_loss_grads(model, variables, tokens: np.ndarray):
-    ids = jnp.asarray(tokens)
-    stats = {k: v for k, v in variables.items() if k != "params"}
-
-    def mean_loss(params):
-        logits = model.apply({"params": params, **stats}, ids, train=True)
-        return jnp.mean(losses.causal_lm_loss(logits, ids)), logits
-
-    (loss, logits), grads = jax.jit(jax.value_and_grad(mean_loss, has_aux=True))(variables["params"])
-    return np.asarray(logits), float(loss), grads
-
-
 def _assert_close(actual, expected, what: str, rtol: float = RTOL) -> None:
     expected = np.asarray(expected)
     scale = float(np.max(np.abs(expected))) or 1.0
@@ -64,31 +43,6 @@ def _assert_close(actual, expected, what: str, rtol: float = RTOL) -> None:
 
 def _init(model, seed: int = 0):
     return model.init(jax.random.key(seed), jnp.zeros((1, T), jnp.int32))
-
-
-# The transformers' gradients take a while to compile on a shared CPU; their logits are checked
-# below in both directions either way.
-GRADIENT_CASES = [pytest.param(n, marks=pytest.mark.slow) if n != "LSTM" else n for n in NEW]
-
-
-@pytest.mark.parametrize("name", GRADIENT_CASES)
-def test_reference_weights_give_the_references_logits_loss_and_gradients(name):
-    torch_model = _torch_model(name)
-    model = text.get_text_model(name, VOCAB)
-    tokens = _tokens()
-    variables = interop.variables_from_torch(torch_model, _init(model))
-
-    ref_logits, ref_loss, ref_grads = _torch_logits_loss_grads(torch_model, tokens)
-    logits, loss, grads = _jax_logits_loss_grads(model, variables, tokens)
-
-    assert logits.shape == (B, T, VOCAB)
-    _assert_close(logits, ref_logits, "logits")
-    np.testing.assert_allclose(loss, ref_loss, rtol=RTOL)
-    # The tied decoders' shared weight too: torch sums both uses into one .grad.
-    expected = interop.grads_from_torch_list(ref_grads, torch_model, variables)
-    jax.tree_util.tree_map_with_path(
-        lambda path, got, want: _assert_close(got, want, jax.tree_util.keystr(path)), grads, expected
-    )
 
 
 @pytest.mark.parametrize("name", NEW)
