@@ -19,6 +19,7 @@ Inputs are NHWC. Models follow the package's model contract (``fedjax_users.mode
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Optional, Sequence
 
@@ -84,6 +85,20 @@ def norm_layer(norm: str, name: str, dtypes: dict) -> nn.Module:
     raise ValueError(f"unknown ResNet norm {norm!r}; known: {[BATCHNORM, GROUPNORM_4TH]}")
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockKind:
+    """What every block of a net shares: ``block`` type, a Bottleneck's ``base_width``, ``norm``."""
+
+    block: str = BASIC
+    base_width: int = 64
+    norm: str = BATCHNORM
+
+    @property
+    def expansion(self) -> int:
+        """Output channels per plane: 1 for a BasicBlock, 4 for a Bottleneck."""
+        return EXPANSION[self.block]
+
+
 class ConvNorm(nn.Module):
     """A Sequential of a bias-free conv (index 0) and a normalisation (index 1).
 
@@ -118,31 +133,29 @@ class Block(nn.Module):
     planes: int
     stride: int
     project_shortcut: bool
-    block: str = BASIC
-    base_width: int = 64
-    norm: str = BATCHNORM
+    kind: BlockKind = BlockKind()
     dtype: Optional[Dtype] = None
     param_dtype: Optional[Dtype] = None
 
     @nn.compact
     def __call__(self, x: Array, train: bool, mask: Optional[Array], momentum: Momentum) -> Array:
         dtypes = layer_dtypes(self.dtype, self.param_dtype)
-        if self.block == BASIC:
+        kind, planes = self.kind, self.planes
+        if kind.block == BASIC:
             # (features, kernel, stride, padding) of conv1, conv2.
-            convs = ((self.planes, 3, self.stride, 1), (self.planes, 3, 1, 1))
+            convs = ((planes, 3, self.stride, 1), (planes, 3, 1, 1))
         else:
-            width = int(self.planes * (self.base_width / 64.0))
-            convs = ((width, 1, 1, 0), (width, 3, self.stride, 1), (self.planes * EXPANSION[BOTTLENECK], 1, 1, 0))
+            width = int(planes * (kind.base_width / 64.0))
+            convs = ((width, 1, 1, 0), (width, 3, self.stride, 1), (planes * kind.expansion, 1, 1, 0))
         out = x
         for index, (features, kernel, stride, padding) in enumerate(convs, start=1):
             out = torch_conv(features, kernel, stride, padding, use_bias=False, name=f"conv{index}", **dtypes)(out)
-            out = norm_layer(self.norm, f"bn{index}", dtypes)(out, train, mask, momentum)
+            out = norm_layer(kind.norm, f"bn{index}", dtypes)(out, train, mask, momentum)
             if index < len(convs):
                 out = nn.relu(out)
         shortcut = x
         if self.project_shortcut:
-            features = self.planes * EXPANSION[self.block]
-            shortcut = ConvNorm(features, 1, self.stride, 0, self.norm, name="downsample", **dtypes)(
+            shortcut = ConvNorm(planes * kind.expansion, 1, self.stride, 0, kind.norm, name="downsample", **dtypes)(
                 x, train, mask, momentum
             )
         return nn.relu(out + shortcut)
@@ -155,9 +168,7 @@ class ResNetStage(nn.Module):
     blocks: int
     stride: int
     project_first: bool
-    block: str = BASIC
-    base_width: int = 64
-    norm: str = BATCHNORM
+    kind: BlockKind = BlockKind()
     dtype: Optional[Dtype] = None
     param_dtype: Optional[Dtype] = None
 
@@ -169,9 +180,7 @@ class ResNetStage(nn.Module):
                 self.planes,
                 self.stride if first else 1,
                 self.project_first and first,
-                self.block,
-                self.base_width,
-                self.norm,
+                self.kind,
                 name=str(index),
                 **layer_dtypes(self.dtype, self.param_dtype),
             )
@@ -180,7 +189,7 @@ class ResNetStage(nn.Module):
 
 
 def stage_plan(
-    stage_sizes: Sequence[int], in_planes: int, first_planes: int, block: str
+    stage_sizes: Sequence[int], in_planes: int, first_planes: int, expansion: int
 ) -> list[tuple[int, int, int, bool]]:
     """``(planes, blocks, stride, project_first)`` of each stage, as ``_make_layer`` chooses them.
 
@@ -191,8 +200,8 @@ def stage_plan(
     for index, blocks in enumerate(stage_sizes):
         planes = first_planes * 2**index
         stride = 1 if index == 0 else 2
-        plan.append((planes, blocks, stride, stride != 1 or in_planes != planes * EXPANSION[block]))
-        in_planes = planes * EXPANSION[block]
+        plan.append((planes, blocks, stride, stride != 1 or in_planes != planes * expansion))
+        in_planes = planes * expansion
     return plan
 
 
@@ -201,21 +210,16 @@ class ResNetStages(nn.Module):
 
     stage_sizes: Sequence[int]
     width: int
-    block: str = BASIC
-    base_width: int = 64
-    norm: str = BATCHNORM
+    kind: BlockKind = BlockKind()
     dtype: Optional[Dtype] = None
     param_dtype: Optional[Dtype] = None
 
     @nn.compact
     def __call__(self, x: Array, train: bool, mask: Optional[Array], momentum: Momentum) -> Array:
         dtypes = layer_dtypes(self.dtype, self.param_dtype)
-        plan = stage_plan(self.stage_sizes, self.width, self.width, self.block)
+        plan = stage_plan(self.stage_sizes, self.width, self.width, self.kind.expansion)
         for index, (planes, blocks, stride, project) in enumerate(plan):
-            stage = ResNetStage(
-                planes, blocks, stride, project, self.block, self.base_width, self.norm, name=str(index), **dtypes
-            )
-            x = stage(x, train, mask, momentum)
+            x = ResNetStage(planes, blocks, stride, project, self.kind, name=str(index), **dtypes)(x, train, mask, momentum)
         return x
 
 
@@ -241,9 +245,8 @@ class ResNet(VisionModel):
         base_width = self.width if self.block == BOTTLENECK else 64
         stem = ConvNorm(stem_width, 3, 1, 1, self.norm, name="stem", **self.dtypes)
         x = nn.relu(stem(x, train, mask, momentum))
-        stages = ResNetStages(
-            tuple(self.stage_sizes), stem_width, self.block, base_width, self.norm, name="layers", **self.dtypes
-        )
+        kind = BlockKind(self.block, base_width, self.norm)
+        stages = ResNetStages(tuple(self.stage_sizes), stem_width, kind, name="layers", **self.dtypes)
         x = stages(x, train, mask, momentum)
         return nn.Dense(self.num_classes, name="linear", **self.dtypes)(global_avg_pool(x))
 
@@ -275,8 +278,9 @@ class TorchvisionResNet(VisionModel):
         x = torch_conv(64, 7, 2, 3, use_bias=False, name="conv1", **self.dtypes)(x)
         x = nn.relu(BatchNorm(name="bn1", **self.dtypes)(x, train, mask, momentum))
         x = torch_max_pool_padded(x, 3, 2, 1)
-        for index, (planes, blocks, stride, project) in enumerate(stage_plan(self.stage_sizes, 64, 64, self.block)):
-            stage = ResNetStage(planes, blocks, stride, project, self.block, name=f"layer{index + 1}", **self.dtypes)
+        kind = BlockKind(self.block)
+        for index, (planes, blocks, stride, project) in enumerate(stage_plan(self.stage_sizes, 64, 64, kind.expansion)):
+            stage = ResNetStage(planes, blocks, stride, project, kind, name=f"layer{index + 1}", **self.dtypes)
             x = stage(x, train, mask, momentum)
         return nn.Dense(self.num_classes, name="fc", **self.dtypes)(global_avg_pool(x))
 
