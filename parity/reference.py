@@ -288,3 +288,53 @@ def _torchvision_builder(name: str):
 def torchvision_model(name: str, **kwargs):
     """torchvision's own ``torchvision.models.<name>(**kwargs)`` (``weights=None`` unless given)."""
     return _torchvision_builder(name)(**{"weights": None, **kwargs})
+
+
+def attacks_module() -> types.ModuleType:
+    """``breaching/attacks/__init__.py`` (``prepare_attack`` and every attacker class), loaded by path.
+
+    The attack files need torch, NumPy and SciPy only; ``base_attack.py`` and ``analytic_attack.py``
+    import ``cases/models/transformer_dictionary.py`` (torch only), found through the stand-in package.
+    Nothing is stubbed for them: ``lpips``, the one extra breaching's attack pipeline names, is imported
+    by ``breaching/analysis`` (the scoring of reconstructions), which is not loaded here.
+    """
+    _cases_root()
+    qualname = f"{PACKAGE}.attacks"
+    if qualname in sys.modules and hasattr(sys.modules[qualname], "prepare_attack"):
+        return sys.modules[qualname]
+    root = os.path.join(breaching_root(), "attacks")
+    spec = importlib.util.spec_from_file_location(qualname, os.path.join(root, "__init__.py"),
+                                                  submodule_search_locations=[root])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[qualname] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def attack_config(name: str, overrides=()):
+    """breaching's ``config/attack/<name>.yaml`` as its ``get_attack_config`` composes it, without hydra.
+
+    The file's ``defaults`` (other attack files, then ``_self_``) are merged first and the file on top,
+    then ``key=value`` overrides, as hydra does for these files (their defaults name files only).
+    """
+    from omegaconf import OmegaConf
+
+    folder = os.path.join(config_dir(), "attack")
+
+    def compose(stem):
+        own = OmegaConf.load(os.path.join(folder, f"{stem}.yaml"))
+        defaults = list(own.pop("defaults", []))
+        parts = [compose(entry) for entry in defaults if entry != "_self_"]
+        return OmegaConf.merge(*parts, own) if parts else own
+
+    return OmegaConf.merge(compose(name), OmegaConf.from_dotlist(list(overrides)))
+
+
+def data_config(name: str = "CIFAR10"):
+    """breaching's ``config/case/data/<name>.yaml`` (its ``defaults`` list dropped): the data config
+    that ``construct_model`` reads and that breaching's server sends as each payload's ``metadata``."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(os.path.join(config_dir(), "case", "data", f"{name}.yaml"))
+    cfg.pop("defaults", None)
+    return cfg
