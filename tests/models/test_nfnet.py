@@ -77,7 +77,9 @@ def test_block_matches_breaching_nfblock(kind, train):
     images = zoo.images(4, cfg["in_channels"], 6)
     zoo.assert_round_trip(torch_block, flax_block, images)
     zoo.assert_forward_matches(torch_block, flax_block, images, train, interceptor=zoo.TorchDraws(torch_block))
-    if train:  # eval mode runs the same layers without the draws
+    # float64 gradients (a compile of tens of seconds here) for the block with the in-place
+    # shortcut, in train mode: eval mode runs the same layers without the draws.
+    if train and kind == "identity":
         labels = torch.tensor([0, 1, 2, 3])
         zoo.float64_gradients_match(torch_block, flax_block, images, labels, train, interceptor=zoo.TorchDraws(torch_block))
 

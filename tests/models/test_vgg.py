@@ -56,9 +56,10 @@ def test_image_that_does_not_pool_to_one_cell_is_refused():
         jax.eval_shape(flax_model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
 
 
+@pytest.mark.slow  # initialising VGG11 runs its forward pass once
 def test_classical_weight_init():
     """kaiming-normal fan-out convolutions, zero biases, N(0, 0.01) classifier, as breaching asks."""
-    params = models.get("VGG11").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    params = jax.jit(models.get("VGG11").init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     kernel = np.asarray(params["features"]["8"]["kernel"])  # 3x3, 128 -> 256
     assert abs(kernel.std() / np.sqrt(2.0 / (9 * 256)) - 1) < 0.02
     assert not np.any(params["features"]["8"]["bias"])
