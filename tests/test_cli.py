@@ -148,3 +148,54 @@ def test_data_override_prints_the_data_and_the_case_as_run(tmp_path, capsys):
     assert "data        CIFAR10, " in printed and "digits" not in printed.split("data        ")[1].split("\n")[0]
     shared, config = io.load_shared(out)
     assert config["data"]["name"] == "CIFAR10"
+
+
+# ----------------------------------------------------------------------------------------------
+# breaching's case files (issue 14): impl.dtype, the summary's key lists
+
+
+def _breaching_case(name):
+    from parity.reference import config_dir
+
+    return f"{config_dir()}/case/{name}.yaml"
+
+
+SYNTHETIC_SMALL = ["data=synthetic", "data.shape=[3,6,6]", "data.size=40", "data.default_clients=1", "model=linear"]
+
+
+def test_double_runs_in_float64_and_leaves_x64_as_it_was(tmp_path, capsys):
+    out = tmp_path / "u.msgpack"
+    assert not jax.config.jax_enable_x64
+    code = cli.main(["run", _breaching_case("1_single_image_small"), *SYNTHETIC_SMALL, "impl.dtype=double",
+                     "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "parameters, float64, " in printed and "not applicable impl.non_blocking" in printed
+    assert not jax.config.jax_enable_x64  # on for the run only
+    shared, _ = io.load_shared(out)
+    assert {np.asarray(leaf).dtype for leaf in jax.tree_util.tree_leaves(shared.gradients)} == {np.dtype("float64")}
+
+
+def test_each_query_is_saved(tmp_path, capsys):
+    out = tmp_path / "u.msgpack"
+    code = cli.main(["run", _breaching_case("1_single_image_small"), *SYNTHETIC_SMALL, "server.num_queries=2",
+                     "num_queries=2", "impl.shuffle=True", "user.num_data_points=3", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "2 queries" in printed
+    first, second = (io.load_shared(tmp_path / f"u.query{q}.msgpack")[0] for q in (0, 1))
+    # Shuffled: each query the user draws its examples afresh, so the two gradients differ.
+    assert not np.array_equal(first.gradients["1"]["kernel"], second.gradients["1"]["kernel"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["impl.dtype=half"], "impl.dtype='half' is not supported"),
+        (["server.name=malicious_model"], "only breaching's honest-but-curious server"),
+        (["server=malicious"], "no server config named 'malicious'"),
+    ],
+)
+def test_breaching_case_mistakes_are_one_line(overrides, message, tmp_path, capsys):
+    out = tmp_path / "x.msgpack"
+    code = cli.main(["run", _breaching_case("1_single_image_small"), *SYNTHETIC_SMALL, *overrides, "--out", str(out)])
+    _assert_one_line_error(code, capsys.readouterr(), message, out)

@@ -245,3 +245,22 @@ def test_constructed_users_run_in_the_core():
     silo = construct_users(case("digits_multiuser", *FAST))
     shared, _ = fu.aggregate(silo.model, silo.payload, silo.data, silo.user_cfg, jax.random.key(0), loss=silo.loss)
     assert shared.metadata.num_users == 4
+
+
+def test_a_case_anywhere_finds_the_bundled_impl_and_server(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "defaults:\n  - data: digits\n  - impl: default\n  - server: honest-but-curious\n  - user: local_gradient\n"
+        "model: linear\nserver:\n  num_queries: 2\n"
+    )
+    cfg = load_case(tmp_path / "c.yaml", ["impl.dtype=double", "server.weights=/w.pth"])
+    assert cfg.impl.dtype == "double" and cfg.server.name == "honest_but_curious"
+    assert cfg.server.num_queries == 2 and cfg.server.weights == "/w.pth"
+
+
+def test_group_files_have_their_own_defaults_beside_them(tmp_path):
+    (tmp_path / "data" / "db").mkdir(parents=True)
+    (tmp_path / "data" / "db" / "none.yaml").write_text("name: mine\n")
+    (tmp_path / "data" / "d.yaml").write_text("name: synthetic\nsize: 7\ndefaults:\n  - db: none\n")
+    (tmp_path / "c.yaml").write_text("defaults:\n  - data: d\n  - user: local_gradient\nmodel: linear\n")
+    cfg = load_case(tmp_path / "c.yaml")
+    assert cfg.data.db.name == "mine" and cfg.data.size == 7 and "defaults" not in cfg.data
