@@ -103,11 +103,6 @@ def build_data(case: Case, num_users: int = 1):
     return users
 
 
-def to_user_data(torch_data: dict) -> fu.UserData:
-    """A reference data dict as fedjax_users data (NCHW -> NHWC for images)."""
-    return parity_check.user_data_from_torch(torch_data)
-
-
 def torch_loss(case: Case):
     """The loss breaching pairs with the task."""
     if case.is_text:
