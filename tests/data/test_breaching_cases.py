@@ -275,3 +275,24 @@ def test_users_keep_their_own_statistics_from_query_to_query(datasets):
     results, _, _ = cli._compute(users, jax.random.key(0), progress=False)
     tracked = [int(jax.tree_util.tree_leaves(r.batch_stats["bn0"]["num_batches_tracked"])[0]) for r in results]
     assert tracked == [1, 2, 3]
+
+
+def test_linearized_model_state_compounds_and_refuses_convolutions_without_bias():
+    from fedjax_users.data.server import query_variables
+
+    built = {
+        "params": {"bn": {"scale": np.ones(2, np.float32), "bias": np.zeros(2, np.float32)},
+                   "conv": {"kernel": np.zeros((3, 3, 1, 2), np.float32), "bias": np.ones(2, np.float32)},
+                   "fc": {"kernel": np.ones((2, 2), np.float32), "bias": np.ones(2, np.float32)}},
+        "batch_stats": {"bn": {"mean": np.array([1.0, 2.0], np.float32), "var": np.array([3.0, 4.0], np.float32)}},
+    }
+    first = query_variables("linearized", built, None, None, jax.random.key(0), 0)
+    second = query_variables("linearized", built, first, None, jax.random.key(0), 1)
+    np.testing.assert_array_equal(first["params"]["bn"]["scale"], [3.0, 4.0])
+    np.testing.assert_array_equal(first["params"]["bn"]["bias"], [11.0, 12.0])
+    np.testing.assert_array_equal(first["params"]["conv"]["bias"], [11.0, 11.0])
+    np.testing.assert_array_equal(second["params"]["conv"]["bias"], [21.0, 21.0])  # + 10 at every query
+    np.testing.assert_array_equal(second["params"]["fc"]["bias"], [1.0, 1.0])  # not a convolution
+    no_bias = {**built, "params": {**built["params"], "conv": {"kernel": built["params"]["conv"]["kernel"]}}}
+    with pytest.raises(DataError, match="convolution conv has no bias"):
+        query_variables("linearized", no_bias, None, None, jax.random.key(0), 0)
