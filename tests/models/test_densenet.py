@@ -46,13 +46,7 @@ def test_small_densenet_float64_gradients_match_breaching_class_in_train_mode():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["DenseNet121", "DenseNet161", "DenseNet169", "DenseNet201"])
 def test_named_densenet_matches_breaching(name):
-    torch.manual_seed(0)
-    torch_model = reference.vision_model(name, CLASSES, (3, SIDE, SIDE))
-    flax_model = models.get(name, num_classes=CLASSES)
-    images = zoo.images(2, 3, SIDE)
-    zoo.assert_round_trip(torch_model, flax_model, images)
-    for train in (False, True):
-        zoo.assert_forward_matches(torch_model, flax_model, images, train)
+    zoo.assert_breaching_model_matches(name, SIDE)
 
 
 def test_names_resolve_like_breaching():
@@ -71,13 +65,7 @@ IMAGENET.append(pytest.param("densenet121", 224, marks=pytest.mark.slow))
 
 @pytest.mark.parametrize("name, side", IMAGENET)
 def test_torchvision_densenet_matches_breachings_imagenet_model(name, side):
-    torch.manual_seed(0)
-    torch_model = reference.vision_model(name, CLASSES, (3, side, side), data_name="ImageNet")
-    flax_model = models.for_data(name, "ImageNet", num_classes=CLASSES)
-    images = zoo.images(2, 3, side)
-    zoo.assert_round_trip(torch_model, flax_model, images)
-    for train in (False, True):
-        zoo.assert_forward_matches(torch_model, flax_model, images, train)
+    zoo.assert_breaching_model_matches(name, side, data_name="ImageNet")
 
 
 def test_small_torchvision_densenet_matches_torchvision_class():

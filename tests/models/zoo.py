@@ -157,3 +157,18 @@ class TorchDraws:
         if context.method_name == "keep_mask":
             return jnp.asarray(self.masks[tuple(context.module.path)])
         return next_fun(*args, **kwargs)
+
+
+def assert_breaching_model_matches(name: str, side: int, data_name: str = "CIFAR10", classes: int = 10) -> None:
+    """breaching's model ``name`` for ``data_name`` (built by its own ``construct_model`` code) and
+    ours convert both ways and agree in eval and train mode (random layers on torch's own draws)."""
+    from fedjax_users import models
+    from parity import reference
+
+    torch.manual_seed(0)
+    torch_model = reference.vision_model(name, classes, (3, side, side), data_name=data_name)
+    flax_model = models.for_data(name, data_name, num_classes=classes)
+    batch = images(2, 3, side)
+    assert_round_trip(torch_model, flax_model, batch)
+    for train in (False, True):
+        assert_forward_matches(torch_model, flax_model, batch, train, interceptor=TorchDraws(torch_model))
