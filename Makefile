@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCHVISION_SRC := $(VENV)/torchvision-src
 
-.PHONY: run test parity parity-quick bench venv venv-test clean
+.PHONY: run test test-heavy parity parity-quick bench venv venv-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +29,13 @@ $(TORCHVISION_SRC)/torchvision/models/resnet.py: $(BIN)/python
 run: venv
 	$(BIN)/fedjax-users run
 
+# The zoo's name-by-name checks of deep models (`heavy`) take far longer than the rest of the suite on a CPU: `make test-heavy`.
 test: venv-test
-	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(BIN)/python -m pytest tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(BIN)/python -m pytest tests -m "not heavy"
 	$(BIN)/python -m parity --quick --json results/parity_quick.json
+
+test-heavy: venv-test
+	$(BIN)/python -m pytest tests/models -m heavy
 
 parity: venv-test
 	$(BIN)/python -m parity --json results/parity.json

@@ -27,7 +27,7 @@ def test_convnet_trivial_matches_breaching_and_converts_both_ways():
     zoo.float64_gradients_match(torch_model, flax_model, images, torch.tensor([1, 4]), train=True)
 
 
-@pytest.mark.slow  # 158M parameters (the 12544 x 12544 Linear)
+@pytest.mark.heavy  # 158M parameters (the 12544 x 12544 Linear)
 def test_convnet_beyond_matches_breaching_on_28x28_images():
     torch_model, flax_model = build("convnet_beyond", (1, 28, 28))
     images = zoo.images(2, 1, 28)

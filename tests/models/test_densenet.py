@@ -36,14 +36,14 @@ def test_small_densenet_matches_breaching_class(train):
     zoo.assert_forward_matches(torch_model, flax_model, images, train)
 
 
-@pytest.mark.slow  # compiling the float64 gradient of even this small DenseNet takes a minute here
+@pytest.mark.heavy  # compiling the float64 gradient of even this small DenseNet takes a minute here
 def test_small_densenet_float64_gradients_match_breaching_class_in_train_mode():
     torch_model = breaching_densenet(**SMALL)
     flax_model = densenet.DenseNet(num_classes=CLASSES, stem="CIFAR", **SMALL)
     zoo.float64_gradients_match(torch_model, flax_model, zoo.images(2, 3, SIDE), torch.tensor([2, 5]), train=True)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", ["DenseNet121", "DenseNet161", "DenseNet169", "DenseNet201"])
 def test_named_densenet_matches_breaching(name):
     zoo.assert_breaching_model_matches(name, SIDE)
@@ -59,8 +59,8 @@ def test_names_resolve_like_breaching():
 
 # torchvision's DenseNets (breaching's ImageNet data), at 64x64 (the 7x7 stride-2 stem and max pool
 # leave 16x16, the transitions 2x2) and one at 224x224.
-IMAGENET = [pytest.param(f"densenet{d}", 64, marks=pytest.mark.slow) for d in densenet.CONFIGS]
-IMAGENET.append(pytest.param("densenet121", 224, marks=pytest.mark.slow))
+IMAGENET = [pytest.param(f"densenet{d}", 64, marks=pytest.mark.heavy) for d in densenet.CONFIGS]
+IMAGENET.append(pytest.param("densenet121", 224, marks=pytest.mark.heavy))
 
 
 @pytest.mark.parametrize("name, side", IMAGENET)

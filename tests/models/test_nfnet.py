@@ -106,7 +106,7 @@ class _Conv(nfnet.WSConv2d):
         return super().__call__(x)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_nfnet_f0_matches_breaching_nfnet(train):
     # 16x16 images: the CIFAR stem's unpadded convs leave 8x8, the strided stages 4, 2 and 1.

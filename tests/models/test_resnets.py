@@ -10,7 +10,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 import torch
 
@@ -18,7 +17,7 @@ from fedjax_users import interop, models
 from fedjax_users.models import resnets
 from parity import reference
 
-from test_vision import assert_close_scaled
+from test_vision import assert_close_scaled, assert_close_to_reference, assert_float64_stats_match, float64_reference
 
 CLASSES = 7
 FLOAT32_RTOL = 1e-5
@@ -27,7 +26,7 @@ FLOAT64_RTOL = 1e-10
 # it is ill-conditioned): three-stage CIFAR nets downsample 4x, four-stage 8x, torchvision's 32x.
 SIDES = {3: 8, 4: 16}
 IMAGENET_SIDE = 64
-# Each check takes ~10-30 s on a loaded 2-core CPU, so most are ``slow``; the fast ones are one
+# Each check takes ~10-30 s on a loaded 2-core CPU, so most are ``heavy``; the fast ones are one
 # net (GroupNorm: resnet20 with BatchNorm is in test_vision.py), one small configuration of
 # torchvision's classes (``test_small_configurations``) and the structure of a few names.
 FAST = {"ResNetGN20", "torchvision-bottleneck"}
@@ -42,7 +41,7 @@ def _side(name: str, data: str) -> int:
 
 
 def _params(cases, fast=FAST) -> list:
-    return [pytest.param(*case, marks=[] if case[0] in fast else [pytest.mark.slow], id=f"{case[1]}-{case[0]}")
+    return [pytest.param(*case, marks=[] if case[0] in fast else [pytest.mark.heavy], id=f"{case[1]}-{case[0]}")
             for case in cases]
 
 
@@ -76,15 +75,13 @@ def assert_matches_reference(torch_model: torch.nn.Module, flax_model, side: int
     apply = jax.jit(flax_model.apply, static_argnames=("train", "mutable"))
     for train in (False, True):
         torch_model.train(train)
+        before, after, exact = float64_reference(torch_model, images, train)
         with torch.no_grad():
             expected = torch_model(images)
         logits, state = apply(variables, inputs, train=train, mutable=("batch_stats",))
-        assert_close_scaled(logits, expected.numpy(), FLOAT32_RTOL, f"logits (train={train})")
+        assert_close_to_reference(logits, expected.numpy(), exact.numpy(), FLOAT32_RTOL, f"logits (train={train})")
         if state:
-            for (buffer, theirs), ours in zip(
-                torch_model.named_buffers(), interop.buffers_to_torch_list(state["batch_stats"], torch_model)
-            ):
-                assert_close_scaled(ours.numpy(), theirs.numpy(), FLOAT32_RTOL, buffer)
+            assert_float64_stats_match(flax_model, before, after, images, train)
     # And back: a zeroed copy of the torch model given our variables holds the reference's state.
     fresh = copy.deepcopy(torch_model)
     with torch.no_grad():
@@ -110,7 +107,7 @@ def _breaching_resnets():
 
 @pytest.mark.parametrize("source, block, norm", [
     pytest.param(source, block, norm, id=f"{source}-{block}" + (f"-{norm}" if norm else ""),
-                 marks=[] if f"{source}-{block}" in FAST and not norm else [pytest.mark.slow])
+                 marks=[] if f"{source}-{block}" in FAST and not norm else [pytest.mark.heavy])
     for source, block, norm in [("breaching", "bottleneck", "BatchNorm2d"), ("breaching", "bottleneck", "groupnorm4th"),
                                 ("torchvision", "basic", None), ("torchvision", "bottleneck", None)]
 ])

@@ -16,9 +16,9 @@ CLASSES = 10
 # VGG11 carries every layer type; the deeper ones only repeat them (and cost seconds each here).
 DEPTHS = [
     pytest.param("VGG11"),
-    pytest.param("VGG13", marks=pytest.mark.slow),
-    pytest.param("VGG16", marks=pytest.mark.slow),
-    pytest.param("VGG19", marks=pytest.mark.slow),
+    pytest.param("VGG13", marks=pytest.mark.heavy),
+    pytest.param("VGG16", marks=pytest.mark.heavy),
+    pytest.param("VGG19", marks=pytest.mark.heavy),
 ]
 
 
@@ -37,7 +37,7 @@ def test_forward_and_running_stats_match_breaching_in_eval_and_train_mode(name):
         zoo.assert_forward_matches(torch_model, flax_model, images, train)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_float64_gradients_match_breaching_in_train_mode():
     torch_model, flax_model = build("VGG11")
     labels = torch.tensor([3, 7])
@@ -56,7 +56,7 @@ def test_image_that_does_not_pool_to_one_cell_is_refused():
         jax.eval_shape(flax_model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
 
 
-@pytest.mark.slow  # initialising VGG11 runs its forward pass once
+@pytest.mark.heavy  # initialising VGG11 runs its forward pass once
 def test_classical_weight_init():
     """kaiming-normal fan-out convolutions, zero biases, N(0, 0.01) classifier, as breaching asks."""
     params = jax.jit(models.get("VGG11").init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
@@ -67,11 +67,11 @@ def test_classical_weight_init():
 
 
 # ----------------------------------------------------------------------------------------------
-# torchvision's VGGs (breaching's ImageNet data): 132M+ parameters each, so every named one is slow.
+# torchvision's VGGs (breaching's ImageNet data): 132M+ parameters each, so every named one is heavy.
 # 64x64 images: the features leave 2x2 positions, which AdaptiveAvgPool2d((7, 7)) spreads over 7x7
 # overlapping bins; one case runs at 224x224, where that pool is the identity.
-IMAGENET = [pytest.param(f"vgg{d}{s}", 64, marks=pytest.mark.slow) for d in (11, 13, 16, 19) for s in ("", "_bn")]
-IMAGENET.append(pytest.param("vgg11_bn", 224, marks=pytest.mark.slow))
+IMAGENET = [pytest.param(f"vgg{d}{s}", 64, marks=pytest.mark.heavy) for d in (11, 13, 16, 19) for s in ("", "_bn")]
+IMAGENET.append(pytest.param("vgg11_bn", 224, marks=pytest.mark.heavy))
 
 
 @pytest.mark.parametrize("name, side", IMAGENET)

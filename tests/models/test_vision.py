@@ -1,5 +1,8 @@
 """The Flax vision models compute what breaching's torch models compute, given the same weights."""
 
+import copy
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,6 +82,57 @@ def assert_close_scaled(actual, expected, rtol: float, what: str) -> None:
     error = np.max(np.abs(actual - expected), initial=0.0)
     scale = np.max(np.abs(expected), initial=0.0)
     assert error <= rtol * scale, f"{what}: max error {error:.3g} vs scale {scale:.3g}"
+
+
+def float64_reference(torch_model: torch.nn.Module, images: torch.Tensor, train: bool, seed: int = 0):
+    """A float64 copy of the torch model as it is (taken before its float32 run changes its
+    statistics), the same copy after a forward pass on ``images``, and that pass's logits; random
+    layers are seeded as the float32 run (``torch.manual_seed(seed)``)."""
+    before = copy.deepcopy(torch_model).double().train(train)
+    after = copy.deepcopy(before)
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        logits = after(images.double().clone())
+    return before, after, logits
+
+
+def assert_float64_stats_match(flax_model, before: torch.nn.Module, after: torch.nn.Module, images: torch.Tensor,
+                               train: bool, seed: int = 0, interceptor=None, rtol: float = 1e-10) -> None:
+    """In float64 our model, given the reference's weights and statistics (``before``), updates its
+    statistics to the reference's (``after``). Running statistics are compared here rather than in
+    float32, where a deep net's running variances pick up rounding of a size that says nothing about
+    what is computed."""
+    with jax.enable_x64(True):
+        inputs = interop.nchw_to_nhwc(images.double())
+        variables = interop.variables_from_torch(before, jax.eval_shape(flax_model.init, jax.random.key(0), inputs))
+
+        @jax.jit
+        def run(variables, inputs):
+            return flax_model.apply(variables, inputs, train=train, mutable=["batch_stats"],
+                                    rngs={"dropout": jax.random.key(seed)})
+
+        if interceptor is None:
+            _, state = run(variables, inputs)
+        else:
+            with nn.intercept_methods(interceptor):
+                _, state = run(variables, inputs)
+        assert_stats_match(state["batch_stats"], after, rtol)
+
+
+def assert_close_to_reference(actual, expected, exact, rtol: float, what: str) -> None:
+    """Our float32 ``actual`` equals the reference's float32 ``expected`` within ``rtol`` (relative to
+    its largest entry), or, where a deep net amplifies float32 rounding past that in both frameworks
+    alike, is no further from the reference's own float64 result ``exact`` than twice the reference's
+    float32 result is: the parity suite's rule (``fedjax_users.interop.breaching.check_parity``)."""
+    actual, expected, exact = (np.asarray(a, np.float64) for a in (actual, expected, exact))
+    assert actual.shape == expected.shape == exact.shape, what
+    scale = np.max(np.abs(expected), initial=0.0)
+    error = np.max(np.abs(actual - expected), initial=0.0)
+    if error <= rtol * scale:
+        return
+    ours, theirs = (np.max(np.abs(a - exact), initial=0.0) for a in (actual, expected))
+    assert ours <= 2 * theirs, (
+        f"{what}: max error {error:.3g} vs scale {scale:.3g}; from float64 ours {ours:.3g}, the reference's {theirs:.3g}")
 
 
 def assert_stats_match(batch_stats, torch_model, rtol: float) -> None:

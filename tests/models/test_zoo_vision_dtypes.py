@@ -20,7 +20,7 @@ SHAPES = {
 SLOW = ("DenseNet121", "densenet121", "nfnet")
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in SHAPES])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.heavy) if n in SLOW else n for n in SHAPES])
 def test_float64_models_have_float64_variables_and_outputs(name):
     table, channels, side = SHAPES[name]
     with jax.enable_x64(True):

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import torch
 
 from fedjax_users import interop
-from test_vision import FLOAT32_RTOL, assert_close_scaled, assert_stats_match, randomize_batchnorm
+from test_vision import (FLOAT32_RTOL, assert_close_scaled, assert_close_to_reference, assert_float64_stats_match,
+                         assert_stats_match, float64_reference, randomize_batchnorm)
 
 
 def convert(torch_model: torch.nn.Module, flax_model, images: torch.Tensor) -> dict:
@@ -50,7 +51,9 @@ def assert_forward_matches(
     variables = convert(torch_model, flax_model, images)
     torch_model.train(train)
     inputs = interop.nchw_to_nhwc(images)
+    before, after, exact = float64_reference(torch_model, images, train, seed)
     with torch.no_grad():  # a clone: in-place activations (NFNet's VPReLU) may overwrite their input
+        torch.manual_seed(seed)  # the float64 run's draws
         expected = torch_model(images.clone())
 
     # One compiled program: eager dispatch compiles every layer's shapes apart (minutes for DenseNet).
@@ -71,9 +74,9 @@ def assert_forward_matches(
         with nn.intercept_methods(interceptor):
             logits, state = run()
     assert logits.dtype == inputs.dtype
-    assert_close_scaled(logits, expected.numpy(), rtol, "logits")
+    assert_close_to_reference(logits, expected.numpy(), exact.numpy(), rtol, "logits")
     if any(True for _ in torch_model.buffers()) and "batch_stats" in variables:
-        assert_stats_match(state["batch_stats"], torch_model, rtol)
+        assert_float64_stats_match(flax_model, before, after, images, train, seed, interceptor)
     return variables
 
 
