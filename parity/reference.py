@@ -157,6 +157,15 @@ def datasets_vision_module() -> types.ModuleType:
     return _load(f"{PACKAGE}.cases.data.datasets_vision", os.path.join(root, "datasets_vision.py"))
 
 
+def datasets_text_module() -> types.ModuleType:
+    """``breaching/cases/data/datasets_text.py``: the article split, ``_get_tokenizer``, ``_get_preprocessing``.
+
+    Its functions import ``transformers`` (and ``datasets``, for the whole dataset) when called.
+    """
+    root = os.path.join(_cases_root(), "data")
+    return _load(f"{PACKAGE}.cases.data.datasets_text", os.path.join(root, "datasets_text.py"))
+
+
 def config_dir() -> str:
     """breaching's bundled Hydra config folder (``config/case/user/*.yaml`` and friends)."""
     return os.path.join(breaching_root(), "config")

@@ -36,8 +36,8 @@ from fedjax_users.data import server as case_server
 from fedjax_users.data.compose import CONFIG_ROOT, DEFAULT_CASE, require_mapping, load_case
 from fedjax_users.data.errors import CaseConfigError, DataError
 from fedjax_users.data.keys import check_keys, not_applicable, num_queries
-from fedjax_users.data.partition import partition_indices
-from fedjax_users.data.sources import Examples, load_examples, normalize
+from fedjax_users.data.partition import PARTITIONS, partition_indices
+from fedjax_users.data.sources import SPLITS, Examples, load_examples, normalize
 from fedjax_users.types import ServerPayload, UserData
 
 __all__ = ["CONFIG_ROOT", "DEFAULT_CASE", "Query", "UsersCase", "construct_users", "load_case", "user_example_indices"]
@@ -104,10 +104,36 @@ def _require(cfg: DictConfig, key: str, where: str) -> Any:
     return value
 
 
+def held_examples(examples: Examples, cfg_data: DictConfig, user_idx: int) -> Examples:
+    """The examples user ``user_idx`` draws from: its own for a dataset with its own users, else all of them.
+
+    A dataset with its own users (``Examples.given``, wikitext's articles) takes breaching's
+    ``partition: given`` and no other; the other datasets take any partition but that one.
+    """
+    partition = _require(cfg_data, "partition", "the data config")
+    if examples.given is None:
+        if partition == "given":
+            raise DataError(
+                f"partition 'given' is a dataset's own users (wikitext's articles); dataset {cfg_data.name!r} has "
+                f"none: use one of {', '.join(PARTITIONS)}"
+            )
+        return examples
+    if partition != "given":
+        raise DataError(f"dataset {cfg_data.name!r} has its own users: data.partition must be 'given', got {partition!r}")
+    clients = _require(cfg_data, "default_clients", "the data config")
+    if not 0 <= user_idx < clients:
+        raise DataError(
+            f"user index {user_idx} is outside the dataset's {clients} clients (valid: 0..{clients - 1})"
+        )
+    return examples.given(user_idx)
+
+
 def user_partition(examples: Examples, cfg_data: DictConfig, user_idx: int, seed: Optional[int] = None) -> np.ndarray:
     """Every example index user ``user_idx`` holds under the data config's partition, in order."""
     partition = _require(cfg_data, "partition", "the data config")
     clients = _require(cfg_data, "default_clients", "the data config")
+    if examples.given is not None or partition == "given":
+        return np.arange(len(held_examples(examples, cfg_data, user_idx)), dtype=np.int64)
     indices = partition_indices(
         examples.labels,
         examples.num_classes,
@@ -222,23 +248,29 @@ def _check_dtype(dtype) -> None:
         )
 
 
-def _query_data(examples, cfg_data, user_cfg, impl, user_ids, partition_key, order_key, dtype) -> UserData:
+def _collated(held: Examples, inputs: np.ndarray, labels: np.ndarray, cfg_data: DictConfig, query: int,
+              user_idx: int) -> tuple[np.ndarray, np.ndarray]:
+    """A user's batch after the dataset's collate (masked-lm masking), drawn afresh for every query
+    as breaching's collator masks every batch its dataloader yields, from the data seed."""
+    if held.collate is None:
+        return inputs, labels
+    split = SPLITS.index(cfg_data.get("examples_from_split", "validation"))
+    return held.collate(inputs, [int(cfg_data.get("seed", 0)), split, query, user_idx])
+
+
+def _query_data(examples, cfg_data, user_cfg, impl, user_ids, partition_key, order_key, dtype, query=0) -> UserData:
     seeded = cfg_data.get("partition") == "random-full"
     shuffle = bool(impl.get("shuffle", False))
-    per_user = [
-        _model_inputs(
-            examples,
-            user_example_indices(
-                examples, cfg_data, u, user_cfg.num_data_points,
-                _user_seed(partition_key, u) if seeded else None,
-                order_key=jax.random.fold_in(order_key, u) if shuffle else None,
-                with_replacement=bool(impl.get("sample_with_replacement", False)),
-            ),
-            cfg_data,
-            dtype,
+    per_user = []
+    for u in user_ids:
+        held = held_examples(examples, cfg_data, u)
+        indices = user_example_indices(
+            examples, cfg_data, u, user_cfg.num_data_points,
+            _user_seed(partition_key, u) if seeded else None,
+            order_key=jax.random.fold_in(order_key, u) if shuffle else None,
+            with_replacement=bool(impl.get("sample_with_replacement", False)),
         )
-        for u in user_ids
-    ]
+        per_user.append(_collated(held, *_model_inputs(held, indices, cfg_data, dtype), cfg_data, query, u))
     inputs = np.stack([x for x, _ in per_user])
     labels = np.stack([y for _, y in per_user])
     if user_cfg.user_type != "multiuser_aggregate":
@@ -275,8 +307,9 @@ def construct_users(cfg_case: DictConfig, key: Optional[jax.Array] = None) -> Us
     model = _build_model(cfg_case, cfg_data, examples, dtype)
     user_ids = _user_indices(user_cfg, cfg_data, choice_key)
     datas = [
-        _query_data(examples, cfg_data, user_cfg, impl, user_ids, partition_key, jax.random.fold_in(order_key, q), dtype)
-        for q in range(queries if impl.get("shuffle", False) else 1)
+        _query_data(examples, cfg_data, user_cfg, impl, user_ids, partition_key, jax.random.fold_in(order_key, q),
+                    dtype, q)
+        for q in range(queries if impl.get("shuffle", False) or examples.collate is not None else 1)
     ]
     one_input = (datas[0].inputs[0] if user_cfg.user_type == "multiuser_aggregate" else datas[0].inputs)[:1]
 

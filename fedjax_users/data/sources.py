@@ -17,10 +17,13 @@ examples a user holds are ever converted to model inputs. Images decode to float
   users have (fedjax_users.data.images), decoded with Pillow and ``data.augmentations_val``.
 * ``synthetic``: uniform [0, 1) images of ``cfg_data.shape`` (CHW, as breaching's configs) with
   uniform labels, ``cfg_data.size`` of them, seeded by ``cfg_data.seed``, drawn when taken.
-* ``wikitext``: from a local HuggingFace cache only (fedjax_users.data.text).
+* ``wikitext``: from a local copy only (fedjax_users.data.text); its users are its articles
+  (``Examples.given``).
 * ``random-tokens``: ``cfg_data.size`` sequences of ``cfg_data.shape[0]`` uniform token ids below
   ``cfg_data.vocab_size``, seeded; the labels are the ids themselves, as breaching's causal-LM
-  text data (``labels = input_ids``).
+  text data (``labels = input_ids``). With ``data.task=masked-lm`` the ids are drawn below
+  ``vocab_size - 1``, which is the mask token (``random_tokens_masking``), and every batch a user
+  takes is masked as breaching's collator masks it (fedjax_users.data.masking).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import dataclasses
 import importlib
 import os
 import pickle
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -43,7 +46,7 @@ from fedjax_users.data.images import (
     list_tiny_imagenet,
     parse_transforms,
 )
-from fedjax_users.data.text import wikitext
+from fedjax_users.data.masking import collate_fn, masked_lm
 
 SPLITS = ("training", "validation")
 EMBEDDED_DIGITS = os.path.join(os.path.dirname(__file__), "digits.npz")
@@ -57,12 +60,19 @@ def _identity(stored: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Examples:
-    """One dataset split: stored inputs, labels, and the decoder from stored form to model inputs."""
+    """One dataset split: stored inputs, labels, and the decoder from stored form to model inputs.
+
+    ``given``: a dataset's own users (breaching's ``partition: given``; wikitext's articles), user
+    index -> that user's examples. ``collate``: what breaching's collate function does to each
+    batch a user takes, ``(inputs, seed) -> (inputs, labels)`` (masked-lm masking), else ``None``.
+    """
 
     stored: np.ndarray
     labels: np.ndarray
     num_classes: int
     decode: Callable[[np.ndarray], np.ndarray] = _identity
+    given: Optional[Callable[[int], "Examples"]] = None
+    collate: Optional[Callable[[np.ndarray, Sequence[int]], tuple[np.ndarray, np.ndarray]]] = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -244,10 +254,18 @@ def synthetic_images(size: int, shape: tuple[int, int, int], num_classes: int, s
     return Examples(stored=np.arange(size, dtype=np.int64), labels=labels, num_classes=num_classes, decode=decode)
 
 
-def random_tokens(size: int, seq_length: int, vocab_size: int, seed: int) -> Examples:
-    """``size`` sequences of uniform token ids; labels are the ids (causal language modelling)."""
+def random_tokens(size: int, seq_length: int, vocab_size: int, seed: int, collate=None) -> Examples:
+    """``size`` sequences of uniform token ids below ``vocab_size``; labels are the ids (causal language modelling).
+
+    ``collate``: ``Examples.collate`` (masked-lm masking), else ``None``.
+    """
     tokens = np.random.default_rng(seed).integers(0, vocab_size, size=(size, seq_length), dtype=np.int32)
-    return Examples(stored=tokens, labels=tokens.copy(), num_classes=vocab_size)
+    return Examples(stored=tokens, labels=tokens.copy(), num_classes=vocab_size, collate=collate)
+
+
+def random_tokens_masking(cfg_data, vocab_size: int) -> Callable:
+    """The masked-lm collate of random tokens: mask token ``vocab_size - 1``, no other special token."""
+    return collate_fn(masked_lm(cfg_data, mask_token_id=vocab_size - 1, num_tokens=vocab_size))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +297,20 @@ def _load_random_tokens(cfg_data, split: str) -> Examples:
     if len(shape) != 1:
         raise DataError(f"data.shape must be [sequence_length] for random-tokens, got {list(shape)}")
     seed = [int(cfg_data.get("seed", 0)), SPLITS.index(split)]
-    return random_tokens(_positive(cfg_data, "size"), int(shape[0]), _positive(cfg_data, "vocab_size"), seed)
+    size, vocab_size = _positive(cfg_data, "size"), _positive(cfg_data, "vocab_size")
+    if cfg_data.get("task") != "masked-lm":
+        return random_tokens(size, int(shape[0]), vocab_size, seed)
+    if vocab_size < 2:
+        raise DataError("masked-lm random-tokens need data.vocab_size >= 2 (the last id is the mask token)")
+    # The last id is kept for the mask token, so a masked position is never an ordinary token.
+    drawn = random_tokens(size, int(shape[0]), vocab_size - 1, seed, random_tokens_masking(cfg_data, vocab_size))
+    return dataclasses.replace(drawn, num_classes=vocab_size)
+
+
+def _wikitext(cfg_data, split: str) -> Examples:
+    from fedjax_users.data.text import wikitext  # text.py builds Examples: imported when called, not at import
+
+    return wikitext(cfg_data, split)
 
 
 def _folder_of_images(listing: ImageListing, cfg_data) -> Examples:
@@ -296,7 +327,7 @@ SOURCES: dict[str, Callable[[Any, str], Examples]] = {
     "digits": lambda cfg, split: embedded_digits(split),
     "synthetic": _load_synthetic,
     "random-tokens": _load_random_tokens,
-    "wikitext": lambda cfg, split: wikitext(cfg, split),
+    "wikitext": lambda cfg, split: _wikitext(cfg, split),
 }
 
 

@@ -1,50 +1,222 @@
-"""Text data that breaching downloads (wikitext with a HuggingFace tokenizer): what is missing, said once.
+"""breaching's wikitext users from a local copy: articles as users, tokenized into blocks.
 
-breaching builds ``wikitext`` with ``datasets.load_dataset("wikitext", "wikitext-103-v1",
-cache_dir=data.path)`` and its tokenizer with ``AutoTokenizer.from_pretrained(<tokenizer>,
-cache_dir=data.path)``. Nothing is downloaded here: ``wikitext`` raises one ``DataError`` naming
-the packages and cached files it needs and where they are looked for, and that ``data=random_tokens``
-runs the case offline. Reading a cached corpus is not implemented yet (the line says so).
+breaching builds ``wikitext`` (``cases/data/datasets_text.py``) as
+``datasets.load_dataset("wikitext", "wikitext-103-v1", cache_dir=data.path, split=...)``, keeps one
+article's lines per user (``_split_wikipedia_into_articles``, user ``i`` = the ``i + 1``-th
+article heading), tokenizes them (``fedjax_users.data.hf_tokenizer``), concatenates them into
+blocks of ``data.shape[0]`` tokens (``group_texts``), labels causal-lm blocks with their own ids
+and masked-lm batches with its collator (``fedjax_users.data.masking``), and keeps a user's first
+``data.size`` blocks. Nothing is downloaded; the corpus is read from either
+
+* the raw files of the wikitext-103-v1 archive, ``wiki.train.tokens`` / ``wiki.valid.tokens`` /
+  ``wiki.test.tokens``, in ``data.path/wikitext-103/`` or in ``data.path`` itself: the lines
+  Hugging Face's wikitext builder turns into examples (each line with its newline, a blank line
+  as ``""``); no extra package is needed; or
+* the ``datasets`` cache that breaching's ``load_dataset(..., cache_dir=data.path)`` leaves
+  (``data.path/wikitext/wikitext-103-v1/`` or ``data.path/Salesforce___wikitext/...``), read by
+  the ``datasets`` package with the hub switched off.
+
+The pure steps (``line_articles``, ``group_blocks``) are checked against breaching's own functions.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.util
 import os
+from itertools import chain
+from typing import Optional, Sequence
+
+import numpy as np
 
 from fedjax_users.data.errors import DataError
+from fedjax_users.data.hf_tokenizer import TextTokenizer, load_tokenizer
+from fedjax_users.data.masking import collate_fn, masked_lm
 
-# breaching's tokenizer names (datasets_text._get_tokenizer) and the HuggingFace repositories they load.
-TOKENIZERS = {"gpt2": "gpt2", "GPT-2": "gpt2", "bert-base-uncased": "bert-base-uncased", "bert": "bert-base-uncased"}
-PACKAGES = ("datasets", "transformers")
+CONFIG = "wikitext-103-v1"
+RAW_FOLDER = "wikitext-103"  # the folder inside the wikitext-103-v1 archive
+RAW_FILES = {"training": "wiki.train.tokens", "validation": "wiki.valid.tokens", "test": "wiki.test.tokens"}
+HF_SPLITS = {"training": "train", "validation": "validation", "test": "test"}  # breaching: training -> train
+DATASETS_FOLDERS = ("wikitext", "Salesforce___wikitext")  # the datasets cache's folder, older and newer naming
+MIN_LENGTH = 25  # breaching's min_length for a kept line
+MAX_HEADING = 100  # breaching counts a line as an article heading below this length
+MAP_BATCH = 1000  # datasets' Dataset.map batch size: breaching tokenizes and groups this many lines at a time
+TASKS = ("causal-lm", "masked-lm")
+OFFLINE = "data=random_tokens runs this case offline"
 
 
-def _cache_entries(path: str, tokenizer: str) -> dict[str, str]:
-    """The cache folders breaching's calls would read, by what they hold."""
-    repo = TOKENIZERS.get(tokenizer, tokenizer)
-    return {
-        "the wikitext-103-v1 corpus": os.path.join(path, "wikitext", "wikitext-103-v1"),
-        f"the {repo} tokenizer": os.path.join(path, f"models--{repo.replace('/', '--')}"),
-    }
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """Where a wikitext split is read: a raw ``wiki.*.tokens`` file or a ``datasets`` cache folder."""
+
+    kind: str  # "raw" or "datasets"
+    location: str
+
+
+# ---------------------------------------------------------------------------------------------
+# The corpus
+
+
+def find_corpus(path: str, split: str) -> Corpus:
+    """The local copy of wikitext-103-v1's ``split`` under ``path``; ``DataError`` naming what is missing."""
+    if split not in RAW_FILES:
+        raise DataError(f"unknown wikitext split {split!r}; expected one of {', '.join(RAW_FILES)}")
+    for folder in (os.path.join(path, RAW_FOLDER), path):
+        if any(os.path.isfile(os.path.join(folder, f)) for f in RAW_FILES.values()):
+            file = os.path.join(folder, RAW_FILES[split])
+            if not os.path.isfile(file):
+                raise DataError(f"the raw wikitext folder {folder} lacks {RAW_FILES[split]} (split {split})")
+            return Corpus("raw", file)
+    for name in DATASETS_FOLDERS:
+        cache = os.path.join(path, name, CONFIG)
+        if os.path.isdir(cache):
+            if importlib.util.find_spec("datasets") is None:
+                raise DataError(
+                    f"the datasets cache {cache} is read with the datasets package, which is not installed "
+                    f"(pip install datasets, or put the raw files in {os.path.join(path, RAW_FOLDER)})"
+                )
+            return Corpus("datasets", path)
+    raise DataError(
+        f"no wikitext-103-v1 corpus under data.path={path} and nothing is downloaded: neither the raw "
+        f"{RAW_FILES[split]} (in {os.path.join(path, RAW_FOLDER)} or {path}) nor a datasets cache "
+        f"({os.path.join(path, DATASETS_FOLDERS[0], CONFIG)})"
+    )
+
+
+def read_raw_lines(file: str) -> list[str]:
+    """The examples Hugging Face's wikitext builder makes of ``file``: every line with its newline, blank ones ``""``."""
+    with open(file, encoding="utf-8") as handle:
+        return [line if line.strip() else "" for line in handle]
+
+
+def _datasets_lines(cache_dir: str, split: str) -> list[str]:
+    import datasets
+    import huggingface_hub.constants as hub
+
+    saved = datasets.config.HF_DATASETS_OFFLINE, hub.HF_HUB_OFFLINE
+    # Offline for this call only: the cached copy is read and no hub request is made.
+    datasets.config.HF_DATASETS_OFFLINE, hub.HF_HUB_OFFLINE = True, True
+    try:
+        dataset = datasets.load_dataset("wikitext", CONFIG, cache_dir=cache_dir, split=HF_SPLITS[split])
+        return list(dataset["text"])
+    except Exception as err:  # an incomplete cache fails inside datasets in many ways
+        raise DataError(
+            f"the datasets cache under {cache_dir} could not be read offline: {type(err).__name__}: "
+            f"{' '.join(str(err).split())[:300]}"
+        ) from None
+    finally:
+        datasets.config.HF_DATASETS_OFFLINE, hub.HF_HUB_OFFLINE = saved
+
+
+def corpus_lines(corpus: Corpus, split: str) -> list[str]:
+    """The split's lines (breaching's ``raw_dataset["text"]``)."""
+    return read_raw_lines(corpus.location) if corpus.kind == "raw" else _datasets_lines(corpus.location, split)
+
+
+# ---------------------------------------------------------------------------------------------
+# breaching's preprocessing, as pure functions
+
+
+def line_articles(lines: Sequence[str], min_length: int = MIN_LENGTH) -> np.ndarray:
+    """Per line, ``1 +`` the index of the user whose data it is under breaching's article split, else 0.
+
+    As ``_split_wikipedia_into_articles``: a line with ``" = "`` and no ``" ; "`` (a table header)
+    is a heading, never data, and counts as the next article if it has exactly two ``=`` and is
+    shorter than ``MAX_HEADING``; other lines shorter than ``min_length`` are dropped; every other
+    line belongs to the article counted last (none before the first heading).
+    """
+    owners = np.zeros(len(lines), dtype=np.int64)
+    article = 0
+    for index, line in enumerate(lines):
+        if " = " in line and " ; " not in line:
+            if line.count("=") == 2 and len(line) < MAX_HEADING:
+                article += 1
+        elif len(line) >= min_length:
+            owners[index] = article
+    return owners
+
+
+def group_blocks(token_lists: Sequence[Sequence[int]], block_size: int, batch: int = MAP_BATCH) -> list[list[int]]:
+    """breaching's ``group_texts`` over consecutive batches of ``batch`` tokenized lines.
+
+    Each batch is concatenated and cut into blocks of ``block_size``, its remainder dropped; a
+    batch with fewer than ``block_size`` tokens is one shorter block.
+    """
+    blocks = []
+    for start in range(0, len(token_lists), batch):
+        tokens = list(chain(*token_lists[start : start + batch]))
+        total = len(tokens) // block_size * block_size if len(tokens) >= block_size else len(tokens)
+        blocks += [tokens[i : i + block_size] for i in range(0, total, block_size)]
+    return blocks
+
+
+def user_blocks(lines: Sequence[str], owners: np.ndarray, user_idx: int, tokenizer: TextTokenizer,
+                block_size: int, size: Optional[int] = None) -> np.ndarray:
+    """User ``user_idx``'s first ``size`` token blocks ``[N, block_size]`` (int32)."""
+    mine = [lines[i] for i in np.flatnonzero(owners == user_idx + 1)]
+    if not mine:
+        raise DataError(
+            f"wikitext user {user_idx} does not exist or has no data: the split has {int(owners.max(initial=0))} "
+            f"articles with lines of at least {MIN_LENGTH} characters"
+        )
+    blocks = group_blocks(tokenizer.encode(mine), block_size)
+    if size is not None:
+        blocks = blocks[:size]
+    short = [len(b) for b in blocks if len(b) != block_size]
+    if short:
+        # breaching would hand its model a shorter sequence here (or fail to batch it with full ones).
+        raise DataError(
+            f"wikitext user {user_idx} has a block of {short[0]} tokens, fewer than data.shape[0]={block_size}; "
+            f"choose another user or a shorter data.shape"
+        )
+    return np.asarray(blocks, dtype=np.int32).reshape(len(blocks), block_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The data source
+
+
+def _block_size(cfg_data) -> int:
+    shape = tuple(cfg_data.get("shape") or ())
+    if len(shape) != 1 or not isinstance(shape[0], int) or shape[0] < 1:
+        raise DataError(f"data.shape must be [sequence_length] for wikitext, got {list(shape)}")
+    return int(shape[0])
 
 
 def wikitext(cfg_data, split: str):
-    """breaching's wikitext split; raises ``DataError`` saying what is missing (see the module docstring)."""
-    del split
+    """breaching's wikitext ``split``: ``Examples`` whose users (``given``) are the articles (module docstring)."""
+    from fedjax_users.data.sources import Examples  # sources dispatches here: imported when called
+
+    task = cfg_data.get("task")
+    if task not in TASKS:
+        raise DataError(f"data wikitext supports data.task {' or '.join(TASKS)}, got {task!r}")
+    block_size = _block_size(cfg_data)
     path = os.path.expanduser(str(cfg_data.get("path") or "~/data"))
-    tokenizer = str(cfg_data.get("tokenizer"))
-    missing_packages = [p for p in PACKAGES if importlib.util.find_spec(p) is None]
-    entries = _cache_entries(path, tokenizer)
-    missing = [f"{what} ({where})" for what, where in entries.items() if not os.path.isdir(where)]
-    offline = "data=random_tokens runs this case offline"
-    if missing_packages or missing:
-        needs = [f"the {' and '.join(missing_packages)} package{'s' if len(missing_packages) > 1 else ''}"] \
-            if missing_packages else []
-        raise DataError(
-            f"data wikitext (tokenizer {tokenizer}) reads a local HuggingFace cache at data.path={path} and "
-            f"nothing is downloaded; missing: {', '.join(needs + missing)}; {offline}"
-        )
-    raise DataError(
-        f"data wikitext: the cache at {path} is there, but reading a cached corpus is not implemented "
-        f"yet; {offline}"
-    )
+    problems, corpus, tokenizer = [], None, None
+    # Both are looked for before either is read, so one line says everything that is missing.
+    try:
+        corpus = find_corpus(path, split)
+    except DataError as err:
+        problems.append(str(err))
+    try:
+        tokenizer = load_tokenizer(cfg_data.get("tokenizer"), cfg_data.get("vocab_size"), path)
+    except DataError as err:
+        problems.append(str(err))
+    if problems:
+        raise DataError(f"data wikitext (tokenizer {cfg_data.get('tokenizer')}): {'; '.join(problems)}; {OFFLINE}")
+    collate = None
+    if task == "masked-lm":
+        collate = collate_fn(masked_lm(cfg_data, tokenizer.mask_token_id, tokenizer.num_tokens,
+                                     tokenizer.special_ids, tokenizer.pad_token_id))
+    lines = corpus_lines(corpus, split)
+    owners = line_articles(lines)
+    size = cfg_data.get("size")
+
+    @functools.lru_cache(maxsize=None)
+    def given(user_idx: int) -> Examples:
+        blocks = user_blocks(lines, owners, user_idx, tokenizer, block_size, size)
+        return Examples(stored=blocks, labels=blocks.copy(), num_classes=tokenizer.vocab_size, collate=collate)
+
+    empty = np.zeros((0, block_size), np.int32)
+    return Examples(stored=empty, labels=empty, num_classes=tokenizer.vocab_size, given=given, collate=collate)
