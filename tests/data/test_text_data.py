@@ -369,3 +369,29 @@ def test_masked_lm_needs_a_mask_token(corpus):
     with pytest.raises(DataError) as raised:
         load_examples(causal_cfg(corpus, "data.task=masked-lm").data)
     assert "no mask token" in _one_line(raised)
+
+
+def test_word_level_tokenizer_is_read_from_breachings_cached_file(corpus, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(corpus["lines"]["train"], trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    vocab = tokenizer.get_vocab_size()
+    (tmp_path / "cache").mkdir()
+    tokenizer.save(str(tmp_path / "cache" / f"word-tokenizer_{vocab}.json"))
+    ours = hf_tokenizer.load_tokenizer("word-level", vocab, str(tmp_path))
+    theirs = reference()._get_tokenizer("word-level", vocab, cache_dir=str(tmp_path))
+    lines = corpus["lines"]["valid"]
+    assert ours.encode(lines) == theirs(lines)["input_ids"] and ours.num_tokens == len(theirs) == vocab + 1
+    with pytest.raises(DataError, match="generating it from the corpus is not done here"):
+        hf_tokenizer.load_tokenizer("word-level", vocab + 1, str(tmp_path))
+    with pytest.raises(DataError, match="CanineTokenizer"):
+        hf_tokenizer.load_tokenizer("character", None, str(tmp_path))
+
+
+def test_a_user_shorter_than_one_block_is_refused(corpus):
+    # Article 0's lines hold fewer tokens than this block: breaching would hand its model one short sequence.
+    examples = load_examples(causal_cfg(corpus, "data.shape=[2000]").data)
+    with pytest.raises(DataError, match="fewer than data.shape"):
+        examples.given(0)
