@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from flax.errors import InvalidRngError
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,6 +91,21 @@ def output_shape(model, shape: tuple[int, ...], dtype) -> Any:
     """The shape of ``model.apply`` (eval mode) for inputs of ``shape``, from its variables' shapes."""
     variables = variable_shapes(model, shape, dtype)
     return jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, jax.ShapeDtypeStruct(shape, dtype))
+
+
+@cached_by_model
+def draws_in_train_mode(model, shape: tuple[int, ...], dtype) -> bool:
+    """Whether ``model`` in train mode asks for an RNG stream (dropout, stochastic depth) for inputs of ``shape``."""
+    variables = variable_shapes(model, shape, dtype)
+
+    def train_forward(v, x):
+        return model.apply(v, x, train=True, mutable=["batch_stats"])
+
+    try:
+        jax.eval_shape(train_forward, variables, jax.ShapeDtypeStruct(shape, dtype))
+    except InvalidRngError:
+        return True
+    return False
 
 
 def _first_line(err: BaseException) -> str:
@@ -389,6 +405,14 @@ def check_payload(model, payload: ServerPayload, example_shape: tuple[int, ...],
                 f"make it {wanted}; the payload's parameters were made for inputs of another shape{hint}"
             )
         raise InputError(f"payload does not fit the model: {message}{hint}")
+    if payload.batch_stats is None and draws_in_train_mode(model, shape, dtype):
+        # breaching's user draws these masks from torch's generator, which no JAX draw reproduces, and
+        # the users here take no key for them: refuse rather than fail inside Flax mid-trace.
+        raise ConfigError(
+            f"{function}: the model draws random masks in train mode (dropout or stochastic depth), which "
+            "this user does not draw; send the server's buffers (payload.batch_stats, eval mode, as "
+            "breaching's default server does) or use a model without dropout"
+        )
 
 
 def _check_state(model, state: PyTree, example_shape, dtype, name: str, lead: tuple[int, ...] = ()) -> None:

@@ -596,6 +596,40 @@ def test_local_update_needs_multi_step_keys():
         fu.local_update(model, server_payload(model, x), fu.UserData(inputs=x, labels=y), SINGLE, jax.random.key(0))
 
 
+class TinyDropoutNet(nn.Module):
+    """A Dense layer behind torch-style dropout: random in train mode, the identity in eval mode."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, mask=None, momentum=0.1):
+        from fedjax_users.models.stochastic import Dropout
+
+        return nn.Dense(3, name="fc")(Dropout(0.5)(x.reshape((x.shape[0], -1)), train))
+
+
+@pytest.mark.parametrize("fn, cfg", [(fu.local_gradient, SINGLE), (fu.local_update, MULTI)], ids=["single", "multi"])
+def test_train_mode_dropout_is_refused_before_computing(fn, cfg):
+    """Without server buffers the user runs in train mode, where a dropout model would need masks it never draws."""
+    model = TinyDropoutNet()
+    x, y = make_data(cfg.num_data_points)
+    loss, calls = counting_loss()
+    with pytest.raises(fu.ConfigError, match="dropout"):
+        fn(model, server_payload(model, x), fu.UserData(inputs=x, labels=y), cfg, jax.random.key(0), loss=loss)
+    assert calls == []
+    # With the server's (empty) buffers the user runs in eval mode, where dropout is the identity.
+    sent = fu.ServerPayload(params=server_payload(model, x).params, batch_stats={})
+    shared, _, _ = fn(model, sent, fu.UserData(inputs=x, labels=y), cfg, jax.random.key(0))
+    assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(shared.gradients))
+
+
+def test_aggregate_refuses_train_mode_dropout():
+    model = TinyDropoutNet()
+    cfg = fu.UserConfig.from_yaml(os.path.join(CONFIGS, "multiuser_aggregate.yaml"))
+    x, y = make_data(cfg.num_data_points)
+    users = fu.UserData(inputs=np.stack([x, x]), labels=np.stack([y, y]))
+    with pytest.raises(fu.ConfigError, match="dropout"):
+        fu.aggregate(model, server_payload(model, x), users, cfg.replace(user_range=(0, 2)), jax.random.key(0))
+
+
 # ----------------------------------------------------------------------------------------------
 # jit
 
