@@ -31,7 +31,7 @@ run: venv
 
 # The zoo's name-by-name checks of deep models (`heavy`) take far longer than the rest of the suite on a CPU: `make test-heavy`.
 test: venv-test
-	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(BIN)/python -m pytest tests -m "not heavy"
+	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(BIN)/python -m pytest tests -m "not heavy" --durations=30
 	$(BIN)/python -m parity --quick --json results/parity_quick.json
 
 test-heavy: venv-test
