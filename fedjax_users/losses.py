@@ -31,9 +31,21 @@ def causal_lm_loss(logits: Array, labels: Array) -> Array:
     return jnp.mean(per_token, axis=-1)
 
 
+# torch's CrossEntropyLoss skips targets of this value (breaching's MLM data labels unmasked tokens so).
+IGNORE_INDEX = -100
+
+
 def masked_lm_loss(logits: Array, labels: Array) -> Array:
-    """Token cross-entropy of ``logits [B, T, V]`` vs ``labels [B, T]``, averaged per sequence (breaching's MLMLoss)."""
+    """Token cross-entropy of ``logits [B, T, V]`` vs ``labels [B, T]`` (breaching's MLMLoss), labels ``-100`` ignored.
+
+    torch's ``CrossEntropyLoss`` (``ignore_index=-100``) averages over the batch's counted tokens,
+    so each sequence's value is its summed token losses over that count, times ``B``: the mean of
+    these over the batch is torch's loss, whatever each sequence's share of counted tokens. With no
+    counted token torch's loss is NaN, and so is this.
+    """
     chex.assert_rank(logits, 3)
     chex.assert_shape(labels, logits.shape[:2])
-    # Every sequence has T targets, so the mean of these means is torch's mean over all tokens.
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), axis=-1)
+    counted = labels != IGNORE_INDEX
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(counted, labels, 0))
+    summed = jnp.sum(jnp.where(counted, per_token, 0.0), axis=-1)
+    return summed * (labels.shape[0] / jnp.sum(counted).astype(summed.dtype))

@@ -204,6 +204,16 @@ def text_model(name: str, vocab_size: int):
     return zero_state_rnn_class()(model) if name == "LSTM" else model
 
 
+def hf_text_model(name: str, vocab_size: int, task: str, pretrained: bool = False):
+    """A Hugging Face text model as breaching's ``_construct_text_model`` builds it (its ``HuggingFaceContainer``).
+
+    ``transformers`` reads the config (and, ``pretrained``, the weights) from the local hub cache
+    (``HF_HUB_CACHE``; set ``HF_HUB_OFFLINE=1`` so that nothing is fetched).
+    """
+    cfg_data = types.SimpleNamespace(vocab_size=vocab_size, task=task)
+    return models_module()._construct_text_model(name, cfg_data, pretrained=pretrained)
+
+
 @functools.lru_cache(maxsize=None)
 def zero_state_rnn_class():
     """The wrapper class below, defined on first use (this module imports torch only when used)."""

@@ -73,3 +73,22 @@ def test_losses_reject_mismatched_labels():
         losses.softmax_cross_entropy(jnp.zeros((B, C)), jnp.zeros((B + 1,), jnp.int32))
     with pytest.raises(AssertionError):
         losses.causal_lm_loss(jnp.zeros((B, T, V)), jnp.zeros((B, T - 1), jnp.int32))
+
+
+def test_masked_lm_loss_ignores_label_minus_100_as_breachings_mlm_loss():
+    """breaching's MLMLoss is CrossEntropyLoss(ignore_index=-100): the mean over the batch's counted tokens."""
+    mlm = reference.losses_module().MLMLoss(vocab_size=V)
+    logits, labels = _data(3, (B, T, V), V)
+    rng = np.random.default_rng(4)
+    labels = np.where(rng.random((B, T)) < 0.6, -100, labels)
+    labels[0, :] = -100  # a sequence with no counted token
+    labels[1, 0] = 3  # and one with at least one
+    per_example = losses.masked_lm_loss(jnp.asarray(logits), jnp.asarray(labels))
+    assert per_example.shape == (B,) and per_example[0] == 0.0
+    expected = mlm(torch.tensor(logits), torch.tensor(labels)).item()
+    np.testing.assert_allclose(float(jnp.mean(per_example)), expected, rtol=1e-6)
+    grads = jax.grad(lambda x: jnp.mean(losses.masked_lm_loss(x, jnp.asarray(labels))))(jnp.asarray(logits))
+    torch_logits = torch.tensor(logits, requires_grad=True)
+    mlm(torch_logits, torch.tensor(labels)).backward()
+    np.testing.assert_allclose(grads, torch_logits.grad.numpy(), rtol=1e-5, atol=1e-8)
+    assert np.isnan(float(jnp.mean(losses.masked_lm_loss(jnp.asarray(logits), jnp.full((B, T), -100)))))

@@ -42,18 +42,21 @@ def get(
     modality: str = "vision",
     dtype: Optional[Dtype] = None,
     param_dtype: Optional[Dtype] = None,
+    task: Optional[str] = None,
 ) -> nn.Module:
     """The Flax module breaching builds for ``name``, matched case-insensitively like breaching.
 
     ``dtype`` / ``param_dtype`` go to every layer (computation and parameter dtype); ``None``
     keeps the layers' defaults. Under ``jax_enable_x64``, ``param_dtype=jnp.float64`` gives a
-    model whose parameters, statistics and gradients are all float64.
+    model whose parameters, statistics and gradients are all float64. A text name breaching does
+    not build itself is a Hugging Face model (``fedjax_users.models.huggingface``), whose class
+    depends on the data's ``task``.
     """
     table = _REGISTRY.get(modality, {})
     # breaching's text names are exact: any other text name goes to Hugging Face there.
     matches = [key for key in table if key == name or (modality != "text" and key.lower() == name.lower())]
     if not matches and modality == "text":
-        raise huggingface.unavailable(name, names(modality))
+        return huggingface.build(name, num_classes, task, dtype, param_dtype, known=names(modality))
     if not matches:
         raise ValueError(
             f"unknown {modality} model {name!r}; known {modality} models: {names(modality)}"
@@ -70,8 +73,9 @@ def for_data(
     modality: str = "vision",
     dtype: Optional[Dtype] = None,
     param_dtype: Optional[Dtype] = None,
+    task: Optional[str] = None,
 ) -> nn.Module:
-    """The model breaching's ``construct_model`` builds for ``name`` on the dataset ``data_name``.
+    """The model breaching's ``construct_model`` builds for ``name`` on the dataset ``data_name`` (and ``task``).
 
     As ``model_preparation.py``: vision data whose name contains ``ImageNet`` takes the ImageNet
     table (torchvision's models and breaching's ImageNet-only ones); other vision data the CIFAR
@@ -79,7 +83,7 @@ def for_data(
     """
     if modality == "vision" and "ImageNet" in data_name:
         modality = "imagenet"
-    return get(name, num_classes, num_channels, modality, dtype, param_dtype)
+    return get(name, num_classes, num_channels, modality, dtype, param_dtype, task)
 
 
 register("vision", vision.MODELS)
