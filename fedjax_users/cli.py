@@ -238,7 +238,9 @@ def privacy_report(args) -> int:
 
 def _server_line(cfg_case, case) -> str:
     server = cfg_case.get("server") or {}
-    weights = f"pretrained from {server.get('weights')}" if case.pretrained else "not pretrained"
+    # Hugging Face text models read their weights from the hub cache, not from server.weights.
+    source = server.get("weights") or "the Hugging Face hub cache"
+    weights = f"pretrained from {source}" if case.pretrained else "not pretrained"
     buffers = "buffers sent" if case.payload.batch_stats is not None else "no buffers sent"
     queries = len(case.queries)
     return (f"server      {server.get('name', 'honest_but_curious')}, model_state "

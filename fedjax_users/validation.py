@@ -38,7 +38,9 @@ Array = jax.Array
 PyTree = Any
 
 # The package's losses take integer class indices of the logits' shape without the class axis.
-INTEGER_LABEL_LOSSES = (losses.softmax_cross_entropy, losses.causal_lm_loss)
+INTEGER_LABEL_LOSSES = (losses.softmax_cross_entropy, losses.causal_lm_loss, losses.masked_lm_loss)
+# Losses for which a label of ``losses.IGNORE_INDEX`` means "no loss here" (torch's ignore_index).
+IGNORING_LOSSES = (losses.masked_lm_loss,)
 # What a function expects, by input kind: float inputs are NHWC images, integer ones token ids.
 LAYOUTS = {
     "local_gradient": {"float": "[examples, H, W, C]", "int": "[examples, T]", "labels": "[examples]"},
@@ -299,14 +301,21 @@ def _first_outside(values: np.ndarray, low: int, high: int) -> Optional[tuple]:
     return tuple(int(i) for i in np.argwhere((values < low) | (values >= high))[0])
 
 
-def _check_label_values(model, example_shape, dtype, inputs, labels, name: str, lead: int) -> None:
-    """Integer labels (and a language model's token ids) must index the model's outputs."""
+def _check_label_values(model, example_shape, dtype, inputs, labels, name: str, lead: int, loss=None) -> None:
+    """Integer labels (and a language model's token ids) must index the model's outputs.
+
+    A loss of ``IGNORING_LOSSES`` also takes ``losses.IGNORE_INDEX`` (no loss at that label).
+    """
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         return
     classes = _class_bounds(model, example_shape, dtype, tuple(np.shape(labels))[lead:])
     if classes is None:
         return
-    _check_indices(labels, classes, f"{name}.labels", f"class indices in [0, {classes}) for a model with {classes} outputs")
+    expected = f"class indices in [0, {classes}) for a model with {classes} outputs"
+    if loss in IGNORING_LOSSES:
+        labels = np.where(np.asarray(labels) == losses.IGNORE_INDEX, 0, np.asarray(labels))
+        expected += f", or {losses.IGNORE_INDEX} (ignored)"
+    _check_indices(labels, classes, f"{name}.labels", expected)
     # Per-token logits of a language model: the token ids index the same vocabulary.
     if jnp.issubdtype(inputs.dtype, jnp.integer) and tuple(np.shape(labels)) == tuple(np.shape(inputs)):
         _check_indices(inputs, classes, f"{name}.inputs (token ids)", f"in [0, {classes}), the model's vocabulary")
@@ -583,7 +592,7 @@ def validate_user(model, payload, data, cfg, key, user_state, loss, function: st
     _check_label_shape(model, example_shape, dtype, labels, loss, "data", lead=1)
     used = (inputs[: cfg.num_data_points], labels[: cfg.num_data_points])
     if is_concrete(*used):
-        _check_label_values(model, example_shape, dtype, *used, "data", lead=1)
+        _check_label_values(model, example_shape, dtype, *used, "data", lead=1, loss=loss)
     if check_finite is not False and _on_host(used[0], payload, user_state):
         check_finite_inputs({"data.inputs": used[0], "payload": payload, "user_state": user_state})
     return data
@@ -621,7 +630,7 @@ def validate_users(model, payload, users_data, cfg, key, users_state, loss, chec
     _check_label_shape(model, example_shape, dtype, labels, loss, "users_data", lead=2)
     used = (inputs[:, : cfg.num_data_points], labels[:, : cfg.num_data_points])
     if is_concrete(*used):
-        _check_label_values(model, example_shape, dtype, *used, "users_data", lead=2)
+        _check_label_values(model, example_shape, dtype, *used, "users_data", lead=2, loss=loss)
     if check_finite is not False and _on_host(used[0], payload, users_state):
         check_finite_inputs({"users_data.inputs": used[0], "payload": payload, "users_state": users_state})
     return users_data

@@ -10,7 +10,8 @@ query (``server.num_queries``):
 * ``impl.shuffle`` (``impl.sample_with_replacement``): each query a user takes its first
   ``num_data_points`` of its examples in a fresh random order (drawn with replacement), as
   breaching's ``RandomSampler``; otherwise the same first examples every query.
-* ``server.*``: see fedjax_users.data.server (pretrained weights, ``model_state``); with
+* ``server.*``: see fedjax_users.data.server (pretrained weights, ``model_state``; breaching's
+  Hugging Face text models read theirs from the hub cache, fedjax_users.models.huggingface); with
   ``server.provide_public_buffers`` the payload carries the model's BatchNorm statistics (users
   run in eval mode), else ``None`` (users train their own, carried from query to query from the
   statistics of the model as built, as breaching's users keep their own copy of it).
@@ -38,6 +39,7 @@ from fedjax_users.data.errors import CaseConfigError, DataError
 from fedjax_users.data.keys import check_keys, not_applicable, num_queries
 from fedjax_users.data.partition import PARTITIONS, partition_indices
 from fedjax_users.data.sources import SPLITS, Examples, load_examples, normalize
+from fedjax_users.models import huggingface
 from fedjax_users.types import ServerPayload, UserData
 
 __all__ = ["CONFIG_ROOT", "DEFAULT_CASE", "Query", "UsersCase", "construct_users", "load_case", "user_example_indices"]
@@ -46,7 +48,9 @@ GROUPS = ("data", "user")
 LOSSES: dict[str, Callable] = {
     "classification": losses.softmax_cross_entropy,
     "causal-lm": losses.causal_lm_loss,
+    "masked-lm": losses.masked_lm_loss,
 }
+TEXT_TASKS = ("causal-lm", "masked-lm")
 DTYPES = {"float": np.float32, "float32": np.float32, "double": np.float64, "float64": np.float64}
 
 
@@ -219,7 +223,7 @@ def _build_model(cfg_case: DictConfig, cfg_data: DictConfig, examples: Examples,
     try:
         return models.for_data(
             name, str(cfg_data.get("like") or cfg_data.name), num_classes=examples.num_classes,
-            num_channels=channels, modality=modality, **_layer_dtypes(dtype),
+            num_channels=channels, modality=modality, task=cfg_data.get("task"), **_layer_dtypes(dtype),
         )
     except ValueError as err:
         raise DataError(str(err)) from None
@@ -229,6 +233,8 @@ def _loss(cfg_data: DictConfig) -> Callable:
     task = cfg_data.get("task")
     if task not in LOSSES:
         raise DataError(f"unknown data.task {task!r}; known tasks: {', '.join(LOSSES)}")
+    if task in TEXT_TASKS and cfg_data.get("modality") != "text":
+        raise DataError(f"data.task {task!r} is a text task; dataset {cfg_data.get('name')!r} is not text")
     return LOSSES[task]
 
 
@@ -295,15 +301,19 @@ def construct_users(cfg_case: DictConfig, key: Optional[jax.Array] = None) -> Us
     _check_dtype(dtype)
     user_cfg = UserConfig.from_dict(OmegaConf.to_container(user_block, resolve=True))
     model_name = str(_require(cfg_case, "model", "the case"))
-    pretrained = bool(cfg_server.get("pretrained", False)) and case_server.reads_pretrained(
+    # breaching's Hugging Face text models read ``pretrained`` too: their weights come from the hub cache.
+    hugging_face = cfg_data.get("modality") == "text" and model_name not in models.names("text")
+    pretrained = bool(cfg_server.get("pretrained", False)) and (hugging_face or case_server.reads_pretrained(
         model_name, str(cfg_data.get("like") or cfg_data.name), str(cfg_data.get("modality"))
-    )
-    if pretrained:
+    ))
+    if pretrained and not hugging_face:
         case_server.weights_path(cfg_server, model_name)  # before reading any data
     # The data first: an offline text case says what is missing before what else it lacks.
     examples = load_examples(cfg_data)
     loss = _loss(cfg_data)
     _check_classes(cfg_data, examples)
+    if pretrained and hugging_face:
+        huggingface.weights_file(model_name)  # before building the model
     model = _build_model(cfg_case, cfg_data, examples, dtype)
     user_ids = _user_indices(user_cfg, cfg_data, choice_key)
     datas = [
@@ -319,7 +329,9 @@ def construct_users(cfg_case: DictConfig, key: Optional[jax.Array] = None) -> Us
         return init_jit(k, one_input)
 
     built = dict(init(init_key))
-    if pretrained:
+    if pretrained and hugging_face:
+        built = huggingface.pretrained_variables(model_name, built)
+    elif pretrained:
         built = case_server.pretrained_variables(cfg_server, built, examples.num_classes, str(cfg_case.model))
     state = cfg_server.get("model_state", "default")
     sends_buffers = bool(cfg_server.get("provide_public_buffers", True))

@@ -86,10 +86,14 @@ def test_causal_text_case_runs_on_random_tokens(tmp_path, capsys):
     assert config["data"]["vocab_size"] == 50257 and config["data"]["task"] == "causal-lm"
 
 
-def test_bert_case_on_random_tokens_names_what_is_missing(tmp_path, capsys):
+def test_bert_case_on_random_tokens_names_what_is_missing(tmp_path, capsys, monkeypatch):
+    """breaching's server is pretrained by default: bert-base-uncased's weights, which nothing downloads here."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.delenv("HF_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     code = cli.main(["run", breaching_case("9_bert_training"), "data=random_tokens", "--out", str(tmp_path / "u")])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "masked-lm" in err
+    assert code == 2 and err.count("\n") == 1 and "'bert-base-uncased'" in err and "server.pretrained=False" in err
 
 
 def test_synthetic_data_takes_the_case_data_shape_and_model_table():

@@ -298,19 +298,72 @@ def test_dropout_draws_from_the_dropout_stream_in_train_mode_only(hub):
     np.testing.assert_array_equal(sanity.apply(variables, tokens, train=True), sanity.apply(variables, tokens))
 
 
-def test_cli_runs_breachings_bert_training_case_on_random_tokens(hub, tmp_path, capsys):
-    """breaching's 9_bert_training case (bert-base-uncased, masked-lm), shrunk: the tiny cached BERT, short sequences."""
-    from fedjax_users import cli, io
-    from fedjax_users.data import cases
+def _run_bert_training(tmp_path, *overrides: str) -> tuple[int, str]:
+    """``fedjax-users run`` of breaching's 9_bert_training case (bert-base-uncased, masked-lm), shrunk."""
+    from fedjax_users import cli
 
-    if "masked-lm" not in cases.LOSSES:
-        pytest.skip("the masked-lm data side (data.task=masked-lm in fedjax_users.data.cases) is not there yet")
-    out = tmp_path / "bert.msgpack"
     case = f"{reference.config_dir()}/case/9_bert_training.yaml"
-    code = cli.main(["run", case, "data=random_tokens", f"data.vocab_size={VOCAB}", "data.shape=[8]", "data.size=16",
-                     "user.num_data_points=2", "--out", str(out), "--no-progress"])
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    code = cli.main(["run", case, "data=random_tokens", f"data.vocab_size={VOCAB}", "data.shape=[8]", "data.size=40",
+                     "user.num_data_points=2", *overrides, "--out", str(tmp_path / "bert.msgpack"), "--no-progress"])
+    return code, str(tmp_path / "bert.msgpack")
+
+
+@pytest.mark.slow
+def test_cli_runs_breachings_bert_training_case_on_random_tokens(hub, tmp_path, capsys):
+    from fedjax_users import io
+
+    code, out = _run_bert_training(tmp_path)
     assert code == 0, capsys.readouterr().err
+    assert "pretrained from the Hugging Face hub cache" in capsys.readouterr().out
     shared, config = io.load_shared(out)
     assert config["model"] == "bert-base-uncased" and config["data"]["task"] == "masked-lm"
-    word_grad = shared.gradients["bert"]["embeddings"]["word_embeddings"]["embedding"]
+    word_grad = np.asarray(shared.gradients["bert"]["embeddings"]["word_embeddings"]["embedding"])
     assert word_grad.shape == (VOCAB, 32) and np.all(np.isfinite(word_grad)) and np.any(word_grad != 0)
+
+
+@pytest.mark.slow
+def test_cli_pretrained_reads_the_cached_weights_or_says_where_it_looked(hub, tmp_path, capsys):
+    from fedjax_users import io
+
+    # breaching's honest server is pretrained by default: from_pretrained, here the cached snapshot.
+    fresh_code, fresh_out = _run_bert_training(tmp_path / "fresh", "server.pretrained=False")
+    code, out = _run_bert_training(tmp_path)
+    assert (fresh_code, code) == (0, 0), capsys.readouterr().err
+    fresh, _ = io.load_shared(fresh_out)
+    loaded, _ = io.load_shared(out)
+    key = ("bert", "embeddings", "word_embeddings", "embedding")
+    assert not np.allclose(_leaf(fresh.gradients, key), _leaf(loaded.gradients, key))
+    (hub / "models--bert-base-uncased" / "snapshots" / REVISION / "model.safetensors").unlink()
+    capsys.readouterr()
+    code, _ = _run_bert_training(tmp_path / "missing")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "model.safetensors" in err and REVISION in err
+    assert "server.pretrained=False" in err
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = tree[key]
+    return np.asarray(tree)
+
+
+def test_users_take_ignored_masked_lm_labels_and_refuse_other_out_of_range_ones(hub):
+    import fedjax_users as fu
+    from fedjax_users.types import ServerPayload, UserData
+
+    model = models.get("bert-sanity-check", num_classes=VOCAB, modality="text", task="masked-lm")
+    tokens = jnp.asarray(_tokens())
+    variables = model.init(jax.random.key(0), tokens)
+    payload = ServerPayload(params=variables["params"], batch_stats=variables["batch_stats"])
+    cfg = fu.UserConfig(user_type="local_gradient", num_data_points=B)
+    labels = jnp.asarray(_labels("masked-lm", np.asarray(tokens)))
+    shared, _, _ = fu.local_gradient(model, payload, UserData(tokens, labels), cfg, jax.random.key(1),
+                                     loss=losses.masked_lm_loss)
+    expected = jax.grad(lambda p: jnp.mean(losses.masked_lm_loss(
+        model.apply({**variables, "params": p}, tokens), labels)))(variables["params"])
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), shared.gradients,
+                           expected)
+    with pytest.raises(ValueError, match=r"or -100 \(ignored\); data.labels\[0, 0\] is 100"):
+        fu.local_gradient(model, payload, UserData(tokens, labels.at[0, 0].set(VOCAB)), cfg, jax.random.key(1),
+                          loss=losses.masked_lm_loss)
