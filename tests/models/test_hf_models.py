@@ -367,3 +367,26 @@ def test_users_take_ignored_masked_lm_labels_and_refuse_other_out_of_range_ones(
     with pytest.raises(ValueError, match=r"or -100 \(ignored\); data.labels\[0, 0\] is 100"):
         fu.local_gradient(model, payload, UserData(tokens, labels.at[0, 0].set(VOCAB)), cfg, jax.random.key(1),
                           loss=losses.masked_lm_loss)
+
+
+def test_pretrained_reads_old_names_and_a_base_models_keys(hub):
+    """TF-era ``LayerNorm.gamma`` / ``beta`` and a bare ``BertModel`` file (no ``bert.`` prefix), as HF renames them."""
+    snapshot = hub / "models--bert-base-uncased" / "snapshots" / REVISION
+    (snapshot / "model.safetensors").unlink()
+    state = _torch_hf_model("bert-base-uncased").state_dict()
+    legacy = {}
+    for key, tensor in state.items():
+        if key.startswith("bert."):
+            key = key[len("bert."):].replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+            legacy[key] = tensor
+    torch.save(legacy, snapshot / "pytorch_model.bin")
+    model = models.get("bert-base-uncased", num_classes=VOCAB, modality="text", task="masked-lm")
+    fresh = model.init(jax.random.key(3), jnp.asarray(_tokens()))
+    loaded = huggingface.pretrained_variables("bert-base-uncased", fresh)
+    layer_norm = loaded["params"]["bert"]["encoder"]["layer"]["1"]["output"]["LayerNorm"]
+    np.testing.assert_array_equal(layer_norm["scale"], state["bert.encoder.layer.1.output.LayerNorm.weight"].numpy())
+    np.testing.assert_array_equal(layer_norm["bias"], state["bert.encoder.layer.1.output.LayerNorm.bias"].numpy())
+    np.testing.assert_array_equal(loaded["params"]["bert"]["embeddings"]["word_embeddings"]["embedding"],
+                                  state["bert.embeddings.word_embeddings.weight"].numpy())
+    # The file has no masked-LM head: it keeps its fresh initialisation, as from_pretrained leaves it.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded["params"]["cls"], fresh["params"]["cls"])
