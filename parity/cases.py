@@ -12,6 +12,9 @@ TEXT_MODELS = ("linear-text", "transformer3")
 # buffer, their sinusoidal table, so for them "buffers sent" is a case of its own).
 TEXT_ZOO_MODELS = ("transformer1", "transformerS", "transformer3f", "transformer3t", "LSTM")
 FIXED_POSITION_MODELS = ("transformer1", "transformerS", "transformer3f")
+# breaching's Hugging Face text models with their data task: the dropout-free aliases (train-mode
+# users draw no masks), tiny configs from a generated hub cache (parity.reference.use_tiny_hf_cache).
+HF_TEXT_MODELS = {"bert-sanity-check": "masked-lm", "gpt2S": "causal-lm"}
 USERS = ("local_gradient", "local_update", "aggregate")
 DEFENCES = ("none", "clip", "input_noise", "gradient_noise")
 
@@ -66,7 +69,12 @@ class Case:
     @property
     def is_text(self) -> bool:
         """Text models get token users and the causal-LM loss."""
-        return self.model in TEXT_MODELS or self.model in TEXT_ZOO_MODELS
+        return self.model in TEXT_MODELS or self.model in TEXT_ZOO_MODELS or self.model in HF_TEXT_MODELS
+
+    @property
+    def task(self) -> str:
+        """breaching's ``data.task``: what picks a Hugging Face model's class and the loss."""
+        return HF_TEXT_MODELS.get(self.model, "causal-lm" if self.is_text else "classification")
 
     @property
     def name(self) -> str:
@@ -158,6 +166,12 @@ def _text(precision="float32") -> list[Case]:
             for model in TEXT_MODELS for user in USERS for defence in ("none", "clip", "gradient_noise")]
 
 
+def _hf_text(precision="float32") -> list[Case]:
+    """The Hugging Face models: the three users, no defence and clipping, server buffers not sent (train mode)."""
+    return [Case(model, user, False, defence, precision=precision)
+            for model in HF_TEXT_MODELS for user in USERS for defence in ("none", "clip")]
+
+
 def _text_zoo(precision="float32") -> list[Case]:
     return [Case(model, user, buffers, defence, precision=precision)
             for model in TEXT_ZOO_MODELS for user in USERS for defence in ("none", "clip")
@@ -235,6 +249,7 @@ def all_cases(quick: bool = False, precision: Optional[str] = None) -> list[Case
         ] + _text_zoo("float64") + _chunked(precision="float64")
         f32, f64 = f32 + _vision_zoo(), f64 + _vision_zoo("float64")
         f32, f64 = f32 + _resnet_zoo(), f64 + _resnet_zoo("float64")
+        f32, f64 = f32 + _hf_text(), f64 + _hf_text("float64")
     if precision == "float32":
         return f32
     if precision == "float64":

@@ -23,7 +23,7 @@ from fedjax_users import interop, models
 from fedjax_users.interop import breaching as parity_check
 from fedjax_users.models.text import get_text_model
 from parity import reference
-from parity.cases import Case
+from parity.cases import HF_TEXT_MODELS, Case
 
 # The scale of the noise a noise case adds (gradient or input noise).
 NOISE_SCALE = 0.05
@@ -47,8 +47,14 @@ def _torch_dtype(case: Case):
 
 def build_models(case: Case):
     """The reference torch model and the Flax model, holding the same weights."""
+    if case.model in HF_TEXT_MODELS:
+        reference.use_tiny_hf_cache()
     torch.manual_seed(case.seed)
-    if case.is_text:
+    if case.model in HF_TEXT_MODELS:
+        torch_model = reference.hf_text_model(case.model, case.vocab_size, case.task)
+        flax_model = models.get(case.model, num_classes=case.vocab_size, modality="text", task=case.task)
+        example = jnp.zeros((1, case.seq_len), jnp.int32)
+    elif case.is_text:
         torch_model = reference.text_model(case.model, case.vocab_size)
         flax_model = get_text_model(TEXT_NAMES.get(case.model, case.model), vocab_size=case.vocab_size)
         example = jnp.zeros((1, case.seq_len), jnp.int32)
@@ -105,6 +111,8 @@ def build_data(case: Case, num_users: int = 1):
 
 def torch_loss(case: Case):
     """The loss breaching pairs with the task."""
+    if case.task == "masked-lm":
+        return reference.losses_module().MLMLoss(vocab_size=case.vocab_size)
     if case.is_text:
         return reference.losses_module().CausalLoss()
     return torch.nn.CrossEntropyLoss()

@@ -204,6 +204,68 @@ def text_model(name: str, vocab_size: int):
     return zero_state_rnn_class()(model) if name == "LSTM" else model
 
 
+# Tiny architectures for breaching's two Hugging Face repositories (parity cases and tests).
+TINY_HF_CONFIGS = {
+    "bert-base-uncased": dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=64, max_position_embeddings=16),
+    "gpt2": dict(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=16),
+}
+TINY_HF_REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def tiny_hf_model(repo_id: str, seed: int = 0):
+    """A freshly initialised tiny ``BertForPreTraining`` (bert-base-uncased's class on the hub) or ``GPT2LMHeadModel``."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    if repo_id == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY_HF_CONFIGS["gpt2"]))
+    return transformers.BertForPreTraining(transformers.BertConfig(**TINY_HF_CONFIGS["bert-base-uncased"]))
+
+
+def write_tiny_hf_snapshot(hub: str, repo_id: str, weights: bool = True, safe: bool = True) -> str:
+    """A download's layout in the hub cache ``hub``: ``models--<repo>/snapshots/<rev>/`` and ``refs/main``.
+
+    The snapshot holds the config and (``weights``) ``model.safetensors``, or with ``safe=False``
+    a torch pickle ``pytorch_model.bin`` as older downloads do. Returns the snapshot folder.
+    """
+    import torch
+
+    folder = os.path.join(hub, f"models--{repo_id}")
+    snapshot = os.path.join(folder, "snapshots", TINY_HF_REVISION)
+    model = tiny_hf_model(repo_id)
+    model.config.save_pretrained(snapshot)
+    if weights and safe:
+        model.save_pretrained(snapshot)
+    elif weights:  # transformers 5 saves only safetensors
+        torch.save(model.state_dict(), os.path.join(snapshot, "pytorch_model.bin"))
+    os.makedirs(os.path.join(folder, "refs"), exist_ok=True)
+    with open(os.path.join(folder, "refs", "main"), "w") as handle:
+        handle.write(TINY_HF_REVISION)
+    return snapshot
+
+
+@functools.lru_cache(maxsize=None)
+def use_tiny_hf_cache() -> str:
+    """Point this process's Hugging Face hub cache (offline) at a temporary one holding the tiny models.
+
+    For the parity grid's Hugging Face cases: ``transformers`` (breaching's side) and
+    ``fedjax_users.models.huggingface`` both read it. Returns the cache folder.
+    """
+    import tempfile
+
+    import huggingface_hub.constants
+
+    hub = tempfile.mkdtemp(prefix="fedjax-users-hf-hub-")
+    for repo_id in TINY_HF_CONFIGS:
+        write_tiny_hf_snapshot(hub, repo_id)
+    os.environ["HF_HUB_CACHE"], os.environ["HF_HUB_OFFLINE"] = hub, "1"
+    # huggingface_hub reads both once, at import.
+    huggingface_hub.constants.HF_HUB_CACHE, huggingface_hub.constants.HF_HUB_OFFLINE = hub, True
+    return hub
+
+
 def hf_text_model(name: str, vocab_size: int, task: str, pretrained: bool = False):
     """A Hugging Face text model as breaching's ``_construct_text_model`` builds it (its ``HuggingFaceContainer``).
 

@@ -20,12 +20,9 @@ from fedjax_users import interop, losses, models
 from fedjax_users.models import bert, gpt2, huggingface
 from parity import reference
 
-VOCAB, B, T = 100, 3, 8
+VOCAB, B, T = reference.TINY_HF_CONFIGS["gpt2"]["vocab_size"], 3, 8
 WEIGHT_STD = 0.3
-REVISION = "0123456789abcdef0123456789abcdef01234567"
-TINY_BERT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                 intermediate_size=64, max_position_embeddings=16)
-TINY_GPT2 = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=16)
+REVISION = reference.TINY_HF_REVISION
 # (breaching name, data task, the torch class breaching's auto class gives)
 CASES = [
     ("bert-base-uncased", "masked-lm", "BertForMaskedLM"),
@@ -34,28 +31,12 @@ CASES = [
     ("gpt2", "causal-lm", "GPT2LMHeadModel"),
     ("gpt2S", "causal-lm", "GPT2LMHeadModel"),
 ]
-
-
-def _torch_hf_model(repo_id: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    if repo_id == "gpt2":
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY_GPT2))
-    return transformers.BertForPreTraining(transformers.BertConfig(**TINY_BERT))
+_torch_hf_model = reference.tiny_hf_model
 
 
 def save_to_cache(hub, repo_id: str, weights: bool = True, safe: bool = True) -> str:
-    """A download's layout: ``models--<repo>/snapshots/<rev>/`` (config, weights) and ``refs/main``."""
-    folder = hub / f"models--{repo_id}"
-    snapshot = folder / "snapshots" / REVISION
-    model = _torch_hf_model(repo_id)
-    model.config.save_pretrained(snapshot)
-    if weights and safe:
-        model.save_pretrained(snapshot)
-    elif weights:  # transformers 5 saves only safetensors; older downloads hold a torch pickle
-        torch.save(model.state_dict(), snapshot / "pytorch_model.bin")
-    (folder / "refs").mkdir(parents=True, exist_ok=True)
-    (folder / "refs" / "main").write_text(REVISION)
-    return str(snapshot)
+    """The tiny model's snapshot in the hub cache ``hub`` (see parity.reference.write_tiny_hf_snapshot)."""
+    return reference.write_tiny_hf_snapshot(str(hub), repo_id, weights, safe)
 
 
 @pytest.fixture
