@@ -49,3 +49,8 @@ def masked_lm_loss(logits: Array, labels: Array) -> Array:
     per_token = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(counted, labels, 0))
     summed = jnp.sum(jnp.where(counted, per_token, 0.0), axis=-1)
     return summed * (labels.shape[0] / jnp.sum(counted).astype(summed.dtype))
+
+
+# Losses whose per-example values are scaled by a count over the whole batch (torch's token mean):
+# a masked mean over padded rows does not give their batch loss, so callers must not pad them.
+BATCH_NORMALISED = (masked_lm_loss,)

@@ -22,7 +22,7 @@ import numpy as np
 
 from fedjax_users import privacy, semantics, validation
 from fedjax_users.config import UserConfig
-from fedjax_users.losses import softmax_cross_entropy
+from fedjax_users.losses import BATCH_NORMALISED, softmax_cross_entropy
 from fedjax_users.strategy import Strategy, chunking, clipping, compilation, cpu, patches, sharding
 from fedjax_users.types import Metadata, ServerPayload, SharedData, TrueUserData, UserData
 
@@ -78,12 +78,15 @@ def _multi_step(model, loss_fn, cfg, strategy, params, server_stats, user_stats,
     step too: it costs about the same, and leaves no convolution to slow a loop over chunks.
     """
     with patches.convolutions_as_matmuls() if strategy.per_user_convs else contextlib.nullcontext():
-        if cfg.num_local_updates <= strategy.max_unrolled_steps:
+        index, valid = _step_indices(cfg)
+        # A loss normalised over the whole batch (losses.BATCH_NORMALISED) has no per-row value a
+        # padded short step could mask out, so such steps run exactly, unrolled.
+        exact = valid is not None and loss_fn in BATCH_NORMALISED
+        if cfg.num_local_updates <= strategy.max_unrolled_steps or exact:
             # A Python loop over static slices, each step exactly its examples (no padding or mask).
             # Not ``lax.scan(unroll=True)``: it keeps a one-trip loop and gathers for a single step,
             # which ran 4x slower than this on XLA:CPU.
             return semantics.multi_step_user(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key)
-        index, valid = _step_indices(cfg)
         train = server_stats is None
 
         def step(state, xs):

@@ -371,3 +371,29 @@ def test_pretrained_reads_old_names_and_a_base_models_keys(hub):
                                   state["bert.embeddings.word_embeddings.weight"].numpy())
     # The file has no masked-LM head: it keeps its fresh initialisation, as from_pretrained leaves it.
     jax.tree_util.tree_map(np.testing.assert_array_equal, loaded["params"]["cls"], fresh["params"]["cls"])
+
+
+def test_short_local_steps_of_a_masked_lm_user_are_exact_past_the_unrolled_limit():
+    """masked_lm_loss is normalised over the batch's counted tokens, so a padded short step cannot be masked."""
+    import fedjax_users as fu
+    from fedjax_users.strategy import Strategy
+    from fedjax_users.types import ServerPayload, UserData
+
+    arch = bert.BertArchitecture(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=16, hidden_act="relu",
+                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = bert.BertForMaskedLM(arch)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, 50, (5, T)))
+    labels = jnp.asarray(_labels("masked-lm", np.asarray(tokens)))
+    variables = model.init(jax.random.key(0), tokens)
+    payload = ServerPayload(params=variables["params"], batch_stats=None)
+    # Steps of 3, 2 (short: one padded row) and 3 examples.
+    cfg = fu.UserConfig(user_type="local_update", num_data_points=5, num_local_updates=3,
+                        num_data_per_local_update_step=3, local_learning_rate=0.1)
+    unrolled, scanned = (
+        fu.local_update(model, payload, UserData(tokens, labels), cfg, jax.random.key(1),
+                        user_state=variables["batch_stats"], loss=losses.masked_lm_loss,
+                        strategy=Strategy(max_unrolled_steps=steps))[0].gradients
+        for steps in (8, 0)
+    )
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), unrolled, scanned)
