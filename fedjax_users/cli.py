@@ -81,13 +81,19 @@ def _case_name(cfg_case, case_path: Optional[str], overrides: Sequence[str]) -> 
 
 def _batchnorm_mode(case) -> str:
     """How the users run BatchNorm: with the server's buffers, their own statistics, or not at all."""
+    import jax
+
     from fedjax_users.users import initial_batch_stats
 
     inputs = case.data.inputs
     example = inputs[0] if case.user_cfg.user_type == "multiuser_aggregate" else inputs
-    if not initial_batch_stats(case.model, example[:1]):
+    stats = initial_batch_stats(case.model, example[:1])
+    if not stats:
         return "no BatchNorm"
-    return f"BatchNorm {'eval mode (server buffers)' if case.payload.batch_stats is not None else 'train mode'}"
+    # Hugging Face models hold buffers (position ids) but no BatchNorm: name what the mode is about.
+    names = [str(path[-1]) for path, _ in jax.tree_util.tree_flatten_with_path(stats)[0]]
+    held = "BatchNorm" if any("mean" in name for name in names) else "buffers"
+    return f"{held} {'eval mode (server buffers)' if case.payload.batch_stats is not None else 'train mode'}"
 
 
 def _compute(case, key, progress: bool):

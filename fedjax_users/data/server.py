@@ -14,8 +14,9 @@ query, then sends the parameters, and the buffers when ``server.provide_public_b
   convolution without bias (``None.data``), and so does this, with one line.
 
 Other values (breaching's malicious servers' states) are refused. ``server.pretrained=True``
-matters where breaching's ``construct_model`` reads it, torchvision's models on ImageNet data;
-the torchvision state dict then comes from the local file ``server.weights``
+matters where breaching's ``construct_model`` reads it: for the Hugging Face text models the
+weights come from the local hub cache (``fedjax_users.models.huggingface``); for torchvision's
+models on ImageNet data the torchvision state dict comes from the local file ``server.weights``
 (``torch.load(weights_only=True)``: tensors only, no code), its ``fc`` cut to the data's classes
 as breaching does, and is converted by torch name with fedjax_users.interop.
 """
