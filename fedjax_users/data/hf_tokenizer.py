@@ -25,6 +25,7 @@ import os
 from typing import Any, Optional, Sequence
 
 from fedjax_users.data.errors import DataError
+from fedjax_users.models import huggingface
 from fedjax_users.models.huggingface import cache_dirs
 
 # breaching's own names and the repositories its ``_get_tokenizer`` loads; any other name is a repository.
@@ -73,26 +74,8 @@ def _has_tokenizer(snapshot: str) -> bool:
 
 
 def find_snapshot(repo: str, dirs: Sequence[str]) -> Optional[str]:
-    """The snapshot folder holding ``repo``'s tokenizer in the first of the hub caches ``dirs`` with one, or ``None``.
-
-    Within a cache: the revision ``refs/main`` names if its snapshot has a tokenizer, else the
-    most recently written snapshot that has one (a cache filled by one download holds one).
-    """
-    folder = "models--" + repo.replace("/", "--")
-    for cache in dirs:
-        snapshots = os.path.join(os.path.expanduser(cache), folder, "snapshots")
-        if not os.path.isdir(snapshots):
-            continue
-        ref = os.path.join(os.path.expanduser(cache), folder, "refs", "main")
-        if os.path.isfile(ref):
-            with open(ref, encoding="utf-8") as handle:
-                named = os.path.join(snapshots, handle.read().strip())
-            if _has_tokenizer(named):
-                return named
-        found = [os.path.join(snapshots, d) for d in os.listdir(snapshots) if _has_tokenizer(os.path.join(snapshots, d))]
-        if found:
-            return max(found, key=lambda d: (os.path.getmtime(d), d))
-    return None
+    """The snapshot folder holding ``repo``'s tokenizer in the first of the hub caches ``dirs`` with one, or ``None``."""
+    return huggingface.find_snapshot(repo, dirs=dirs, holds=_has_tokenizer)
 
 
 def search_dirs(data_path: Optional[str], environ=None) -> list[str]:

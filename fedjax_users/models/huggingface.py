@@ -32,10 +32,9 @@ and where.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
 import numpy as np
@@ -80,23 +79,33 @@ def cache_dirs(environ: Optional[Mapping[str, str]] = None) -> list[str]:
     return list(dict.fromkeys(dirs))
 
 
-def _snapshot_of(repo_dir: str) -> Optional[str]:
-    """The snapshot ``refs/main`` names in one cached repository, else its last snapshot holding a config."""
-    ref = os.path.join(repo_dir, "refs", "main")
+def _has_config(snapshot: str) -> bool:
+    return os.path.isfile(os.path.join(snapshot, "config.json"))
+
+
+def snapshot_in(repo_dir: str, holds: Callable[[str], bool] = _has_config) -> Optional[str]:
+    """In one cached repository, the snapshot ``refs/main`` names if ``holds`` it, else the most
+    recently written snapshot that ``holds`` (a cache filled by one download has one), else ``None``."""
+    snapshots = os.path.join(os.path.expanduser(repo_dir), "snapshots")
+    if not os.path.isdir(snapshots):
+        return None
+    ref = os.path.join(os.path.expanduser(repo_dir), "refs", "main")
     if os.path.isfile(ref):
-        with open(ref) as handle:
-            snapshot = os.path.join(repo_dir, "snapshots", handle.read().strip())
-        if os.path.isfile(os.path.join(snapshot, "config.json")):
-            return snapshot
-    found = sorted(glob.glob(os.path.join(repo_dir, "snapshots", "*", "config.json")))
-    return os.path.dirname(found[-1]) if found else None
+        with open(ref, encoding="utf-8") as handle:
+            named = os.path.join(snapshots, handle.read().strip())
+        if holds(named):
+            return named
+    found = [os.path.join(snapshots, d) for d in os.listdir(snapshots) if holds(os.path.join(snapshots, d))]
+    return max(found, key=lambda d: (os.path.getmtime(d), d)) if found else None
 
 
-def find_snapshot(repo_id: str, environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
-    """The cached snapshot folder of ``repo_id`` that holds its ``config.json``, or ``None``."""
+def find_snapshot(repo_id: str, environ: Optional[Mapping[str, str]] = None, dirs: Optional[Sequence[str]] = None,
+                  holds: Callable[[str], bool] = _has_config) -> Optional[str]:
+    """The cached snapshot folder of ``repo_id`` that ``holds`` (by default: its ``config.json``) in the
+    first of the hub caches ``dirs`` (default ``cache_dirs(environ)``) with one, or ``None``."""
     folder = "models--" + repo_id.replace("/", "--")
-    for cache in cache_dirs(environ):
-        snapshot = _snapshot_of(os.path.join(cache, folder))
+    for cache in cache_dirs(environ) if dirs is None else dirs:
+        snapshot = snapshot_in(os.path.join(cache, folder), holds)
         if snapshot is not None:
             return snapshot
     return None
