@@ -22,8 +22,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from fedjax_users.data.errors import DataError
+from fedjax_users.losses import IGNORE_INDEX
 
-IGNORE = -100  # torch's CrossEntropyLoss ignore_index: no loss at this label
+# torch's CrossEntropyLoss ignore_index, the label losses.masked_lm_loss skips: one value for both sides.
+IGNORE = IGNORE_INDEX
 MASK_REPLACE = 0.8  # the collator's mask_replace_prob
 RANDOM_REPLACE = 0.1  # the collator's random_replace_prob
 
