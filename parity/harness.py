@@ -12,6 +12,7 @@ is defective, see ``tests/parity``).
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,7 @@ Result = parity_check.ParityReport
 _Errors = parity_check._Errors
 _jitter = parity_check._jitter
 SPREAD_PERTURBATION = parity_check.SPREAD_PERTURBATION
+SPREAD_PERTURBATION_FLOAT64 = parity_check.SPREAD_PERTURBATION_FLOAT64
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,13 +181,16 @@ def case_config(case: Case, torch_model, users_data) -> fu.UserConfig:
     return cfg.replace(local_diff_privacy=ldp)
 
 
-def run_case(case: Case) -> Result:
-    """Run ``case`` on both sides and compare everything the server and the attacker see."""
+def run_case(case: Case, bound: Optional[float] = None) -> Result:
+    """Run ``case`` on both sides and compare everything the server and the attacker see.
+
+    ``bound``: instead of the case's own (``bound=0`` sends every run to the yardsticks of a miss)."""
     torch_model, flax_model, _ = build_models(case)
     users_data = build_data(case, case.num_users if case.user == "aggregate" else 1)
     cfg = case_config(case, torch_model, users_data)
     return parity_check.check_parity(
         reference_class(cfg), torch_model, torch_loss(case), users_data, cfg, flax_model=flax_model,
-        buffers_sent=case.buffers_sent, queries=case.queries, bound=case.bound, seed=case.seed, name=case.name,
+        buffers_sent=case.buffers_sent, queries=case.queries,
+        bound=case.bound if bound is None else bound, seed=case.seed, name=case.name,
         check=False,
     )

@@ -10,6 +10,7 @@ breaching's CIFAR10 data config; a small BatchNorm model of the test's own passe
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -187,6 +188,23 @@ def test_a_model_without_a_name_asks_for_its_flax_model():
                                   user_cfg("local_gradient"))
     with pytest.raises(InputError, match="flax_model="):
         user.compute_local_updates(payload(model, False))
+
+
+def test_a_float64_miss_is_judged_by_the_references_own_float64_spread():
+    # bound=0 forces a miss (the two frameworks round differently); the yardstick is then how far
+    # the reference moves on inputs perturbed by a few float64 ulp. On this smooth model that is
+    # ~1e-15: small enough that no real difference (1e-7 and up) could hide in it.
+    model, options = make_model("bn")
+    data = [{k: v.double() if v.is_floating_point() else v for k, v in d.items()} for d in make_data("bn")]
+    with jax.enable_x64(True):
+        judged = drop_in.check_parity(reference.users_module().UserMultiStep, model.double(),
+                                      torch.nn.CrossEntropyLoss(), data, user_cfg("local_update"), bound=0.0,
+                                      **options)
+        with pytest.raises(drop_in.ParityError):
+            drop_in.check_parity(reference.users_module().UserMultiStep, model, torch.nn.CrossEntropyLoss(), data,
+                                 user_cfg("local_update"), bound=0.0, adjudicate=False, **options)
+    assert judged.passed and 0 < judged.max_rel <= 2 * judged.reference_spread
+    assert judged.reference_spread < 1e-12 and judged.ours_vs_float64 is None
 
 
 def test_check_parity_raises_with_the_worst_entry_over_the_bound():

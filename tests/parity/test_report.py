@@ -14,12 +14,14 @@ def _row(name, passed, ours=None, ref=None, spread=None):
 def test_marks_say_which_yardstick_passed_a_case():
     table = report.format_table([
         _row("a", True), _row("b", True, 1e-3, 1e-3), _row("c", True, 1e-2, 1e-6, 8e-3),
-        _row("d", False, 1e-1, 1e-6, 1e-3),
+        _row("d", False, 1e-1, 1e-6, 1e-3), _row("e/float64", True, spread=6e-4),
     ]).splitlines()
-    marks = {line.split()[0]: line.split()[4] for line in table[1:5]}
-    assert marks == {"a": "yes", "b": "yes*", "c": "yes~", "d": "NO"}
+    marks = {line.split()[0]: line.split()[4] for line in table[1:6]}
+    assert marks == {"a": "yes", "b": "yes*", "c": "yes~", "d": "NO", "e/float64": "yes~"}
     assert "8.00e-03" in table[3]
-    assert table[-1] == "3 passed, 1 failed"
+    # A float64 row has no float64 distances, only its spread, in the spread column.
+    assert table[5].split()[5:] == ["-", "-", "6.00e-04"]
+    assert table[-1] == "4 passed, 1 failed"
 
 
 def test_rows_without_a_spread_still_load():
@@ -34,8 +36,9 @@ def test_jitter_is_a_relative_perturbation_of_the_stated_size(dtype):
     moved = harness._jitter(tensor, torch.Generator().manual_seed(0))
     assert moved.dtype == dtype
     relative = ((moved.double() - tensor.double()).abs() / tensor.double().abs().clamp_min(1e-30)).max().item()
-    # Rounding back to float32 adds at most half an ulp (6e-8) to the perturbation itself.
-    assert 0.5 * harness.SPREAD_PERTURBATION < relative <= harness.SPREAD_PERTURBATION + 6e-8
+    size = harness.SPREAD_PERTURBATION_FLOAT64 if dtype == torch.float64 else harness.SPREAD_PERTURBATION
+    # Forming 1 + u and the product, and rounding back to the dtype, add at most one ulp of it.
+    assert 0.5 * size < relative <= size + torch.finfo(dtype).eps
 
 
 def test_a_diverged_reference_is_a_mismatch_not_a_pass():
