@@ -36,7 +36,7 @@ Result = parity_check.ParityReport
 _Errors = parity_check._Errors
 _jitter = parity_check._jitter
 SPREAD_PERTURBATION = parity_check.SPREAD_PERTURBATION
-SPREAD_PERTURBATION_FLOAT64 = parity_check.SPREAD_PERTURBATION_FLOAT64
+spread_perturbation = parity_check.spread_perturbation
 
 
 # ----------------------------------------------------------------------------------------------

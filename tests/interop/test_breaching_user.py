@@ -195,9 +195,10 @@ def test_a_float64_miss_is_judged_by_the_references_own_float64_spread():
     # the reference moves on inputs perturbed by a few float64 ulp. On this smooth model that is
     # ~1e-15: small enough that no real difference (1e-7 and up) could hide in it.
     model, options = make_model("bn")
+    model = model.double()
     data = [{k: v.double() if v.is_floating_point() else v for k, v in d.items()} for d in make_data("bn")]
     with jax.enable_x64(True):
-        judged = drop_in.check_parity(reference.users_module().UserMultiStep, model.double(),
+        judged = drop_in.check_parity(reference.users_module().UserMultiStep, model,
                                       torch.nn.CrossEntropyLoss(), data, user_cfg("local_update"), bound=0.0,
                                       **options)
         with pytest.raises(drop_in.ParityError):

@@ -36,7 +36,7 @@ def test_jitter_is_a_relative_perturbation_of_the_stated_size(dtype):
     moved = harness._jitter(tensor, torch.Generator().manual_seed(0))
     assert moved.dtype == dtype
     relative = ((moved.double() - tensor.double()).abs() / tensor.double().abs().clamp_min(1e-30)).max().item()
-    size = harness.SPREAD_PERTURBATION_FLOAT64 if dtype == torch.float64 else harness.SPREAD_PERTURBATION
+    size = harness.spread_perturbation(dtype)
     # Forming 1 + u and the product, and rounding back to the dtype, add at most one ulp of it.
     assert 0.5 * size < relative <= size + torch.finfo(dtype).eps
 
