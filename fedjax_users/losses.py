@@ -1,17 +1,52 @@
-"""Per-example losses matching breaching's torch losses.
+"""Per-example losses matching breaching's torch losses, and the mean that makes them torch's loss.
 
-Every loss maps ``(logits, labels)`` to one loss per example, shape ``[B]``; the caller takes the
-(masked) mean, which reproduces torch's default ``reduction="mean"``.
+A loss maps ``(logits, labels)`` to each example's share of torch's default ``reduction="mean"``:
+either one loss per example, shape ``[B]``, when torch averages over the examples, or a
+``SummedLosses`` (each example's summed terms and their count) when torch averages over a count
+of its own, as over the counted tokens of a masked-LM batch. ``mean_loss`` forms the batch loss
+from either, over the examples a mask keeps; since each example's terms stay its own, a padded
+step (masked rows) and a single example (per-example clipping) get the loss torch gives them.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Optional, Union
+
 import chex
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
 Array = jax.Array
+
+
+@flax.struct.dataclass
+class SummedLosses:
+    """Each example's summed loss terms (``total [B]``) and how many terms it sums (``count [B]``)."""
+
+    total: Array
+    count: Array
+
+
+LossFn = Callable[[Array, Array], Union[Array, SummedLosses]]
+
+
+def mean_loss(losses: Union[Array, SummedLosses], mask: Optional[Array] = None) -> Array:
+    """torch's mean-reduced loss over the examples ``mask`` keeps (all when ``None``).
+
+    Per-example losses ``[B]`` are averaged over the kept examples; ``SummedLosses`` give the kept
+    totals over the kept counts (NaN when no term is counted, as torch's loss).
+    """
+    if isinstance(losses, SummedLosses):
+        total, count = losses.total, losses.count
+        if mask is not None:
+            total, count = total * mask.astype(total.dtype), count * mask.astype(count.dtype)
+        return jnp.sum(total) / jnp.sum(count)
+    if mask is None:
+        return jnp.mean(losses)
+    weights = mask.astype(losses.dtype)
+    return jnp.sum(losses * weights) / jnp.sum(weights)
 
 
 def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
@@ -35,22 +70,16 @@ def causal_lm_loss(logits: Array, labels: Array) -> Array:
 IGNORE_INDEX = -100
 
 
-def masked_lm_loss(logits: Array, labels: Array) -> Array:
+def masked_lm_loss(logits: Array, labels: Array) -> SummedLosses:
     """Token cross-entropy of ``logits [B, T, V]`` vs ``labels [B, T]`` (breaching's MLMLoss), labels ``-100`` ignored.
 
     torch's ``CrossEntropyLoss`` (``ignore_index=-100``) averages over the batch's counted tokens,
-    so each sequence's value is its summed token losses over that count, times ``B``: the mean of
-    these over the batch is torch's loss, whatever each sequence's share of counted tokens. With no
-    counted token torch's loss is NaN, and so is this.
+    not over its sequences, so each sequence gives its summed token losses and its number of
+    counted tokens; ``mean_loss`` of these is torch's loss (NaN with no counted token, as torch's).
     """
     chex.assert_rank(logits, 3)
     chex.assert_shape(labels, logits.shape[:2])
     counted = labels != IGNORE_INDEX
     per_token = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(counted, labels, 0))
-    summed = jnp.sum(jnp.where(counted, per_token, 0.0), axis=-1)
-    return summed * (labels.shape[0] / jnp.sum(counted).astype(summed.dtype))
-
-
-# Losses whose per-example values are scaled by a count over the whole batch (torch's token mean):
-# a masked mean over padded rows does not give their batch loss, so callers must not pad them.
-BATCH_NORMALISED = (masked_lm_loss,)
+    total = jnp.sum(jnp.where(counted, per_token, 0.0), axis=-1)
+    return SummedLosses(total=total, count=jnp.sum(counted, axis=-1).astype(total.dtype))

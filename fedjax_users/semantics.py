@@ -26,11 +26,11 @@ import optax
 from fedjax_users import privacy
 from fedjax_users.batchnorm import fold_batch_stats
 from fedjax_users.config import LocalDiffPrivacy, UserConfig
+from fedjax_users.losses import LossFn, mean_loss
 from fedjax_users.types import LocalHyperparams, Metadata
 
 Array = jax.Array
 PyTree = Any
-LossFn = Callable[[Array, Array], Array]
 # objective(params, example) -> (loss of that one example, aux); ``example`` is one slice of a batch.
 Objective = Callable[[PyTree, PyTree], tuple[Array, PyTree]]
 # clipped_mean(objective, params, examples, clip_value) -> (mean clipped gradient, stacked aux)
@@ -67,21 +67,13 @@ def apply_model(model, params: PyTree, stats: PyTree, inputs: Array, train: bool
     return model.apply(variables, inputs, train=train, mask=mask, momentum=momentum), stats
 
 
-def masked_mean(values: Array, mask: Optional[Array]) -> Array:
-    """Mean over the valid examples (all of them when ``mask`` is ``None``)."""
-    if mask is None:
-        return jnp.mean(values)
-    weights = mask.astype(values.dtype)
-    return jnp.sum(values * weights) / jnp.sum(weights)
-
-
 def loss_and_grad(model, loss_fn: LossFn, params: PyTree, stats: PyTree, inputs: Array, labels: Array,
                   train: bool, mask: Optional[Array], momentum: Optional[float]) -> tuple[PyTree, PyTree]:
     """Gradient of the (masked) mean loss, and the batch stats after the forward pass."""
 
     def objective(p):
         logits, new_stats = apply_model(model, p, stats, inputs, train, mask, momentum)
-        return masked_mean(loss_fn(logits, labels), mask), new_stats
+        return mean_loss(loss_fn(logits, labels), mask), new_stats
 
     (_, new_stats), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return grads, new_stats
@@ -140,7 +132,7 @@ def single_step_user(model, loss_fn: LossFn, cfg: UserConfig, params: PyTree, se
             x, y, k = example
             # Momentum 1 records the example's own batch statistics, folded in order below.
             logits, batch = apply_model(model, p, stats, noised_inputs(k, x[None], dp), train, None, 1.0)
-            return masked_mean(loss_fn(logits, y[None]), None), batch
+            return mean_loss(loss_fn(logits, y[None])), batch
 
         keys = jax.random.split(input_key, inputs.shape[0])
         grads, per_batch = clipped_mean(per_example, params, (inputs, labels, keys), dp.per_example_clipping)

@@ -22,13 +22,12 @@ import numpy as np
 
 from fedjax_users import privacy, semantics, validation
 from fedjax_users.config import UserConfig
-from fedjax_users.losses import BATCH_NORMALISED, softmax_cross_entropy
+from fedjax_users.losses import LossFn, mean_loss, softmax_cross_entropy
 from fedjax_users.strategy import Strategy, chunking, clipping, compilation, cpu, patches, sharding
 from fedjax_users.types import Metadata, ServerPayload, SharedData, TrueUserData, UserData
 
 Array = jax.Array
 PyTree = Any
-LossFn = Callable[[Array, Array], Array]
 
 # Cached per (model, input shape, dtype); validation traces the model with them before computing.
 _cached = validation.cached_by_model
@@ -79,10 +78,7 @@ def _multi_step(model, loss_fn, cfg, strategy, params, server_stats, user_stats,
     """
     with patches.convolutions_as_matmuls() if strategy.per_user_convs else contextlib.nullcontext():
         index, valid = _step_indices(cfg)
-        # A loss normalised over the whole batch (losses.BATCH_NORMALISED) has no per-row value a
-        # padded short step could mask out, so such steps run exactly, unrolled.
-        exact = valid is not None and loss_fn in BATCH_NORMALISED
-        if cfg.num_local_updates <= strategy.max_unrolled_steps or exact:
+        if cfg.num_local_updates <= strategy.max_unrolled_steps:
             # A Python loop over static slices, each step exactly its examples (no padding or mask).
             # Not ``lax.scan(unroll=True)``: it keeps a one-trip loop and gathers for a single step,
             # which ran 4x slower than this on XLA:CPU.
@@ -263,7 +259,7 @@ def _aggregate_chunks_jit(model, loss_fn, cfg, strategy, mesh, shared, users, va
             logits, new_stats = semantics.apply_model(
                 model, p, stats, noised, shared_stats is None, None, semantics.SINGLE_STEP_MOMENTUM
             )
-            return semantics.masked_mean(loss_fn(logits, y), None), (new_stats, noised if records_noise else None)
+            return mean_loss(loss_fn(logits, y)), (new_stats, noised if records_noise else None)
 
         def kept_loss(p):
             losses, outputs = jax.vmap(user_loss, in_axes=(None, 0, 0, 0, 0))(p, *users)

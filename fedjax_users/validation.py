@@ -190,7 +190,8 @@ def _check_types(model, payload, data, cfg, key, loss, check_finite, data_name: 
             f"cfg must be a fedjax_users.UserConfig (UserConfig.from_yaml / from_dict), got {type(cfg).__name__}"
         )
     if not callable(loss):
-        raise InputTypeError(f"loss must be a function loss(logits, labels) -> [examples], got {type(loss).__name__}")
+        raise InputTypeError(f"loss must be a function loss(logits, labels) -> [examples] or losses.SummedLosses, "
+                             f"got {type(loss).__name__}")
     if not callable(getattr(model, "apply", None)) or not callable(getattr(model, "init", None)):
         raise InputTypeError(f"model must be a Flax module (with init and apply), got {type(model).__name__}")
     if check_finite is not None and not isinstance(check_finite, bool):

@@ -1,4 +1,4 @@
-"""Per-example losses against breaching's torch losses (CrossEntropyLoss and CausalLoss)."""
+"""Per-example losses against breaching's torch losses (CrossEntropyLoss, CausalLoss and MLMLoss), and their mean."""
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ def _torch_mean_and_grad(loss_fn, logits: np.ndarray, labels: np.ndarray) -> tup
 
 
 def _jax_mean_and_grad(loss_fn, logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
-    value, grad = jax.value_and_grad(lambda z: jnp.mean(loss_fn(z, jnp.asarray(labels))))(jnp.asarray(logits))
+    value, grad = jax.value_and_grad(lambda z: losses.mean_loss(loss_fn(z, jnp.asarray(labels))))(jnp.asarray(logits))
     return float(value), np.asarray(grad)
 
 
@@ -75,20 +75,53 @@ def test_losses_reject_mismatched_labels():
         losses.causal_lm_loss(jnp.zeros((B, T, V)), jnp.zeros((B, T - 1), jnp.int32))
 
 
+def _masked_lm_data(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    logits, labels = _data(seed, (B, T, V), V)
+    rng = np.random.default_rng(seed + 1)
+    labels = np.where(rng.random((B, T)) < 0.6, -100, labels)
+    labels[0, :] = -100  # a sequence with no counted token
+    labels[1, :2] = (3, 5)  # and one with at least two
+    return logits, labels
+
+
 def test_masked_lm_loss_ignores_label_minus_100_as_breachings_mlm_loss():
     """breaching's MLMLoss is CrossEntropyLoss(ignore_index=-100): the mean over the batch's counted tokens."""
     mlm = reference.losses_module().MLMLoss(vocab_size=V)
-    logits, labels = _data(3, (B, T, V), V)
-    rng = np.random.default_rng(4)
-    labels = np.where(rng.random((B, T)) < 0.6, -100, labels)
-    labels[0, :] = -100  # a sequence with no counted token
-    labels[1, 0] = 3  # and one with at least one
-    per_example = losses.masked_lm_loss(jnp.asarray(logits), jnp.asarray(labels))
-    assert per_example.shape == (B,) and per_example[0] == 0.0
-    expected = mlm(torch.tensor(logits), torch.tensor(labels)).item()
-    np.testing.assert_allclose(float(jnp.mean(per_example)), expected, rtol=1e-6)
-    grads = jax.grad(lambda x: jnp.mean(losses.masked_lm_loss(x, jnp.asarray(labels))))(jnp.asarray(logits))
-    torch_logits = torch.tensor(logits, requires_grad=True)
-    mlm(torch_logits, torch.tensor(labels)).backward()
-    np.testing.assert_allclose(grads, torch_logits.grad.numpy(), rtol=1e-5, atol=1e-8)
-    assert np.isnan(float(jnp.mean(losses.masked_lm_loss(jnp.asarray(logits), jnp.full((B, T), -100)))))
+    logits, labels = _masked_lm_data(3)
+    terms = losses.masked_lm_loss(jnp.asarray(logits), jnp.asarray(labels))
+    assert terms.total.shape == terms.count.shape == (B,)
+    np.testing.assert_array_equal(terms.count, (labels != -100).sum(axis=1))
+    assert terms.total[0] == 0.0
+    value, grads = _jax_mean_and_grad(losses.masked_lm_loss, logits, labels)
+    ref_value, ref_grads = _torch_mean_and_grad(mlm, logits, labels)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    np.testing.assert_allclose(grads, ref_grads, rtol=1e-5, atol=1e-8)
+    assert np.isnan(float(losses.mean_loss(losses.masked_lm_loss(jnp.asarray(logits), jnp.full((B, T), -100)))))
+
+
+@pytest.mark.parametrize("name", ["softmax_cross_entropy", "causal_lm_loss", "masked_lm_loss"])
+def test_masked_mean_loss_is_the_loss_of_the_kept_examples_alone(name):
+    """A padded step masks rows out: its loss must be torch's loss of the real rows, whatever the loss normalises by."""
+    loss = getattr(losses, name)
+    if name == "softmax_cross_entropy":
+        logits, labels = _data(5, (B, C), C)
+    elif name == "causal_lm_loss":
+        logits, labels = _data(5, (B, T, V), V)
+    else:
+        logits, labels = _masked_lm_data(5)
+    keep = np.array([True, False, True, True])
+    masked = losses.mean_loss(loss(jnp.asarray(logits), jnp.asarray(labels)), jnp.asarray(keep))
+    alone = losses.mean_loss(loss(jnp.asarray(logits[keep]), jnp.asarray(labels[keep])))
+    np.testing.assert_allclose(masked, alone, rtol=1e-6)
+    # The dropped row changes the unmasked loss, so the mask did something.
+    assert abs(float(losses.mean_loss(loss(jnp.asarray(logits), jnp.asarray(labels)))) - float(alone)) > 1e-3
+
+
+def test_one_masked_lm_example_is_its_own_token_mean():
+    """Per-example clipping evaluates one sequence as a batch of one: torch's MLMLoss of that sequence alone."""
+    mlm = reference.losses_module().MLMLoss(vocab_size=V)
+    logits, labels = _masked_lm_data(6)
+    for i in range(1, B):
+        one = losses.mean_loss(losses.masked_lm_loss(jnp.asarray(logits[i : i + 1]), jnp.asarray(labels[i : i + 1])))
+        expected = mlm(torch.tensor(logits[i : i + 1]), torch.tensor(labels[i : i + 1])).item()
+        np.testing.assert_allclose(float(one), expected, rtol=1e-6)

@@ -120,7 +120,7 @@ def _compare(name: str, task: str, train: bool, vocab: int = VOCAB):
 
     def objective(params):
         logits = model.apply({"params": params, **buffers}, jnp.asarray(tokens), train=train)
-        return jnp.mean(_flax_loss(task)(logits, jnp.asarray(labels))), logits
+        return losses.mean_loss(_flax_loss(task)(logits, jnp.asarray(labels))), logits
 
     (loss, logits), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(variables["params"])
     assert logits.shape == (B, T, vocab)
@@ -344,7 +344,7 @@ def test_users_take_ignored_masked_lm_labels_and_refuse_other_out_of_range_ones(
     labels = jnp.asarray(_labels("masked-lm", np.asarray(tokens)))
     shared, _, _ = fu.local_gradient(model, payload, UserData(tokens, labels), cfg, jax.random.key(1),
                                      loss=losses.masked_lm_loss)
-    expected = jax.grad(lambda p: jnp.mean(losses.masked_lm_loss(
+    expected = jax.grad(lambda p: losses.mean_loss(losses.masked_lm_loss(
         model.apply({**variables, "params": p}, tokens), labels)))(variables["params"])
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), shared.gradients,
                            expected)
@@ -377,7 +377,7 @@ def test_pretrained_reads_old_names_and_a_base_models_keys(hub):
 
 
 def test_short_local_steps_of_a_masked_lm_user_are_exact_past_the_unrolled_limit():
-    """masked_lm_loss is normalised over the batch's counted tokens, so a padded short step cannot be masked."""
+    """masked_lm_loss averages over counted tokens, not rows: a scanned, padded short step must still mask its extra row."""
     import fedjax_users as fu
     from fedjax_users.strategy import Strategy
     from fedjax_users.types import ServerPayload, UserData
