@@ -44,8 +44,8 @@ LOCAL_LEARNING_RATE = 1e-2
 # breaching's ResNet32-10 and ResNet50 (CIFAR stems) and torchvision's resnet50 in eval mode diverge
 # the same way at 1e-2 (the reference's parameter differences reach 1.3e11 in float32 and 7.4e243 in
 # float64 after three steps; resnet50's are NaN) and stay finite at 1e-3 (their grid cases pass).
-# DenseNet121's eval-mode float64 aggregate at 1e-2 reached 3.5e8 in the reference (its row in
-# results/parity_zoo.json before this change), so it trains at 1e-3 as well.
+# DenseNet121's eval-mode float64 aggregate at 1e-2 reached 3.5e8 in the reference (its row's
+# detail in `git show cf75544:results/parity_zoo.json`), so it trains at 1e-3 as well.
 MODEL_LEARNING_RATES: dict[str, float] = {"ConvNet": 1e-3, "ResNet32-10": 1e-3, "ResNet50": 1e-3, "resnet50": 1e-3,
                                           "DenseNet121": 1e-3}
 
