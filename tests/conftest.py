@@ -1,4 +1,19 @@
-"""Small models shared by the core tests (the zoo has its own tests)."""
+"""Small models shared by the core tests (the zoo has its own tests), and the compilation cache they share."""
+
+import os
+
+# Most of the suite's time is XLA compiling small programs (~0.1 s each), many of them the same
+# program built from new Python objects in another test or another pytest worker. JAX's persistent
+# cache is keyed by the program, not the Python object, so a cold run already reuses them; its
+# default threshold (1 s) would skip them all. Set before JAX is imported so that the child
+# processes the subprocess tests start inherit it. FEDJAX_USERS_TEST_JAX_CACHE= (empty) turns it off.
+_CACHE = os.environ.get("FEDJAX_USERS_TEST_JAX_CACHE",
+                        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "jax"))
+if _CACHE:
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -73,12 +88,23 @@ def server_payload(model, x, seed=1, buffers=False):
     """A payload from ``model.init``; with ``buffers``, non-trivial server stats (batch stats of other data)."""
     from fedjax_users import ServerPayload
 
-    variables = model.init(jax.random.key(seed), x[:1])
+    variables = _init(model, jax.random.key(seed), x[:1])
     if not buffers:
         return ServerPayload(params=variables["params"], batch_stats=None)
     other = 1.5 * np.random.default_rng(seed + 100).standard_normal(x.shape).astype(np.float32) + 0.7
-    _, updates = model.apply(variables, other, train=True, momentum=1.0, mutable=["batch_stats"])
-    return ServerPayload(params=variables["params"], batch_stats=updates["batch_stats"])
+    return ServerPayload(params=variables["params"], batch_stats=_batch_statistics(model, variables, other))
+
+
+# Compiled once per model and shape: run op by op, an initialisation compiles dozens of small programs.
+@functools.partial(jax.jit, static_argnums=0)
+def _init(model, key, x):
+    return model.init(key, x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _batch_statistics(model, variables, x):
+    _, updates = model.apply(variables, x, train=True, momentum=1.0, mutable=["batch_stats"])
+    return updates["batch_stats"]
 
 
 def mean_cross_entropy(logits, labels):

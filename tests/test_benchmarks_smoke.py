@@ -26,6 +26,8 @@ def smoke_outputs(tmp_path_factory):
     return out
 
 
+# The whole benchmark suite on its smoke grid (it times every contender): the slower tier.
+@pytest.mark.slow
 def test_json_has_every_workload_and_contender(smoke_outputs):
     results = json.loads((smoke_outputs / "results.json").read_text())
     assert results["grid"] == "smoke"
@@ -53,6 +55,7 @@ def test_json_has_every_workload_and_contender(smoke_outputs):
     assert all(t["values"] for t in results["targets"])
 
 
+@pytest.mark.slow
 def test_markdown_and_plot(smoke_outputs):
     text = (smoke_outputs / "results.md").read_text()
     for heading in ("## Targets of issue 5", "## local_gradient", "## local_update", "## aggregate"):

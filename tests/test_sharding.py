@@ -179,3 +179,28 @@ def test_padding_repeats_the_last_user():
     padded = sharding._pad_users(users, 8)
     np.testing.assert_array_equal(padded[0], [0, 1, 2, 3, 4, 4, 4, 4])
     np.testing.assert_array_equal(padded[1][-1], [8, 9])
+
+
+def test_sharded_users_equal_one_device_in_this_process():
+    """The default tier's check of the sharded path on the test command's four CPU devices: two
+    cases of the grid (multi-step train mode, clipped single step), without a process start-up.
+    The slower tier (``make test-full``) runs the whole grid in a fresh process and over two processes."""
+    if jax.device_count() < 4:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=4 (the test command's)")
+    import fedjax_users as fu
+
+    namespace: dict = {}
+    exec(_COMMON, namespace)
+    grid, compare = namespace["GRID"], namespace["compare"]
+    for model, multi, buffers, clip in (grid[2], grid[-1]):
+        payload, data, cfg = namespace["case"](model, multi, buffers, clip)
+        key = jax.random.key(3)
+        one = fu.aggregate(model, payload, data, cfg, key,
+                           strategy=fu.strategy.Strategy(devices=jax.devices()[:1], users_per_chunk=3))
+        many = fu.aggregate(model, payload, data, cfg, key,
+                            strategy=fu.strategy.Strategy(devices=jax.devices()[:4], users_per_chunk=2))
+        assert sharding.users_mesh(jax.devices()[:4]).size == 4
+        what = f"multi={multi} clip={clip}"
+        compare(many[0].gradients, one[0].gradients, what + " gradients")
+        compare(many[1].user_state, one[1].user_state, what + " user states")
+        compare(many[1].data, one[1].data, what + " recorded inputs")
