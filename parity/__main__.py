@@ -2,6 +2,9 @@
 
 float32 cases run in this process; float64 cases need ``jax_enable_x64`` before JAX computes
 anything, so they run in a child process (``--precision float64``) whose rows are merged in.
+Every row records the fingerprint of the code it ran on (``parity.fingerprint``);
+``python -m parity --stale RESULTS.json`` reruns only the rows of RESULTS.json whose fingerprint
+no longer matches today's code and writes them back in place (``--list`` only names them).
 """
 
 from __future__ import annotations
@@ -25,7 +28,17 @@ def _parse(argv):
     parser.add_argument("--precision", choices=("float32", "float64"), help="run one precision only")
     parser.add_argument("--verbose", action="store_true", help="print details of every case")
     parser.add_argument("--partial", metavar="PATH", help="rewrite PATH with the results so far after each case")
+    parser.add_argument("--cases", default="", help="only the cases with exactly these names (comma-separated)")
+    parser.add_argument("--stale", metavar="RESULTS",
+                        help="rerun the rows of RESULTS whose fingerprint differs from today's code, in place")
+    parser.add_argument("--list", action="store_true", help="with --stale: name the stale rows, run nothing")
     return parser.parse_args(argv)
+
+
+def _selected(case, args) -> bool:
+    if args.cases:
+        return case.name in args.cases.split(",")
+    return not args.filter or any(text in case.name for text in args.filter.split(","))
 
 
 def _run(precision, args):
@@ -33,13 +46,19 @@ def _run(precision, args):
 
     if precision == "float64":
         jax.config.update("jax_enable_x64", True)
-    from parity.cases import all_cases
+    from parity.cases import all_cases, cases_by_name
+    from parity.fingerprint import fingerprint
     from parity.harness import Result, run_case
 
-    results = []
-    for case in all_cases(quick=args.quick, precision=precision):
-        if args.filter and not any(text in case.name for text in args.filter.split(",")):
+    results, fingerprints = [], {}
+    if args.cases:  # exact names may come from either grid
+        cases = [c for c in cases_by_name().values() if c.precision == precision]
+    else:
+        cases = all_cases(quick=args.quick, precision=precision)
+    for case in cases:
+        if not _selected(case, args):
             continue
+        fingerprints[case.name] = fingerprint(case)
         start = time.perf_counter()
         try:
             result = run_case(case)
@@ -57,44 +76,84 @@ def _run(precision, args):
             # A long run leaves what it has done so far.
             from parity.report import write_json
 
-            write_json(results, args.partial, dict(partial=True, precision=precision))
-    return results
+            write_json(results, args.partial, dict(partial=True, precision=precision), fingerprints)
+    return results, fingerprints
+
+
+def _run_all(args):
+    """float32 here, float64 in a child process; the rows and their fingerprints."""
+    from parity.harness import Result
+    from parity.report import load_with_fingerprints
+
+    if args.precision:
+        return _run(args.precision, args)
+    results, fingerprints = _run("float32", args)
+    with tempfile.TemporaryDirectory() as tmp:
+        child = os.path.join(tmp, "f64.json")
+        command = [sys.executable, "-m", "parity", "--precision", "float64", "--json", child,
+                   "--filter", args.filter, "--cases", args.cases] + (["--quick"] if args.quick else []) + (
+            ["--verbose"] if args.verbose else [])
+        subprocess.run(command, check=False, stdout=subprocess.DEVNULL)
+        if os.path.exists(child):
+            _, rows, prints = load_with_fingerprints(child)
+            results, fingerprints = results + rows, {**fingerprints, **prints}
+        else:
+            results.append(Result("float64 child process", float("nan"), float("nan"), 0.0, False, "crashed"))
+    return results, fingerprints
+
+
+def _meta(args, start, **extra) -> dict:
+    import jax
+    import torch
+
+    from parity.fingerprint import versions
+
+    return dict(quick=args.quick, seconds=round(time.perf_counter() - start, 1), jax=jax.__version__,
+                torch=torch.__version__, machine=platform.machine(), processor=platform.processor(),
+                cpus=os.cpu_count(), versions=versions(), **extra)
+
+
+def _stale(args) -> int:
+    """``--stale RESULTS``: rerun the rows whose fingerprint is not today's; merge them in place."""
+    from parity.report import format_table, freshness_line, load_with_fingerprints, proven_on_today, write_json
+
+    start = time.perf_counter()
+    meta, rows, fingerprints = load_with_fingerprints(args.stale)
+    _, stale, unknown = proven_on_today(rows, fingerprints)
+    print(freshness_line(rows, fingerprints))
+    for name in unknown:
+        print(f"  not in today's grid (kept as it is, proves nothing): {name}")
+    for name in stale:
+        print(f"  stale: {name}")
+    if args.list or not stale:
+        return 0
+    args.cases, args.filter, args.quick = ",".join(stale), "", False
+    new_rows, new_prints = _run_all(args)
+    by_name = {r.name: r for r in new_rows}
+    merged = [by_name.pop(r.name, r) for r in rows] + list(by_name.values())
+    fingerprints = {**fingerprints, **new_prints}
+    print(format_table([r for r in merged if r.name in new_prints]))
+    reruns = dict(meta.get("stale_reruns", {}))
+    reruns[time.strftime("%Y-%m-%dT%H:%M:%S")] = dict(rows=len(new_rows), **_meta(args, start))
+    write_json(merged, args.stale, {**meta, "stale_reruns": reruns}, fingerprints)
+    print(freshness_line(merged, fingerprints))
+    return 0 if all(r.passed for r in new_rows) else 1
 
 
 def main(argv=None) -> int:
     """Entry point; exit status 1 if any case fails."""
     args = _parse(argv)
-    from parity.harness import Result
+    if args.stale:
+        return _stale(args)
     from parity.report import failures, format_table, write_json
 
     start = time.perf_counter()
-    if args.precision:
-        results = _run(args.precision, args)
-    else:
-        results = _run("float32", args)
-        with tempfile.TemporaryDirectory() as tmp:
-            child = os.path.join(tmp, "f64.json")
-            command = [sys.executable, "-m", "parity", "--precision", "float64", "--json", child,
-                       "--filter", args.filter] + (["--quick"] if args.quick else []) + (
-                ["--verbose"] if args.verbose else [])
-            subprocess.run(command, check=False, stdout=subprocess.DEVNULL)
-            if os.path.exists(child):
-                with open(child) as handle:
-                    results += [Result(**row) for row in json.load(handle)["results"]]
-            else:
-                results.append(Result("float64 child process", float("nan"), float("nan"), 0.0, False, "crashed"))
+    results, fingerprints = _run_all(args)
     print(format_table(results))
     if failures(results):
         print(failures(results))
     if args.json:
-        import jax
-        import torch
-
-        write_json(results, args.json, dict(
-            quick=args.quick, seconds=round(time.perf_counter() - start, 1), jax=jax.__version__,
-            torch=torch.__version__, machine=platform.machine(), processor=platform.processor(),
-            cpus=os.cpu_count(),
-        ))
+        write_json(results, args.json, _meta(args, start), fingerprints)
     return 0 if all(r.passed for r in results) else 1
 
 

@@ -261,3 +261,8 @@ def all_cases(quick: bool = False, precision: Optional[str] = None) -> list[Case
     if precision == "float64":
         return f64
     return f32 + f64
+
+
+def cases_by_name() -> dict[str, Case]:
+    """Every case of the full and the quick grid, both precisions, by name (names are unique)."""
+    return {case.name: case for quick in (False, True) for case in all_cases(quick=quick)}

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Iterable
+from typing import Iterable, Optional
 
 from parity.harness import Result
 
@@ -45,11 +46,50 @@ def summary(results: Iterable[Result]) -> str:
     return "\n".join(lines)
 
 
+_FIELDS = tuple(field.name for field in dataclasses.fields(Result))
+
+
 def load(path: str) -> tuple[dict, list[Result]]:
     """The run description and the rows of a JSON file written by ``write_json``."""
+    meta, results, _ = load_with_fingerprints(path)
+    return meta, results
+
+
+def load_with_fingerprints(path: str) -> tuple[dict, list[Result], dict[str, str]]:
+    """``load``, plus each row's fingerprint by case name (rows written before fingerprints have none)."""
     with open(path) as handle:
         data = json.load(handle)
-    return data["meta"], [Result(**row) for row in data["results"]]
+    results = [Result(**{k: v for k, v in row.items() if k in _FIELDS}) for row in data["results"]]
+    fingerprints = {row["name"]: row["fingerprint"] for row in data["results"] if row.get("fingerprint")}
+    return data["meta"], results, fingerprints
+
+
+def proven_on_today(results: Iterable[Result], fingerprints: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
+    """(proven, stale, unknown) case names: the recorded fingerprint equals today's, differs (or is
+    missing), or the name is no case of today's grid."""
+    from parity import fingerprint
+    from parity.cases import cases_by_name
+
+    cases = cases_by_name()
+    proven, stale, unknown = [], [], []
+    for r in results:
+        case = cases.get(r.name)
+        if case is None:
+            unknown.append(r.name)
+        elif fingerprints.get(r.name) == fingerprint.fingerprint(case):
+            proven.append(r.name)
+        else:
+            stale.append(r.name)
+    return proven, stale, unknown
+
+
+def freshness_line(results: Iterable[Result], fingerprints: dict[str, str]) -> str:
+    """One line: how many rows are proven on today's code."""
+    results = list(results)
+    proven, stale, unknown = proven_on_today(results, fingerprints)
+    return (f"{len(proven)} of {len(results)} rows proven on today's code (fingerprint matches); "
+            f"{len(stale)} stale (python -m parity --stale reruns them)"
+            + (f", {len(unknown)} no longer in the grid" if unknown else ""))
 
 
 def main(argv=None) -> int:
@@ -59,8 +99,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m parity.report", description=main.__doc__)
     parser.add_argument("results", help="a JSON file written by python -m parity --json")
     args = parser.parse_args(argv)
-    meta, results = load(args.results)
+    meta, results, fingerprints = load_with_fingerprints(args.results)
     print(f"{args.results}: {', '.join(f'{k}={v}' for k, v in meta.items())}\n")
+    print(freshness_line(results, fingerprints) + "\n")
     print(summary(results) + "\n")
     print(format_table(results))
     return 0
@@ -99,11 +140,14 @@ def failures(results: Iterable[Result]) -> str:
     return "\n".join(f"FAIL {r.name}: {r.detail}" for r in results if not r.passed)
 
 
-def write_json(results: Iterable[Result], path: str, meta: dict) -> None:
-    """Write the results and the run's description to ``path``."""
+def write_json(results: Iterable[Result], path: str, meta: dict, fingerprints: Optional[dict[str, str]] = None) -> None:
+    """Write the results, each with its fingerprint if known, and the run's description to ``path``."""
+    fingerprints = fingerprints or {}
+    rows = [{**r.as_dict(), **({"fingerprint": fingerprints[r.name]} if r.name in fingerprints else {})}
+            for r in results]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as handle:
-        json.dump({"meta": meta, "results": [r.as_dict() for r in results]}, handle, indent=1)
+        json.dump({"meta": meta, "results": rows}, handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,171 @@
+"""What a parity row was proven on: the sources its case runs and the library versions, as one hash.
+
+A row of ``results/*.json`` is evidence about the code it ran on. Each row records the fingerprint
+of its case (:func:`fingerprint`); a row whose recorded fingerprint differs from today's is
+*stale*: the code or a library it depends on changed since, and it must run again before it says
+anything (``python -m parity --stale RESULTS.json``).
+
+The sources of a case are found from the imports, not listed by hand: the static import closure
+(every ``import`` statement, including those inside functions) of the modules a case runs
+(``fedjax_users.interop.breaching``, the comparison and the users it drives, and the module that
+defines its Flax model), plus the harness that builds it. The model registry
+(``fedjax_users/models/__init__.py``) imports every model family; its own file counts, but the
+families it imports do not, so a change to ``models/vgg.py`` leaves the ResNet rows proven. A
+hand-kept list would drift; a run-time trace (``sys.setprofile``) would slow the tracing that
+dominates a case several times over.
+
+Example::
+
+    >>> from parity.cases import Case
+    >>> from parity import fingerprint
+    >>> case = Case("lenet_zhu", "local_gradient", False)
+    >>> "fedjax_users/semantics.py" in fingerprint.case_sources(case)
+    True
+    >>> "fedjax_users/models/vgg.py" in fingerprint.case_sources(case)
+    False
+    >>> len(fingerprint.fingerprint(case))
+    16
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import os
+from importlib import metadata
+from typing import Iterable, Mapping, Optional
+
+from parity.cases import HF_TEXT_MODELS, Case
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = "fedjax_users"
+# What every case runs: the comparison (which drives the users, the config, the interop) and the
+# harness that builds models, data and configs on both sides.
+CORE_MODULES = ("fedjax_users.interop.breaching", "fedjax_users.models")
+HARNESS_FILES = ("parity/harness.py", "parity/reference.py", "parity/cases.py")
+# A registry imports every family; following it would make every row depend on every model.
+REGISTRIES = ("fedjax_users.models",)
+# The libraries whose versions a result depends on (a new jax or torch can move a number).
+LIBRARIES = ("jax", "jaxlib", "flax", "numpy", "torch", "breaching", "transformers")
+# breaching's Hugging Face aliases are built by these modules (building one reads a hub cache).
+HF_MODULES = {"bert-sanity-check": "fedjax_users.models.bert", "gpt2S": "fedjax_users.models.gpt2"}
+
+
+def _module_path(module: str) -> Optional[str]:
+    """The repository-relative file of ``module`` if it is part of the package, else ``None``."""
+    if module != PACKAGE and not module.startswith(PACKAGE + "."):
+        return None
+    base = os.path.join(*module.split("."))
+    for path in (base + ".py", os.path.join(base, "__init__.py")):
+        if os.path.exists(os.path.join(ROOT, path)):
+            return path.replace(os.sep, "/")
+    return None
+
+
+def _imports(module: str) -> tuple[str, ...]:
+    return _imports_of_file(module, ROOT)
+
+
+@functools.lru_cache(maxsize=None)
+def _imports_of_file(module: str, root: str) -> tuple[str, ...]:
+    """The package modules ``module``'s file imports anywhere in it (names that may be submodules included)."""
+    path = _module_path(module)
+    is_package = path is not None and path.endswith("__init__.py")
+    with open(os.path.join(ROOT, path)) as handle:
+        tree = ast.parse(handle.read(), path)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolved against this module's package
+                parts = module.split(".")
+                anchor = parts if is_package else parts[:-1]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            found.append(base)
+            found += [f"{base}.{alias.name}" for alias in node.names]  # ``from pkg import submodule``
+    # Importing ``a.b.c`` runs ``a/__init__`` and ``a/b/__init__`` too.
+    closed = set()
+    for name in found:
+        parts = name.split(".")
+        closed.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return tuple(sorted(name for name in closed if _module_path(name) is not None))
+
+
+def source_closure(modules: Iterable[str], registries: Iterable[str] = REGISTRIES) -> set[str]:
+    """Repository-relative files of ``modules`` and every package module they import, transitively.
+
+    A module in ``registries`` contributes its own file but its imports are not followed.
+    """
+    registries = set(registries)
+    seen: set[str] = set()
+    todo = [m for m in modules if _module_path(m) is not None]
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        if module not in registries:
+            todo += [m for m in _imports(module) if m not in seen]
+    return {_module_path(m) for m in seen}
+
+
+def model_module(case: Case) -> str:
+    """The module that defines the Flax model of ``case`` (found by building the module object, not its weights)."""
+    if case.model in HF_TEXT_MODELS:
+        return HF_MODULES[case.model]
+    if case.is_text:
+        from fedjax_users.models.text import get_text_model
+        from parity.harness import TEXT_NAMES
+
+        return type(get_text_model(TEXT_NAMES.get(case.model, case.model), vocab_size=case.vocab_size)).__module__
+    from fedjax_users import models
+
+    module = models.for_data(case.model, case.data_name, num_classes=case.num_classes,
+                             num_channels=case.image_shape[0])
+    return type(module).__module__
+
+
+def case_sources(case: Case) -> list[str]:
+    """Every source file the case's result depends on, sorted."""
+    files = source_closure(CORE_MODULES + (model_module(case),)) | set(HARNESS_FILES)
+    return sorted(files)
+
+
+def versions(libraries: Iterable[str] = LIBRARIES) -> dict[str, str]:
+    """Installed versions of the libraries a result depends on (``"-"`` when one is not installed)."""
+    found = {}
+    for name in libraries:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "-"
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _file_hash(full_path: str, mtime_ns: int, size: int) -> str:
+    # Keyed by modification time and size too: hashing 600 rows' ~30 files each stays instant,
+    # and an edited file is read again.
+    with open(full_path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def _hash(files: Iterable[str], library_versions: Mapping[str, str]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        full = os.path.join(ROOT, path)
+        stat = os.stat(full)
+        digest.update(path.encode() + b"\0" + _file_hash(full, stat.st_mtime_ns, stat.st_size).encode() + b"\0")
+    for name in sorted(library_versions):
+        digest.update(f"{name}=={library_versions[name]}\0".encode())
+    return digest.hexdigest()[:16]
+
+
+def fingerprint(case: Case, library_versions: Optional[Mapping[str, str]] = None) -> str:
+    """A 16-hex-digit hash of the case's sources (contents) and the library versions."""
+    return _hash(case_sources(case), versions() if library_versions is None else library_versions)

@@ -1,0 +1,104 @@
+"""Parity rows name the code they prove: a change to a file a case runs makes exactly its rows stale."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from parity import __main__ as parity_main  # noqa: E402
+from parity import fingerprint, report  # noqa: E402
+from parity.cases import Case, cases_by_name  # noqa: E402
+
+LENET = Case("lenet_zhu", "local_gradient", False)
+VGG = Case("VGG11", "local_update", True, image_shape=(3, 32, 32))
+RESNET = Case("resnet18", "local_gradient", True, image_shape=(3, 64, 64), data_name="ImageNet")
+TEXT = Case("transformer3", "local_update", False)
+
+
+@pytest.fixture
+def tree(tmp_path, monkeypatch):
+    """A copy of the package and the harness that the fingerprints read instead of the checkout."""
+    for folder in ("fedjax_users", "parity"):
+        shutil.copytree(os.path.join(fingerprint.ROOT, folder), tmp_path / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.npz"))
+    monkeypatch.setattr(fingerprint, "ROOT", str(tmp_path))
+    return tmp_path
+
+
+def _touch(path, text="\n# changed\n"):
+    with open(path, "a") as handle:
+        handle.write(text)
+
+
+def test_sources_follow_the_imports_but_not_the_registry():
+    lenet, vgg, text = (set(fingerprint.case_sources(c)) for c in (LENET, VGG, TEXT))
+    core = {"fedjax_users/semantics.py", "fedjax_users/users.py", "fedjax_users/strategy/clipping.py",
+            "fedjax_users/interop/breaching.py", "fedjax_users/models/__init__.py", "parity/harness.py"}
+    assert core <= lenet and core <= vgg and core <= text
+    assert "fedjax_users/models/vgg.py" in vgg and "fedjax_users/models/vgg.py" not in lenet
+    assert "fedjax_users/models/text.py" in text and "fedjax_users/models/vision.py" not in text
+    assert "fedjax_users/models/resnets.py" in fingerprint.case_sources(RESNET)
+
+
+def test_a_core_change_makes_every_row_stale_and_a_model_change_only_its_own(tree):
+    cases = (LENET, VGG, RESNET, TEXT)
+    before = {c: fingerprint.fingerprint(c) for c in cases}
+    assert before == {c: fingerprint.fingerprint(c) for c in cases}  # deterministic
+
+    _touch(tree / "fedjax_users" / "models" / "vgg.py")
+    after_vgg = {c: fingerprint.fingerprint(c) for c in cases}
+    assert [c for c in cases if after_vgg[c] != before[c]] == [VGG]
+
+    _touch(tree / "fedjax_users" / "semantics.py")
+    after_core = {c: fingerprint.fingerprint(c) for c in cases}
+    assert all(after_core[c] != after_vgg[c] for c in cases)
+
+
+def test_a_new_library_version_makes_rows_stale():
+    versions = fingerprint.versions()
+    assert fingerprint.fingerprint(LENET, versions) == fingerprint.fingerprint(LENET)
+    assert fingerprint.fingerprint(LENET, {**versions, "jax": "0.0.1"}) != fingerprint.fingerprint(LENET)
+
+
+def _results_file(path, cases, prints):
+    """Rows that fail (max_rel 1.0) unless they carry a fingerprint."""
+    rows = [dict(name=c.name, max_abs=0.0, max_rel=0.0 if c in prints else 1.0, bound=c.bound, passed=c in prints, **(
+        {"fingerprint": prints[c]} if c in prints else {})) for c in cases]
+    path.write_text(json.dumps({"meta": {}, "results": rows}))
+    return str(path)
+
+
+def test_report_counts_proven_stale_and_unknown_rows(tree, tmp_path):
+    path = _results_file(tmp_path / "r.json", (LENET, VGG, TEXT), {LENET: fingerprint.fingerprint(LENET),
+                                                                   VGG: fingerprint.fingerprint(VGG)})
+    meta, rows, prints = report.load_with_fingerprints(path)
+    rows.append(report.Result("no/such/case", 0.0, 0.0, 1e-5, True))
+    assert report.proven_on_today(rows, prints) == ([LENET.name, VGG.name], [TEXT.name], ["no/such/case"])
+    _touch(tree / "fedjax_users" / "models" / "vgg.py")
+    assert report.proven_on_today(rows, prints)[1] == [VGG.name, TEXT.name]
+    assert report.freshness_line(rows, prints).startswith("1 of 4 rows proven on today's code")
+
+
+def test_stale_reruns_only_what_changed_and_then_nothing(tmp_path, monkeypatch, capsys):
+    cheap = Case("linear", "local_gradient", False)
+    assert cheap.name in cases_by_name()
+    path = _results_file(tmp_path / "r.json", (cheap, LENET), {LENET: fingerprint.fingerprint(LENET)})
+    ran = []
+    real = parity_main._run
+
+    def counting_run(precision, args):
+        ran.append(args.cases)
+        return real(precision, args)
+
+    monkeypatch.setattr(parity_main, "_run", counting_run)
+    assert parity_main.main(["--stale", path, "--precision", "float32"]) == 0
+    assert ran == [cheap.name]
+    _, rows, prints = report.load_with_fingerprints(path)
+    assert [r.name for r in rows] == [cheap.name, LENET.name]
+    assert rows[0].passed and rows[0].max_rel < rows[0].bound and prints[cheap.name] == fingerprint.fingerprint(cheap)
+    # An unchanged checkout reruns nothing.
+    assert parity_main.main(["--stale", path, "--precision", "float32"]) == 0
+    assert ran == [cheap.name]
+    assert "2 of 2 rows proven on today's code" in capsys.readouterr().out
