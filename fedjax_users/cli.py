@@ -22,9 +22,13 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="build a case's users and compute what they share")
     run.add_argument("case", nargs="?", help="case YAML (default: the embedded digits case)")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. user.num_local_updates=8")
-    run.add_argument("--out", default="shared_update.msgpack", help="where to save the shared update")
+    run.add_argument("--out", default=None,
+                     help="the run folder (default: runs/<case>-<timestamp>/), or a .msgpack file for the update alone")
+    run.add_argument("--force", action="store_true", help="write into an --out that already exists")
     run.add_argument("--seed", type=int, default=0, help="PRNG seed for noise and random partitions")
     run.add_argument("--no-progress", action="store_true", help="no progress bar for many users")
+    run.add_argument("--time", action="store_true",
+                     help="also time the steady state (a single query is then computed a second time)")
     privacy = commands.add_parser(
         "privacy", help="the differential-privacy guarantee of a case's defences (runs no computation)"
     )
@@ -96,11 +100,13 @@ def _batchnorm_mode(case) -> str:
     return f"{held} {'eval mode (server buffers)' if case.payload.batch_stats is not None else 'train mode'}"
 
 
-def _compute(case, key, progress: bool):
+def _compute(case, key, progress: bool, steady_state: bool = False):
     """Run the case's queries in order, each user's own BatchNorm state carried to the next.
 
-    Returns (shared per query, seconds of the first call, seconds of a steady call: the second
-    query's, or the first query run again when there is one).
+    Returns (shared per query, seconds of the first call, seconds of a steady call or ``None``).
+    The steady call is the second query's; with ``steady_state`` and a single query, the first
+    query is run once more only to time it (``fedjax-users run --time``): otherwise every query
+    is computed once.
     """
     import jax
 
@@ -136,17 +142,9 @@ def _compute(case, key, progress: bool):
         state = new_state if query.payload.batch_stats is None else state
         results.append(shared)
         timings.append(seconds)
-    if len(timings) == 1:
+    if len(timings) == 1 and steady_state:
         timings.append(timed(queries[0], jax.random.fold_in(key, 0), case.user_state, False)[2])
-    return results, timings[0], timings[1]
-
-
-def query_path(out: str, query: int, queries: int) -> str:
-    """Where query ``query`` of ``queries`` is saved: ``out`` itself for a single query."""
-    if queries == 1:
-        return out
-    stem, ext = os.path.splitext(out)
-    return f"{stem}.query{query}{ext}"
+    return results, timings[0], timings[1] if len(timings) > 1 else None
 
 
 def _privacy_sizes(cfg_case, params=None) -> dict:
@@ -259,31 +257,40 @@ def run(args) -> int:
 
     import jax
 
-    from fedjax_users import io
+    from fedjax_users import runs
     from fedjax_users.data import load_case
     from fedjax_users.data.cases import case_dtype
 
-    # Before any work: a missing or read-only folder would otherwise fail after the computation.
-    io.check_writable(args.out)
     case_path, overrides = _split_case_argument(args.case, list(args.overrides))
     cfg_case = load_case(case_path, overrides)
+    # Before any work: an existing run or a read-only folder would otherwise fail after the computation.
+    output = runs.prepare(args.out, _case_name(cfg_case, case_path, ()), force=args.force)
     double = case_dtype(cfg_case).__name__ == "float64"
     # impl.dtype=double: JAX's 64-bit mode for this run only (restored after, also in-process).
     with jax.enable_x64(True) if double else contextlib.nullcontext():
-        return _run_case(args, cfg_case, case_path, overrides)
+        return _run_case(args, cfg_case, case_path, overrides, output)
 
 
-def _run_case(args, cfg_case, case_path, overrides) -> int:
+def _shapes(tree) -> dict[str, list[int]]:
+    """``{"fc/0/kernel": [768, 10], ...}``: each leaf's shape by its path."""
+    import jax
+
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): list(leaf.shape)
+            for path, leaf in flat}
+
+
+def _run_case(args, cfg_case, case_path, overrides, output) -> int:
     import jax
     from omegaconf import OmegaConf
 
-    from fedjax_users import io, privacy
+    from fedjax_users import io, privacy, runs
     from fedjax_users.data import construct_users
 
     key = jax.random.key(args.seed)
     case = construct_users(cfg_case, key)
     cfg = case.user_cfg
-    results, first, steady = _compute(case, key, progress=not args.no_progress)
+    results, first, steady = _compute(case, key, progress=not args.no_progress, steady_state=args.time)
     shared = results[-1]
     examples = int(case.data.labels.shape[0] * (case.data.labels.shape[1] if cfg.user_type ==
                                                 "multiuser_aggregate" else 1))
@@ -302,18 +309,38 @@ def _run_case(args, cfg_case, case_path, overrides) -> int:
     print(f"update      {kind}, global norm {norms}")
     print(f"server sees {_describe_metadata(shared.metadata)}"
           f"{', buffers' if shared.batch_stats is not None else ''}")
-    print(_privacy_line(cfg_case, cfg, case.payload.params))
+    privacy_line = _privacy_line(cfg_case, cfg, case.payload.params)
+    print(privacy_line)
     if case.not_applicable:
         print(f"not applicable {', '.join(case.not_applicable)} (torch or breaching machinery only)")
     if case.not_read:
         print(f"not read    {', '.join(case.not_read)}")
-    print(f"wall time   {steady * 1e3:.1f} ms steady state, {max(first - steady, 0.0):.2f} s compile "
-          f"(first call {first:.2f} s) on {jax.devices()[0].platform}")
+    platform = jax.devices()[0].platform
+    if steady is None:
+        print(f"wall time   first call {first:.2f} s, compile included, on {platform} "
+              f"(--time: also the steady state)")
+    else:
+        print(f"wall time   {steady * 1e3:.1f} ms steady state, {max(first - steady, 0.0):.2f} s compile "
+              f"(first call {first:.2f} s) on {platform}")
     config = OmegaConf.to_container(cfg_case, resolve=True)
-    paths = [query_path(args.out, q, len(results)) for q in range(len(results))]
+    output.create()
+    paths = output.update_paths(len(results))
     for path, result in zip(paths, results):
         io.save_shared(path, result, config)
-    print(f"saved       {', '.join(paths)} (load with fedjax_users.io.load_shared)")
+    summary = dict(
+        case=_case_name(cfg_case, case_path, overrides), user_type=cfg.user_type, users=num_users,
+        examples_per_user=cfg.num_data_points, user_indices=[int(i) for i in case.user_indices],
+        data=dict(name=case.data_cfg.name, inputs=list(case.data.inputs.shape)),
+        model=dict(name=cfg_case.model, parameters=_parameter_count(case.payload.params), dtype=str(dtype),
+                   batchnorm=_batchnorm_mode(case)),
+        update=dict(kind=kind, shapes=_shapes(shared.gradients),
+                    global_norms=[float(privacy.global_norm(r.gradients)) for r in results]),
+        server_sees=_describe_metadata(shared.metadata), privacy=privacy_line.split(None, 1)[1],
+        seconds=dict(first_call=first, steady_state=steady), platform=jax.devices()[0].platform,
+        seed=args.seed, versions=runs.versions(), files=[os.path.basename(p) for p in paths],
+    )
+    written = output.write(config, summary)
+    print(f"saved       {', '.join(paths + written)} (load the update with fedjax_users.io.load_shared)")
     return 0
 
 

@@ -39,7 +39,7 @@ def test_run_multiuser_case(tmp_path, capsys):
     assert "\r" not in captured.err
 
     assert cli.main(["run", "configs/case/digits_multiuser.yaml", "model=lenet_zhu", "--out", str(out),
-                     "--no-progress"]) == 0
+                     "--no-progress", "--force"]) == 0
     assert capsys.readouterr().err == ""
 
 
@@ -114,12 +114,15 @@ def test_a_diverging_update_exits_2_and_saves_nothing(tmp_path, capsys):
     assert "global norm" not in captured.out
 
 
-@pytest.mark.parametrize("where", ["missing-folder", "a-folder"])
-def test_out_is_checked_before_computing(where, tmp_path, capsys):
-    out = tmp_path / "missing" / "x.msgpack" if where == "missing-folder" else tmp_path
+@pytest.mark.parametrize("where, message", [("missing-folder", "cannot write the shared update to"),
+                                            ("a-file", "is a file")])
+def test_out_is_checked_before_computing(where, message, tmp_path, capsys):
+    out = tmp_path / "missing" / "x.msgpack" if where == "missing-folder" else tmp_path / "notes.txt"
+    if where == "a-file":
+        out.write_text("not a run folder")
     code = cli.main(["run", "model=lenet_zhu", "--out", str(out)])
     captured = capsys.readouterr()
-    assert code == 2 and "cannot write the shared update to" in captured.err and str(out) in captured.err
+    assert code == 2 and message in captured.err and str(out) in captured.err
     assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
     assert captured.out == ""  # nothing was built or computed: every summary line comes after the computation
     assert not (tmp_path / "missing").exists()
@@ -199,3 +202,74 @@ def test_breaching_case_mistakes_are_one_line(overrides, message, tmp_path, caps
     out = tmp_path / "x.msgpack"
     code = cli.main(["run", _breaching_case("1_single_image_small"), *SYNTHETIC_SMALL, *overrides, "--out", str(out)])
     _assert_one_line_error(code, capsys.readouterr(), message, out)
+
+
+@pytest.mark.parametrize("timing", [False, True], ids=["once", "time"])
+def test_a_single_query_is_computed_once_unless_the_steady_state_is_asked_for(tmp_path, capsys, monkeypatch, timing):
+    import fedjax_users as fu
+
+    calls = []
+    real = fu.local_update
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fu, "local_update", counted)
+    argv = ["run", "model=lenet_zhu", "--out", str(tmp_path / "u.msgpack")] + (["--time"] if timing else [])
+    assert cli.main(argv) == 0
+    assert len(calls) == (2 if timing else 1)
+    wall = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("wall time"))
+    assert ("steady state" in wall and "ms" in wall) if timing else ("first call" in wall and " ms " not in wall)
+
+
+def test_each_run_keeps_its_own_folder_with_config_summary_and_update(tmp_path, monkeypatch, capsys):
+    import json
+    import os
+
+    from omegaconf import OmegaConf
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", "model=lenet_zhu"]) == 0
+    (only,) = (tmp_path / "runs").iterdir()
+    before = {f.name: f.read_bytes() for f in only.iterdir()}
+    assert cli.main(["run", "model=lenet_zhu", "--seed", "1"]) == 0
+    folders = sorted((tmp_path / "runs").iterdir())
+    assert len(folders) == 2 and all(f.name.startswith("default_digits-") for f in folders)
+    first, second = folders
+    assert sorted(os.listdir(first)) == ["config.yaml", "shared_update.msgpack", "summary.json"]
+    summary = json.loads((first / "summary.json").read_text())
+    shared, config = io.load_shared(first / "shared_update.msgpack")
+    assert OmegaConf.to_container(OmegaConf.load(first / "config.yaml")) == config
+    assert config["model"] == "lenet_zhu" and summary["model"]["name"] == "lenet_zhu"
+    assert summary["update"]["shapes"]["fc/0/kernel"] == [768, 10]
+    norm = float(np.sqrt(sum(np.sum(np.square(leaf)) for leaf in jax.tree_util.tree_leaves(shared.gradients))))
+    np.testing.assert_allclose(summary["update"]["global_norms"], [norm], rtol=1e-5)
+    assert summary["seed"] == 0 and json.loads((second / "summary.json").read_text())["seed"] == 1
+    assert summary["versions"]["jax"] == jax.__version__ and "epsilon" in summary["privacy"]
+    # The second run did not touch the first.
+    assert first == only and {f.name: f.read_bytes() for f in first.iterdir()} == before
+
+
+def test_an_existing_out_is_refused_before_computing_unless_forced(tmp_path, capsys):
+    import os
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "mine.txt").write_text("kept")
+    assert cli.main(["run", "model=lenet_zhu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--force" in err and str(out) in err
+    assert os.listdir(out) == ["mine.txt"]
+    single = tmp_path / "u.msgpack"
+    single.write_bytes(b"old")
+    assert cli.main(["run", "model=lenet_zhu", "--out", str(single)]) == 2
+    assert single.read_bytes() == b"old"
+    assert cli.main(["run", "model=lenet_zhu", "--out", str(out), "--force"]) == 0
+    assert {"config.yaml", "summary.json", "shared_update.msgpack", "mine.txt"} == set(os.listdir(out))
+
+
+def test_a_run_that_fails_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", "model=no_such_model"]) == 2
+    assert not (tmp_path / "runs").exists()

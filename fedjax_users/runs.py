@@ -1,0 +1,139 @@
+"""Where a ``fedjax-users run`` keeps what it computed: one folder per run, never overwritten.
+
+A run folder holds the fully composed case (``config.yaml``), what was computed
+(``summary.json``: the case, shapes, norms, the privacy guarantee, versions, timings) and the
+shared update of each query (``shared_update.msgpack``, or ``shared_update.queryN.msgpack`` for
+several queries; ``fedjax_users.io.load_shared`` reads them). Without ``--out`` the folder is
+``runs/<case>-<timestamp>/`` under the current folder; a folder or file that already exists is
+only written over with ``--force``. Both are decided before anything is computed, and the folder
+is made only once there is something to write.
+
+Example::
+
+    >>> import tempfile, os
+    >>> from fedjax_users import runs
+    >>> root = tempfile.mkdtemp()
+    >>> out = runs.prepare(None, "default_digits", force=False, root=root)
+    >>> os.path.basename(out.folder).startswith("default_digits-"), out.update_paths(1)[0].endswith("shared_update.msgpack")
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+from importlib import metadata
+from typing import Any, Optional
+
+from fedjax_users.io import SharedFileError
+
+UPDATE_FILE = "shared_update.msgpack"
+VERSIONED = ("fedjax-users", "jax", "jaxlib", "flax", "numpy")
+
+__all__ = ["RunOutput", "prepare", "versions"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOutput:
+    """Where one run writes: a run folder, or (``--out FILE.msgpack``) a single update file."""
+
+    folder: Optional[str]
+    update_file: Optional[str] = None
+
+    def create(self) -> None:
+        """Make the run folder (``prepare`` only checked that it can be made)."""
+        if self.folder is not None:
+            os.makedirs(self.folder, exist_ok=True)
+
+    def update_paths(self, queries: int) -> list[str]:
+        """The update file of each query."""
+        if self.update_file is not None:
+            stem, ext = os.path.splitext(self.update_file)
+            return [self.update_file] if queries == 1 else [f"{stem}.query{q}{ext}" for q in range(queries)]
+        stem, ext = os.path.splitext(UPDATE_FILE)
+        names = [UPDATE_FILE] if queries == 1 else [f"{stem}.query{q}{ext}" for q in range(queries)]
+        return [os.path.join(self.folder, name) for name in names]
+
+    def write(self, config: dict, summary: dict) -> list[str]:
+        """``config.yaml`` and ``summary.json`` into the run folder (nothing for a single update file)."""
+        if self.folder is None:
+            return []
+        from omegaconf import OmegaConf
+
+        paths = [os.path.join(self.folder, "config.yaml"), os.path.join(self.folder, "summary.json")]
+        with open(paths[0], "w") as handle:
+            handle.write(OmegaConf.to_yaml(OmegaConf.create(config)))
+        with open(paths[1], "w") as handle:
+            json.dump(summary, handle, indent=1, default=_plain)
+            handle.write("\n")
+        return paths
+
+
+def _plain(value: Any) -> Any:
+    """JSON for NumPy scalars and arrays that a summary may hold."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
+
+
+def prepare(out: Optional[str], case_name: str, force: bool, root: str = ".") -> RunOutput:
+    """Decide, before any computation, where a run writes, and create its folder.
+
+    Args:
+      out: ``--out``: a folder for the run, a path ending in ``.msgpack`` for the update alone, or
+        ``None`` for ``<root>/runs/<case_name>-<timestamp>/``.
+      case_name: names the default folder.
+      force: write into an ``out`` that already exists.
+      root: the folder that holds ``runs/`` (default: the current folder).
+
+    Returns:
+      The :class:`RunOutput` to write to.
+
+    Raises:
+      SharedFileError: ``out`` exists and ``force`` is off, or it cannot be written.
+    """
+    from fedjax_users import io
+
+    if out is not None and out.endswith(".msgpack"):
+        if os.path.exists(out) and not force:
+            raise SharedFileError(f"{out} exists: name another --out, or add --force to write over it")
+        io.check_writable(out)
+        return RunOutput(folder=None, update_file=out)
+    if out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = os.path.join(root, "runs", f"{_slug(case_name)}-{stamp}")
+        folder, n = base, 1
+        while os.path.exists(folder):  # two runs in the same second keep both
+            n += 1
+            folder = f"{base}-{n}"
+    else:
+        folder = out
+        if os.path.isfile(folder):
+            raise SharedFileError(f"--out {folder} is a file: name a folder (or a .msgpack file for the update alone)")
+        if os.path.isdir(folder) and os.listdir(folder) and not force:
+            raise SharedFileError(f"run folder {folder} already holds a run: name another --out, or add --force")
+    # Checked now, created only when there is something to write: a run that fails leaves nothing.
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise SharedFileError(f"cannot create the run folder {folder}: {existing} is not a writable folder")
+    return RunOutput(folder=folder)
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the packages a run's numbers depend on."""
+    found = {}
+    for name in VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "-"
+    return found
