@@ -67,9 +67,11 @@ parity-quick: venv-test
 parity: venv-test
 	$(BIN)/python -m parity --json results/parity.json
 
-# Rerun only the committed rows whose fingerprint no longer matches today's code.
+# Rerun only the committed rows whose fingerprint no longer matches today's code
+# (`make parity-stale RESULTS=results/parity.json` for the full grid's rows).
+RESULTS ?= results/parity_quick.json
 parity-stale: venv-test
-	$(BIN)/python -m parity --stale results/parity_quick.json
+	$(BIN)/python -m parity --stale $(RESULTS)
 
 bench: venv-test
 	$(BIN)/python -m benchmarks --quick

@@ -26,7 +26,7 @@ import os
 import re
 import time
 from importlib import metadata
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from fedjax_users.io import SharedFileError
 
@@ -128,10 +128,11 @@ def prepare(out: Optional[str], case_name: str, force: bool, root: str = ".") ->
     return RunOutput(folder=folder)
 
 
-def versions() -> dict[str, str]:
-    """Installed versions of the packages a run's numbers depend on."""
+def versions(names: Sequence[str] = VERSIONED) -> dict[str, str]:
+    """Installed versions of the packages ``names`` (default: those a run's numbers depend on);
+    ``"-"`` for one that is not installed."""
     found = {}
-    for name in VERSIONED:
+    for name in names:
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

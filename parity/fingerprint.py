@@ -33,7 +33,6 @@ import ast
 import functools
 import hashlib
 import os
-from importlib import metadata
 from typing import Iterable, Mapping, Optional
 
 from parity.cases import HF_TEXT_MODELS, Case
@@ -138,13 +137,9 @@ def case_sources(case: Case) -> list[str]:
 
 def versions(libraries: Iterable[str] = LIBRARIES) -> dict[str, str]:
     """Installed versions of the libraries a result depends on (``"-"`` when one is not installed)."""
-    found = {}
-    for name in libraries:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "-"
-    return found
+    from fedjax_users import runs
+
+    return runs.versions(tuple(libraries))
 
 
 @functools.lru_cache(maxsize=None)
