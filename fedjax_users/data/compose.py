@@ -41,6 +41,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fedjax_users.config import load_yaml_mapping
 from fedjax_users.data.errors import CaseConfigError
+from fedjax_users.suggestions import did_you_mean
 
 # The bundled configs ship inside the package (the checkout's top-level configs/ links to them).
 CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -173,9 +174,23 @@ def _split_overrides(
 _ABSENT = object()
 
 
+def _dotted_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Every key of ``cfg`` as a dotted path (``user.num_data_points``), blocks included."""
+    keys = []
+    for name in cfg.keys():
+        path = f"{prefix}{name}"
+        keys.append(path)
+        child = cfg._get_node(name)
+        if isinstance(child, DictConfig):
+            keys += _dotted_keys(child, path + ".")
+    return keys
+
+
 def _apply_override(cfg: DictConfig, key: str, value: str, may_add: bool) -> DictConfig:
     if not may_add and OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
-        raise CaseConfigError(f"override key {key!r} is not in the case (use +{key}=... to add a new key)")
+        hint = did_you_mean(key, _dotted_keys(cfg))
+        raise CaseConfigError(f"override key {key!r} is not in the case" + (f"; {hint}" if hint else "")
+                              + f" (use +{key}=... to add a new key)")
     try:
         return OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
     except (OmegaConfBaseException, TypeError, ValueError) as err:  # OmegaConf raises all three

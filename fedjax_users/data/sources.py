@@ -47,6 +47,7 @@ from fedjax_users.data.images import (
     parse_transforms,
 )
 from fedjax_users.data.masking import collate_fn, masked_lm
+from fedjax_users.suggestions import did_you_mean
 
 SPLITS = ("training", "validation")
 EMBEDDED_DIGITS = os.path.join(os.path.dirname(__file__), "digits.npz")
@@ -335,7 +336,9 @@ def load_examples(cfg_data) -> Examples:
     """The ``cfg_data.examples_from_split`` split of dataset ``cfg_data.name``, cut to ``cfg_data.size``."""
     name = cfg_data.get("name")
     if name not in SOURCES:
-        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(SOURCES)}")
+        hint = did_you_mean(str(name), SOURCES)
+        raise DataError(f"unknown dataset {name!r}; " + (f"{hint} " if hint else "")
+                        + f"known datasets: {', '.join(SOURCES)}")
     split = cfg_data.get("examples_from_split", "validation")
     _check_split(split)
     examples = SOURCES[name](cfg_data, split)

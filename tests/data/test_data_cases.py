@@ -1,6 +1,7 @@
 """Case files: composition, overrides, ``construct_users`` and its one-line errors."""
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -85,7 +86,7 @@ def test_case_outside_the_repo_finds_bundled_groups_and_its_own(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["user.bogus=1"], r"override key 'user.bogus' is not in the case \(use \+user.bogus"),
+        (["user.bogus=1"], r"override key 'user.bogus' is not in the case.* \(use \+user.bogus"),
         (["model"], "override 'model' is not of the form key=value"),
         (["data=nope"], "no data config named 'nope'"),
         (["=3"], "has no key"),
@@ -265,3 +266,13 @@ def test_group_files_have_their_own_defaults_beside_them(tmp_path):
     (tmp_path / "c.yaml").write_text("defaults:\n  - data: d\n  - user: local_gradient\nmodel: linear\n")
     cfg = load_case(tmp_path / "c.yaml")
     assert cfg.data.db.name == "mine" and cfg.data.size == 7 and "defaults" not in cfg.data
+
+
+@pytest.mark.parametrize("override, suggestion", [
+    ("user.num_data_point=4", "did you mean 'user.num_data_points'"),
+    ("dat.name=synthetic", "did you mean 'data.name'"),
+    ("data.name=synthtic", "did you mean 'synthetic'"),
+])
+def test_a_mistyped_key_or_dataset_gets_a_suggestion(override, suggestion):
+    with pytest.raises(DataError, match=re.escape(suggestion)):
+        construct_users(load_case(None, FAST + [override]), jax.random.key(0))

@@ -1,0 +1,38 @@
+"""'Did you mean' for a mistyped name: the known names closest to it, in one short clause.
+
+difflib's ratio is the right measure for typos of names (a dropped, doubled or swapped letter
+keeps it high) and needs no dependency.
+
+Example::
+
+    >>> from fedjax_users.suggestions import did_you_mean
+    >>> did_you_mean("user.num_data_point", ["user.num_data_points", "user.user_type", "data.name"])
+    "did you mean 'user.num_data_points'?"
+    >>> did_you_mean("zzz", ["data", "user"])
+    ''
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+__all__ = ["did_you_mean"]
+
+
+def did_you_mean(name: str, known: Iterable[str], limit: int = 3, cutoff: float = 0.6) -> str:
+    """``"did you mean 'a' or 'b'?"`` for the known names close to ``name``, ``""`` when none is.
+
+    Args:
+      name: what was asked for.
+      known: the names that exist.
+      limit: at most this many suggestions, closest first.
+      cutoff: the least difflib similarity (0 to 1) a suggestion needs.
+
+    Returns:
+      The clause, or an empty string.
+    """
+    close = difflib.get_close_matches(name, sorted(set(known)), n=limit, cutoff=cutoff)
+    if not close:
+        return ""
+    return "did you mean " + " or ".join(repr(c) for c in close) + "?"
