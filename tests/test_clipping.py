@@ -201,8 +201,13 @@ def test_chunks_equal_one_batch(name, fast, size):
     # 7 examples: chunks of 4 leave a short last chunk; train-mode BatchNorm makes the aux per
     # example. float64, so that the chunks' other summation order is far below the tolerance.
     # Compiled once per chunk size (not op by op, which compiled ~800 small programs per call).
+    # ConvNet stays op by op: compiled, its whole and 4-example-chunk programs differ by 1.7e-8
+    # relative in float64 (XLA fuses the two programs differently, and per-example train-mode
+    # statistics amplify the rounding, most likely), where op by op they agree to 1e-12 and the
+    # comparison isolates the chunking. Open question, in the CHANGELOG.
     build, shape = CASES[name]
-    clipped = jax.jit(clipping.clipped_mean_gradient, static_argnums=(0, 3, 4, 5))
+    clipped = clipping.clipped_mean_gradient if name == "ConvNet" else jax.jit(
+        clipping.clipped_mean_gradient, static_argnums=(0, 3, 4, 5))
     with jax.enable_x64(True):
         model = build()
         inputs = jax.random.normal(jax.random.key(9), (7,) + shape, jnp.float64)
