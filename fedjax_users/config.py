@@ -232,10 +232,26 @@ class UserConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> "UserConfig":
-        """Read a breaching user YAML file as it is, then apply ``key=value`` overrides."""
+        """Read a breaching user YAML file as it is, then apply ``key=value`` overrides.
+
+        Args:
+          path: a YAML file, or the name of one of breaching's user configs shipped in the package
+            (``"local_gradient"``, ``"local_updates"``, ``"multiuser_aggregate"``: :func:`user_config_names`),
+            found from any folder and in an installed wheel.
+          overrides: ``key=value`` items, as on breaching's command line.
+
+        Returns:
+          The validated config.
+
+        Example::
+
+            >>> UserConfig.from_yaml("local_updates", ["num_data_points=8"]).num_data_points
+            8
+        """
         from omegaconf import OmegaConf
         from omegaconf.errors import OmegaConfBaseException
 
+        path = _user_config_path(path)
         loaded = load_yaml_mapping(path)
         for item in overrides:
             if "=" not in item:
@@ -264,3 +280,27 @@ class UserConfig:
     def replace(self, **changes: Any) -> "UserConfig":
         """A copy with some keys changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+# breaching's user YAML files, shipped in the package (configs/user/NAME.yaml).
+USER_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "user")
+
+
+def user_config_names() -> list[str]:
+    """The names of the user configs shipped in the package."""
+    return sorted(os.path.splitext(f)[0] for f in os.listdir(USER_CONFIGS) if f.endswith(".yaml"))
+
+
+def _user_config_path(path: str | os.PathLike) -> str:
+    """``path`` itself, or the shipped config of that name: a bare name that is no file here."""
+    path = os.fspath(path)
+    if os.path.exists(path) or os.sep in path or path.endswith((".yaml", ".yml")):
+        return path
+    names = user_config_names()
+    if path not in names:
+        from fedjax_users.suggestions import did_you_mean
+
+        hint = did_you_mean(path, names)
+        raise ConfigError(f"no user config file or shipped user config named {path!r}; "
+                          + (f"{hint} " if hint else "") + f"shipped: {', '.join(names)}")
+    return os.path.join(USER_CONFIGS, path + ".yaml")

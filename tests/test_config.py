@@ -6,6 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import fedjax_users as fu
+from fedjax_users import ConfigError, UserConfig
 from parity import reference
 
 OUR_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "user")
@@ -338,3 +339,17 @@ def test_nan_written_in_the_yaml_file(tmp_path):
     path.write_text("user_type: local_gradient\nnum_data_points: 1\nlocal_diff_privacy:\n  per_example_clipping: .nan\n")
     with pytest.raises(fu.ConfigError, match="local_diff_privacy.per_example_clipping must be a finite number, got nan"):
         fu.UserConfig.from_yaml(path)
+
+
+def test_shipped_user_configs_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    from fedjax_users.config import USER_CONFIGS, user_config_names
+
+    monkeypatch.chdir(tmp_path)
+    assert user_config_names() == ["local_gradient", "local_updates", "multiuser_aggregate"]
+    by_name = UserConfig.from_yaml("local_updates", ["num_data_points=3"])
+    by_path = UserConfig.from_yaml(f"{USER_CONFIGS}/local_updates.yaml", ["num_data_points=3"])
+    assert by_name == by_path and by_name.user_type == "local_update" and by_name.num_data_points == 3
+    with pytest.raises(ConfigError, match="did you mean 'local_updates'"):
+        UserConfig.from_yaml("local_update")
+    with pytest.raises(ConfigError, match="config file not found"):  # a path is read as a path
+        UserConfig.from_yaml("configs/user/local_updates.yaml")
