@@ -297,17 +297,19 @@ def _run_case(args, cfg_case, case_path, overrides, output) -> int:
     num_users = cfg.num_users if cfg.user_type == "multiuser_aggregate" else 1
     kind = "parameter difference" if cfg.is_multi_step else "gradient"
     dtype = jax.tree_util.tree_leaves(case.payload.params)[0].dtype
+    batchnorm = _batchnorm_mode(case)
     print(f"case        {_case_name(cfg_case, case_path, overrides)}")
     print(f"user type   {cfg.user_type} ({num_users} user{'s' if num_users > 1 else ''}, "
           f"{cfg.num_data_points} examples each, user index {', '.join(map(str, case.user_indices[:8]))}"
           f"{'...' if len(case.user_indices) > 8 else ''})")
     print(f"data        {case.data_cfg.name}, {examples} examples held, inputs {tuple(case.data.inputs.shape)}")
     print(f"model       {cfg_case.model}, {_parameter_count(case.payload.params):,} parameters, {dtype}, "
-          f"{_batchnorm_mode(case)}")
+          f"{batchnorm}")
     print(_server_line(cfg_case, case))
-    norms = ", ".join(f"{float(privacy.global_norm(r.gradients)):.6g}" for r in results)
-    print(f"update      {kind}, global norm {norms}")
-    print(f"server sees {_describe_metadata(shared.metadata)}"
+    norms = [float(privacy.global_norm(r.gradients)) for r in results]
+    print(f"update      {kind}, global norm {', '.join(f'{n:.6g}' for n in norms)}")
+    server_sees = _describe_metadata(shared.metadata)
+    print(f"server sees {server_sees}"
           f"{', buffers' if shared.batch_stats is not None else ''}")
     privacy_line = _privacy_line(cfg_case, cfg, case.payload.params)
     print(privacy_line)
@@ -332,11 +334,10 @@ def _run_case(args, cfg_case, case_path, overrides, output) -> int:
         examples_per_user=cfg.num_data_points, user_indices=[int(i) for i in case.user_indices],
         data=dict(name=case.data_cfg.name, inputs=list(case.data.inputs.shape)),
         model=dict(name=cfg_case.model, parameters=_parameter_count(case.payload.params), dtype=str(dtype),
-                   batchnorm=_batchnorm_mode(case)),
-        update=dict(kind=kind, shapes=_shapes(shared.gradients),
-                    global_norms=[float(privacy.global_norm(r.gradients)) for r in results]),
-        server_sees=_describe_metadata(shared.metadata), privacy=privacy_line.split(None, 1)[1],
-        seconds=dict(first_call=first, steady_state=steady), platform=jax.devices()[0].platform,
+                   batchnorm=batchnorm),
+        update=dict(kind=kind, shapes=_shapes(shared.gradients), global_norms=norms),
+        server_sees=server_sees, privacy=privacy_line.split(None, 1)[1],
+        seconds=dict(first_call=first, steady_state=steady), platform=platform,
         seed=args.seed, versions=runs.versions(), files=[os.path.basename(p) for p in paths],
     )
     written = output.write(config, summary)

@@ -50,12 +50,9 @@ class RunOutput:
 
     def update_paths(self, queries: int) -> list[str]:
         """The update file of each query."""
-        if self.update_file is not None:
-            stem, ext = os.path.splitext(self.update_file)
-            return [self.update_file] if queries == 1 else [f"{stem}.query{q}{ext}" for q in range(queries)]
-        stem, ext = os.path.splitext(UPDATE_FILE)
-        names = [UPDATE_FILE] if queries == 1 else [f"{stem}.query{q}{ext}" for q in range(queries)]
-        return [os.path.join(self.folder, name) for name in names]
+        single = self.update_file if self.update_file is not None else os.path.join(self.folder, UPDATE_FILE)
+        stem, ext = os.path.splitext(single)
+        return [single] if queries == 1 else [f"{stem}.query{q}{ext}" for q in range(queries)]
 
     def write(self, config: dict, summary: dict) -> list[str]:
         """``config.yaml`` and ``summary.json`` into the run folder (nothing for a single update file)."""
