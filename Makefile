@@ -84,7 +84,7 @@ lock:
 	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOLS)/pip-compile -q --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
 		-o $(RUN_LOCK) pyproject.toml
 	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOLS)/pip-compile -q --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
-		--extra parity --extra test --extra bench -o $(TEST_LOCK) pyproject.toml
+		--extra parity --extra test -o $(TEST_LOCK) pyproject.toml
 	sed -i 's/^torch==\(.*\)+cpu$$/torch==\1/' $(TEST_LOCK)
 
 clean:
