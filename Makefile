@@ -18,8 +18,11 @@ $(BIN)/python:
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
 
 # Stamp files: an install runs again only when the lock or pyproject.toml changed.
+# breaching (180 kB, --no-deps: nothing of it is imported by a run) brings its case files, which
+# `fedjax-users cases` lists and `fedjax-users run NAME` runs.
 $(VENV)/.run-installed: $(RUN_LOCK) pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -r $(RUN_LOCK)
+	$(BIN)/pip install -q --no-deps breaching==0.1.2
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
