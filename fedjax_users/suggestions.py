@@ -10,6 +10,8 @@ Example::
     "did you mean 'user.num_data_points'?"
     >>> did_you_mean("zzz", ["data", "user"])
     ''
+    >>> did_you_mean("resnet81", ["ResNet18", "ResNet34", "ConvNet"], ignore_case=True)
+    "did you mean 'ResNet18'?"
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Iterable
 __all__ = ["did_you_mean"]
 
 
-def did_you_mean(name: str, known: Iterable[str], limit: int = 3, cutoff: float = 0.6) -> str:
+def did_you_mean(name: str, known: Iterable[str], limit: int = 3, cutoff: float = 0.6,
+                 ignore_case: bool = False) -> str:
     """``"did you mean 'a' or 'b'?"`` for the known names close to ``name``, ``""`` when none is.
 
     Args:
@@ -28,11 +31,14 @@ def did_you_mean(name: str, known: Iterable[str], limit: int = 3, cutoff: float 
       known: the names that exist.
       limit: at most this many suggestions, closest first.
       cutoff: the least difflib similarity (0 to 1) a suggestion needs.
+      ignore_case: compare lower-cased (model names match case-insensitively, as in breaching);
+        the suggestions keep their own spelling.
 
     Returns:
       The clause, or an empty string.
     """
-    close = difflib.get_close_matches(name, sorted(set(known)), n=limit, cutoff=cutoff)
+    spelled = {(k.lower() if ignore_case else k): k for k in sorted(set(known))}
+    close = difflib.get_close_matches(name.lower() if ignore_case else name, list(spelled), n=limit, cutoff=cutoff)
     if not close:
         return ""
-    return "did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return "did you mean " + " or ".join(repr(spelled[c]) for c in close) + "?"

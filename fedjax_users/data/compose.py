@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Sequence
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -48,6 +49,7 @@ CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 DEFAULT_CASE = os.path.join(CONFIG_ROOT, "case", "default.yaml")
 SELF = "_self_"
 INHERIT = "inherit"
+HYDRA_FLOATS = {"nan": float("nan"), "inf": float("inf"), "+inf": float("inf"), "-inf": float("-inf")}
 # Keys a case may set on the command line without ``+`` although breaching's files lack them.
 OPTIONAL_KEYS = {"server.weights": None}
 
@@ -191,8 +193,15 @@ def _apply_override(cfg: DictConfig, key: str, value: str, may_add: bool) -> Dic
         hint = did_you_mean(key, _dotted_keys(cfg))
         raise CaseConfigError(f"override key {key!r} is not in the case" + (f"; {hint}" if hint else "")
                               + f" (use +{key}=... to add a new key)")
+    if value.lower() in HYDRA_FLOATS:
+        # Hydra's override grammar (breaching's command line) reads nan and inf as floats; YAML,
+        # which OmegaConf's dotlist uses, reads them as strings and only .nan / .inf as floats.
+        return OmegaConf.merge(cfg, OmegaConf.create(_nest(tuple(key.split(".")), HYDRA_FLOATS[value.lower()])))
     try:
         return OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
+    except yaml.YAMLError as err:  # an unclosed [ or {: the parser's message, without its context lines
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise CaseConfigError(f"cannot parse override {key}={value}: {problem}") from None
     except (OmegaConfBaseException, TypeError, ValueError) as err:  # OmegaConf raises all three
         raise CaseConfigError(f"cannot apply override {key}={value}: {err}".replace("\n", " ")) from None
 

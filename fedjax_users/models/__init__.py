@@ -15,6 +15,7 @@ import flax.linen as nn
 
 from fedjax_users.models import huggingface, vision
 from fedjax_users.models.dtypes import Dtype, layer_dtypes
+from fedjax_users.suggestions import did_you_mean
 
 Constructor = Callable[..., nn.Module]
 
@@ -58,9 +59,10 @@ def get(
     if not matches and modality == "text":
         return huggingface.build(name, num_classes, task, dtype, param_dtype, known=names(modality))
     if not matches:
-        raise ValueError(
-            f"unknown {modality} model {name!r}; known {modality} models: {names(modality)}"
-        )
+        # The suggestions are the short list; the whole table (about a hundred names) is one call away.
+        hint = did_you_mean(name, table, ignore_case=True)
+        raise ValueError(f"unknown {modality} model {name!r}" + (f"; {hint}" if hint else "")
+                         + f" ({len(table)} {modality} models: fedjax_users.models.names({modality!r}) lists them)")
     exact = name if name in table else matches[0]
     return table[exact](num_classes=num_classes, num_channels=num_channels, **layer_dtypes(dtype, param_dtype))
 
