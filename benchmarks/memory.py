@@ -87,7 +87,7 @@ def measure_here(
     gc.collect()
     rss_before = _status_kib("VmRSS") / 1024
     reset = _reset_peak()
-    strategy = fu.strategy.choose(flax_model, payload, fu.UserData(inputs=inputs, labels=labels), cfg,
+    strategy = fu.choose_strategy(flax_model, payload, fu.UserData(inputs=inputs, labels=labels), cfg,
                                   fu.strategy.Strategy(users_per_chunk=users_per_chunk))
     per_device = sharding.users_per_device(users, sharding.users_mesh(strategy.devices))
     chunks = chunking.num_chunks(per_device, strategy.users_per_chunk)

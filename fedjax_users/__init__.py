@@ -9,7 +9,7 @@ from fedjax_users.types import (
     TrueUserData,
     UserData,
 )
-from fedjax_users.users import aggregate, local_gradient, local_update, step_slices
+from fedjax_users.users import aggregate, choose_strategy, local_gradient, local_update, step_slices
 from fedjax_users.validation import InputError, InputTypeError, NonFiniteError
 
 __version__ = "0.1.0"
@@ -48,6 +48,7 @@ __all__ = [
     "UserConfig",
     "UserData",
     "aggregate",
+    "choose_strategy",
     "local_gradient",
     "local_update",
     "step_slices",

@@ -23,7 +23,8 @@ import numpy as np
 from fedjax_users import privacy, semantics, validation
 from fedjax_users.config import UserConfig
 from fedjax_users.losses import LossFn, mean_loss, softmax_cross_entropy
-from fedjax_users.strategy import Strategy, chunking, clipping, compilation, cpu, patches, sharding
+from fedjax_users import strategy as strategy_lib
+from fedjax_users.strategy import Strategy, chunking, clipping, compilation, patches, sharding
 from fedjax_users.types import Metadata, ServerPayload, SharedData, TrueUserData, UserData
 
 Array = jax.Array
@@ -285,28 +286,21 @@ def _aggregate_chunks_jit(model, loss_fn, cfg, strategy, mesh, shared, users, va
     )
 
 
-def _choose(model, loss, user_cfg, payload, users, strategy: Optional[Strategy]) -> Strategy:
+def _choose(model, loss, user_cfg, payload, users, strategy: Optional[Strategy],
+            platform: Optional[str] = None) -> Strategy:
     """``strategy`` with its open fields chosen for ``users`` = (own stats, inputs, labels, keys), all stacked."""
-    strategy = strategy or Strategy()
-    devices = strategy.devices or tuple(jax.devices())
-    per_device = sharding.users_per_device(users[1].shape[0], sharding.users_mesh(devices))
-    per_user_convs = strategy.per_user_convs
-    if per_user_convs is None:
-        per_user_convs = cpu.is_cpu(devices)  # measured only there
-    users_per_chunk = strategy.users_per_chunk
-    if users_per_chunk is None:
-        # Sized with the im2col steps when they may run: their patches take more memory.
+
+    def users_per_chunk_for(sizing: Strategy, per_device: int, platform: str) -> int:
+        # What one user needs: XLA's memory estimate of this very computation for one user.
         cfg = compute_config(user_cfg)
-        sizing = strategy.replace(per_user_convs=per_user_convs)
         one_user = functools.partial(_user_core, model, loss, cfg, sizing)
         first = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), users)
-        users_per_chunk = chunking.auto_users_per_chunk(
+        return chunking.auto_users_per_chunk(
             one_user, (payload.params, payload.batch_stats) + first, per_device, cache_key=(model, loss, cfg, sizing),
+            platform=platform,
         )
-    size = min(users_per_chunk, per_device)
-    # One user per chunk has one set of kernels: vmap keeps its convolutions plain.
-    per_user_convs = bool(per_user_convs) and size > 1 and user_cfg.is_multi_step
-    return strategy.replace(devices=devices, users_per_chunk=size, per_user_convs=per_user_convs)
+
+    return strategy_lib.choose(strategy, users[1].shape[0], user_cfg.is_multi_step, users_per_chunk_for, platform)
 
 
 def _stacked_users_spec(model, payload: ServerPayload, users_data: UserData, cfg: UserConfig) -> tuple:
@@ -327,11 +321,22 @@ def _stacked_users_spec(model, payload: ServerPayload, users_data: UserData, cfg
 
 
 def choose_strategy(model, payload: ServerPayload, users_data: UserData, cfg: UserConfig,
-                    strategy: Optional[Strategy] = None, loss: Optional[LossFn] = None) -> Strategy:
-    """The strategy ``aggregate`` would run these users with (``fedjax_users.strategy.choose``)."""
+                    strategy: Optional[Strategy] = None, loss: Optional[LossFn] = None,
+                    platform: Optional[str] = None) -> Strategy:
+    """The strategy ``aggregate`` would run these users with; nothing is computed.
+
+    Args:
+      model, payload, users_data, cfg, loss: as for ``aggregate``.
+      strategy: the fields already decided; the open ones are chosen (``fedjax_users.strategy.choose``).
+      platform: choose as for this platform (``"gpu"``, ``"tpu"``) instead of the devices' own:
+        what an accelerator would run, checked on a CPU.
+
+    Returns:
+      The ``fedjax_users.strategy.Strategy`` with every field set.
+    """
     users = _stacked_users_spec(model, payload, users_data, cfg)
     return _choose(model, loss or softmax_cross_entropy, _per_user_config(cfg, cfg.is_multi_step), payload, users,
-                   strategy)
+                   strategy, platform)
 
 
 def aggregate(
@@ -356,9 +361,9 @@ def aggregate(
     How the users run is ``strategy`` (``fedjax_users.strategy.Strategy``): the devices the users
     axis is split over (default every device, of every host after ``jax.distributed.initialize``),
     the users each device runs at a time, im2col convolutions for multi-step users; its open fields
-    are chosen by ``fedjax_users.strategy.choose``, which says what a call would use.
+    are chosen by ``fedjax_users.strategy.choose``; ``fu.choose_strategy`` says what a call would use.
     ``progress(users done, users)`` is called on the host as chunks finish (for example
-    ``fedjax_users.progress.TextProgress()``); it is not called under an outer ``jit``.
+    ``fedjax_users.progress.Progress().counter("users")``); it is not called under an outer ``jit``.
     ``check_finite`` as in ``local_gradient``; a non-finite mean names the first user whose own
     update is non-finite, and its local step (found only on that error path).
     """

@@ -258,17 +258,41 @@ def test_the_chosen_strategy_is_the_one_aggregate_runs():
     payload, data, cfg = server_payload(model, xs[0]), fu.UserData(inputs=xs, labels=ys), _cfg(steps=2)
     one = jax.devices()[:1]
     for chunk, flag, expected in ((2, False, (2, False)), (2, True, (2, True)), (1, True, (1, False)), (9, None, (5, True))):
-        chosen = fu.strategy.choose(model, payload, data, cfg, fu.strategy.Strategy(devices=one, users_per_chunk=chunk, per_user_convs=flag))
+        chosen = fu.choose_strategy(model, payload, data, cfg, fu.strategy.Strategy(devices=one, users_per_chunk=chunk, per_user_convs=flag))
         assert (chosen.users_per_chunk, chosen.per_user_convs) == expected
         assert chosen.devices == tuple(one)
-    chosen = fu.strategy.choose(model, payload, data, cfg, fu.strategy.Strategy(devices=one, per_user_convs=False))
+    chosen = fu.choose_strategy(model, payload, data, cfg, fu.strategy.Strategy(devices=one, per_user_convs=False))
     reports = []
     fu.aggregate(model, payload, data, cfg, jax.random.key(0), strategy=fu.strategy.Strategy(devices=one, per_user_convs=False),
                  progress=lambda done, total: reports.append(done))
     assert len(reports) == -(-USERS // chosen.users_per_chunk) + 1  # before the first chunk, then after each
     # Single-step users never take the matmul path (their kernels are the server's).
-    single = fu.strategy.choose(model, payload, data, _cfg(steps=1), fu.strategy.Strategy(devices=one, users_per_chunk=2, per_user_convs=True))
+    single = fu.choose_strategy(model, payload, data, _cfg(steps=1), fu.strategy.Strategy(devices=one, users_per_chunk=2, per_user_convs=True))
     assert not single.per_user_convs
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_what_an_accelerator_would_run_runs_here_and_computes_the_same(platform, monkeypatch):
+    # The choice is made from the platform's name (issue 27): forced here, it is the strategy a GPU
+    # or TPU would get, run on this CPU, so that the first accelerator run measures speed only.
+    from fedjax_users.strategy import chunking, cpu
+
+    model = TinyBNNet()
+    xs, ys = _users_data(seed=11)
+    payload, data, cfg = server_payload(model, xs[0]), fu.UserData(inputs=xs, labels=ys), _cfg(steps=2)
+    one = jax.devices()[:1]
+    here = fu.choose_strategy(model, payload, data, cfg, fu.strategy.Strategy(devices=one))
+    # Off CPU the users' budget is a quarter of the free memory, not cpu.USERS_CHUNK_BYTES: shrink
+    # the CPU cap so that the two choices must differ if the platform is not what decides.
+    monkeypatch.setattr(cpu, "USERS_CHUNK_BYTES", 1)
+    capped = fu.choose_strategy(model, payload, data, cfg, fu.strategy.Strategy(devices=one))
+    chunking._BYTES_CACHE.clear()
+    away = fu.choose_strategy(model, payload, data, cfg, fu.strategy.Strategy(devices=one), platform=platform)
+    assert here.per_user_convs and not away.per_user_convs  # im2col steps: measured on CPU only
+    assert capped.users_per_chunk == 1 and away.users_per_chunk == USERS
+    ran, _ = fu.aggregate(model, payload, data, cfg, jax.random.key(0), strategy=away)
+    plain, _ = fu.aggregate(model, payload, data, cfg, jax.random.key(0), strategy=here)
+    assert_trees_close(ran.gradients, plain.gradients, rtol=1e-5, atol=1e-6)
 
 
 def test_a_strategy_with_bad_values_is_refused_before_computing():

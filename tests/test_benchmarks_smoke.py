@@ -73,7 +73,7 @@ def test_memory_run_reports_a_peak():
     assert "error" not in result, result
     assert result["finite"] and result["users"] == 4
     # 4 users split over the child's devices (4 under the test command's XLA_FLAGS), in chunks of
-    # at most 2 a device, as fu.strategy.choose reports them.
+    # at most 2 a device, as fu.choose_strategy reports them.
     per_device = -(-4 // result["devices"])
     assert result["chunk_users"] == min(2, per_device)
     assert result["chunks"] == -(-per_device // min(2, per_device))

@@ -396,7 +396,7 @@ def test_aggregate_paths_give_the_derivatives_of_the_users_one_by_one(name):
     case, expected = AGGREGATE_PATHS[name]
     inputs, params, labels, key = case_args(case)
     payload = fu.ServerPayload(params=params, batch_stats=case_data(case)[0].batch_stats)
-    chosen = fu.strategy.choose(make_model(case.model), payload, fu.UserData(inputs=inputs, labels=labels),
+    chosen = fu.choose_strategy(make_model(case.model), payload, fu.UserData(inputs=inputs, labels=labels),
                                 case.config(), case.strategy_for())
     assert (chosen.users_per_chunk, chosen.per_user_convs) == expected
     got = jit(probe_grad(user_fn(case)))(inputs, params, labels, key)

@@ -16,7 +16,7 @@ tuned constants).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -72,14 +72,55 @@ class Strategy:
         return dataclasses.replace(self, **changes)
 
 
-def choose(model, payload, users_data, cfg, strategy: Optional[Strategy] = None, loss=None) -> Strategy:
-    """The strategy ``fu.aggregate`` runs these users with: ``strategy``'s open fields filled in.
+def choose(
+    strategy: Optional[Strategy],
+    num_users: int,
+    multi_step: bool,
+    users_per_chunk_for: Callable[[Strategy, int, str], int],
+    platform: Optional[str] = None,
+) -> Strategy:
+    """``strategy`` with its open fields filled in for an aggregate of ``num_users`` users.
 
-    Nothing is computed; the automatic chunk of users is sized from what XLA says one user needs.
+    What one user needs is the caller's to say (``users_per_chunk_for``): this function decides
+    from it, the devices and the platform, and from nothing else, so the choice an accelerator
+    would get runs on a CPU by naming its platform. ``fedjax_users.choose_strategy`` is the same
+    choice for a model, its payload, users and config, as ``fu.aggregate`` makes it.
+
+    Args:
+      strategy: the fields already decided (``None``: none are).
+      num_users: users in the aggregate.
+      multi_step: whether each user takes several local steps (only those run im2col convolutions).
+      users_per_chunk_for: ``(sizing strategy, users each device holds, platform)`` -> the most
+        users a device should run at a time; called only when ``users_per_chunk`` is open.
+      platform: ``"cpu"``, ``"gpu"`` or ``"tpu"``; default: that of the strategy's devices.
+
+    Returns:
+      A strategy with ``devices``, ``users_per_chunk`` and ``per_user_convs`` set.
+
+    Example::
+
+        >>> from fedjax_users import strategy
+        >>> chosen = strategy.choose(None, 10, True, lambda sizing, held, platform: 4, platform="gpu")
+        >>> chosen.users_per_chunk <= 4, chosen.per_user_convs
+        (True, False)
     """
-    from fedjax_users import users  # the users' computation is what the chunk is sized for
+    from fedjax_users.strategy import sharding
 
-    return users.choose_strategy(model, payload, users_data, cfg, strategy, loss)
+    strategy = strategy or Strategy()
+    devices = strategy.devices or tuple(jax.devices())
+    platform = platform or platform_of(devices)
+    per_device = sharding.users_per_device(num_users, sharding.users_mesh(devices))
+    per_user_convs = strategy.per_user_convs
+    if per_user_convs is None:
+        per_user_convs = platform == "cpu"  # measured only there
+    users_per_chunk = strategy.users_per_chunk
+    if users_per_chunk is None:
+        # Sized with the im2col steps when they may run: their patches take more memory.
+        users_per_chunk = users_per_chunk_for(strategy.replace(per_user_convs=per_user_convs), per_device, platform)
+    size = min(users_per_chunk, per_device)
+    # One user per chunk has one set of kernels: vmap keeps its convolutions plain.
+    per_user_convs = bool(per_user_convs) and size > 1 and multi_step
+    return strategy.replace(devices=devices, users_per_chunk=size, per_user_convs=per_user_convs)
 
 
 __all__ = ["Strategy", "choose", "compiler_options", "cpu", "jit", "platform_of"]

@@ -241,17 +241,19 @@ def auto_users_per_chunk(
     num_users: int,
     budget_bytes: Optional[int] = None,
     cache_key: Optional[Hashable] = None,
+    platform: Optional[str] = None,
 ) -> int:
     """Users per chunk so that a chunk fits ``budget_bytes``.
 
     The default budget is a quarter of the free memory, and at most ``cpu.USERS_CHUNK_BYTES`` on a CPU
-    backend (where small chunks run fastest). ``one_user_args`` are one user's arguments (arrays
+    backend (where small chunks run fastest); ``platform`` (default: that of ``jax.devices()``)
+    says which. ``one_user_args`` are one user's arguments (arrays
     or ``ShapeDtypeStruct``); the per-user cost comes from compiling ``fn`` for them once (cached
     under ``cache_key`` when given). The result is at least 1 and at most ``num_users``.
     """
     if budget_bytes is None:
         budget_bytes = int(DEFAULT_MEMORY_FRACTION * available_memory_bytes())
-        if cpu.is_cpu():
+        if (platform or cpu.platform_of()) == "cpu":
             budget_bytes = min(budget_bytes, cpu.USERS_CHUNK_BYTES)
     if cache_key is None:
         cost = per_user_bytes(fn, *one_user_args)
