@@ -48,17 +48,18 @@ $(TORCHVISION_SRC)/torchvision/models/resnet.py: | $(BIN)/python
 run: venv
 	$(BIN)/fedjax-users run
 
-# What CI runs: every module on small models, with line coverage of fedjax_users/ (at least 90%).
+# What CI runs: every module on small models, with line coverage of fedjax_users/ (at least 90%),
+# and the examples in fedjax_users' docstrings (--doctest-modules).
 # Compiled with LLVM's first optimisation level instead of its third: most of this tier's time is
 # compiling small programs that run once (docs/testing.md measures both). The slower tiers and the
 # parity grids compile as users do.
 test: venv-test
-	XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=1" $(BIN)/python -m pytest tests -m "not slow and not heavy" -n $(WORKERS) --dist loadfile --durations=15 \
+	XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=1" $(BIN)/python -m pytest tests fedjax_users --doctest-modules -m "not slow and not heavy" -n $(WORKERS) --dist loadfile --durations=15 \
 		--cov=fedjax_users --cov-report=term:skip-covered --cov-fail-under=90
 
 # The slower tier: subprocess and multi-process sharding, the breaching case files, large models.
 test-full: venv-test
-	$(PYTEST) tests -m "not heavy" -n $(WORKERS) --durations=30
+	$(PYTEST) tests fedjax_users --doctest-modules -m "not heavy" -n $(WORKERS) --durations=30
 
 # The zoo's deep models checked name by name against their references.
 test-heavy: venv-test

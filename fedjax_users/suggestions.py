@@ -11,7 +11,7 @@ Example::
     >>> did_you_mean("zzz", ["data", "user"])
     ''
     >>> did_you_mean("resnet81", ["ResNet18", "ResNet34", "ConvNet"], ignore_case=True)
-    "did you mean 'ResNet18'?"
+    "did you mean 'ResNet18' or 'ResNet34'?"
 """
 
 from __future__ import annotations
