@@ -1,0 +1,120 @@
+"""Digests of what our users compute for the parity grid's cases: a refactor's proof of "nothing changed".
+
+A parity row says our result is within a bound of the reference; a refactor of the core promises
+more: the same bits. ``python -m parity.digest --json before.json`` runs our side only of each case
+(the drop-in users, as ``check_parity`` runs them: noise off, then the case's noise on) and
+records a SHA-256 of every tensor the server and the attacker would see; ``--compare a.json
+b.json`` names the cases and tensors whose bits differ. The reference is not run, so the quick
+grid's 51 cases take minutes, not the grid's ten.
+
+Run it on the code before a change (``git worktree add /tmp/before HEAD``, then from that folder)
+and after it, then compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from fedjax_users.interop import breaching as parity_check
+from parity import cases as grid
+from parity import harness
+
+
+class _Captured(Exception):
+    """Stops ``check_parity`` once our side has run: the comparison is not wanted here."""
+
+    def __init__(self, outputs: dict):
+        super().__init__("captured")
+        self.outputs = outputs
+
+
+def _flatten(value: Any, prefix: str, into: dict[str, str]) -> None:
+    """``{"shared/gradients/0": sha256, ...}`` for every tensor or array in ``value``."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray) or np.isscalar(value):
+        array = np.ascontiguousarray(np.asarray(value))
+        into[prefix] = f"{array.dtype}{list(array.shape)}:{hashlib.sha256(array.tobytes()).hexdigest()[:16]}"
+    elif isinstance(value, dict):
+        for key in sorted(value, key=str):
+            _flatten(value[key], f"{prefix}/{key}", into)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _flatten(item, f"{prefix}/{i}", into)
+    elif value is not None and not isinstance(value, str):
+        into[prefix] = repr(value)
+
+
+def case_digest(case: grid.Case) -> dict[str, str]:
+    """Digests of our outputs for ``case``: with its noise off and (if it has noise) on."""
+    original = parity_check._run_ours
+
+    def ours_only(setting, model, users_data, cfg, key):
+        outputs = {"clean": original(setting, model, users_data, cfg, key)}
+        if parity_check._has_noise(setting.cfg):
+            outputs["noised"] = original(setting, model, users_data, setting.cfg, key)
+        raise _Captured(outputs)
+
+    parity_check._run_ours = ours_only
+    parity_check_reference = parity_check._run_reference
+    parity_check._run_reference = lambda *args: None
+    try:
+        harness.run_case(case)
+    except _Captured as captured:
+        digests: dict[str, str] = {}
+        _flatten(captured.outputs, "", digests)
+        return digests
+    finally:
+        parity_check._run_ours = original
+        parity_check._run_reference = parity_check_reference
+    raise RuntimeError(f"{case.name}: our side did not run")
+
+
+def compare(before: dict, after: dict) -> list[str]:
+    """Lines naming each case and tensor whose digest differs, or that one side lacks."""
+    lines = []
+    for name in sorted(set(before) | set(after)):
+        a, b = before.get(name), after.get(name)
+        if a is None or b is None:
+            lines.append(f"{name}: only in {'the second' if a is None else 'the first'}")
+            continue
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                lines.append(f"{name} {key}: {a.get(key)} != {b.get(key)}")
+    return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m parity.digest", description=__doc__.split("\n")[0])
+    parser.add_argument("--json", help="write the digests of the quick grid (or --cases) here")
+    parser.add_argument("--cases", nargs="+", help="exact case names (default: the quick grid)")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="compare two digest files")
+    args = parser.parse_args(argv)
+    if args.compare:
+        before, after = (json.load(open(path)) for path in args.compare)
+        lines = compare(before, after)
+        print("\n".join(lines) if lines else f"{len(before)} cases, every tensor bit-identical")
+        return 1 if lines else 0
+    chosen = grid.all_cases(quick=True)
+    if args.cases:
+        by_name = grid.cases_by_name()
+        chosen = [by_name[name] for name in args.cases]
+    digests = {}
+    for i, case in enumerate(chosen):
+        digests[case.name] = case_digest(case)
+        print(f"[{i + 1}/{len(chosen)}] {case.name}: {len(digests[case.name])} tensors", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(digests, handle, indent=1, sort_keys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
