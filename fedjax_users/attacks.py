@@ -12,7 +12,9 @@ modes) is part of the attacker's model of it; see ``docs/attacks.md``.
 
 ``python -m fedjax_users.attacks`` inverts a shipped digit image (``fedjax_users/data/digits.npz``)
 from a ``local_gradient`` and a 2-step ``local_update`` of ``lenet_zhu``, once with the user's true
-update and once with another image's, and prints the PSNR of each reconstruction.
+update and once with another image's, prints the PSNR of each reconstruction and writes the
+originals and reconstructions as an image grid (``--out``; default
+``runs/attack-<timestamp>/attack_grid.png``).
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from matplotlib.figure import Figure
 
 import fedjax_users as fu
-from fedjax_users import models
+from fedjax_users import models, plots, runs
 from fedjax_users.data.sources import embedded_digits
 
 Array = jax.Array
@@ -192,6 +196,12 @@ class Result:
     reconstruction: np.ndarray
 
 
+def wrong_index() -> int:
+    """The digit behind the wrong observation: the first validation image of another class."""
+    _, labels = digit_images()
+    return int(np.flatnonzero(labels != labels[TRUE_INDEX])[0])
+
+
 def nearest_other_digit(index: int = TRUE_INDEX) -> tuple[int, float]:
     """The other validation digit closest to digit ``index``, and its PSNR against it.
 
@@ -240,7 +250,7 @@ def run_example(config: AttackConfig = AttackConfig(), users: Optional[Sequence[
     """Invert the digit ``TRUE_INDEX`` from each user's true update and from another image's."""
     images, labels = digit_images()
     truth = jnp.asarray(images[TRUE_INDEX : TRUE_INDEX + 1])
-    other = int(np.flatnonzero(labels != labels[TRUE_INDEX])[0])
+    other = wrong_index()
     wrong = jnp.asarray(images[other : other + 1])
     model, params = example_server(model_seed)
     results = []
@@ -258,28 +268,120 @@ def run_example(config: AttackConfig = AttackConfig(), users: Optional[Sequence[
     return results
 
 
+# The picture: one row per model seed and user, these columns.
+GRID_FILE = "attack_grid.png"
+GRID_COLUMNS = ("original", "from the true update", "from a wrong update")
+
+
+def write_grid(path: str | os.PathLike, results: Sequence[tuple[int, Sequence[Result]]]) -> Figure:
+    """Write the example's originals and reconstructions as an image grid (``plots.image_grid``).
+
+    Args:
+      path: the picture file.
+      results: ``(model seed, run_example(...) of that seed)`` pairs; each user of each seed is a
+        row: the true digit, its reconstruction from the user's true update, and from the wrong one.
+
+    Returns:
+      The drawn figure: one axes per panel, row by row.
+
+    Example::
+
+        write_grid("grid.png", [(MODEL_SEED, run_example())])
+    """
+    images, labels = digit_images()
+    truth = images[TRUE_INDEX]
+    rows, titles, row_labels = [], [], []
+    for seed, seed_results in results:
+        by_key = {(r.user, r.observed): r for r in seed_results}
+        for user in dict.fromkeys(r.user for r in seed_results):
+            true, wrong = by_key[(user, "true")], by_key[(user, "wrong")]
+            rows.append([truth, true.reconstruction[0], wrong.reconstruction[0]])
+            titles.append([f"digit {TRUE_INDEX} (a {labels[TRUE_INDEX]})",
+                           f"PSNR {true.psnr:.2f} dB, label {true.label}",
+                           f"PSNR {wrong.psnr:.2f} dB, label {wrong.label}"])
+            row_labels.append(f"{user}\nmodel seed {seed}")
+    return plots.image_grid(rows, path, titles=titles, row_labels=row_labels, column_labels=list(GRID_COLUMNS))
+
+
+def picture_output(out: Optional[str], force: bool) -> tuple[str, Optional[runs.RunOutput]]:
+    """Where ``main`` writes its picture, decided before the attack runs.
+
+    Args:
+      out: ``--out``: a picture file (a name with an extension, e.g. ``grid.png``), a folder, or
+        ``None`` for a new run folder ``runs/attack-<timestamp>/``, as ``fedjax-users run`` makes.
+        In a folder the picture is ``attack_grid.png``.
+      force: write over an existing picture file, or into a folder that already holds files.
+
+    Returns:
+      The picture's path, and the run folder to create before writing it (``None`` for a file).
+
+    Raises:
+      ValueError: ``out`` exists and ``force`` is off, or cannot be written.
+    """
+    if out is not None and not os.path.isdir(out) and os.path.splitext(out)[1]:
+        return plots.check_picture_path(out, force), None
+    output = runs.prepare(out, "attack", force)
+    return os.path.join(output.folder, GRID_FILE), output
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """``python -m fedjax_users.attacks``: print the example's PSNRs."""
+    """``python -m fedjax_users.attacks``: print the example's PSNRs and write its image grid."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = AttackConfig()
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--restarts", type=int, default=defaults.restarts)
     parser.add_argument("--model-seeds", type=int, nargs="+", default=[MODEL_SEED],
                         help="seeds of the server's lenet_zhu weights, one run each")
+    parser.add_argument("--out", default=None,
+                        help=f"the picture (e.g. grid.png), or a folder for {GRID_FILE} "
+                             "(default: a new runs/attack-<timestamp>/)")
+    parser.add_argument("--force", action="store_true", help="write over an --out that already exists")
     args = parser.parse_args(argv)
+    try:
+        # Decided before the attack runs: a minute of computing must not end in "file exists".
+        picture, folder = picture_output(args.out, args.force)
+    except ValueError as err:
+        parser.error(str(err))
     config = dataclasses.replace(defaults, steps=args.steps, restarts=args.restarts)
     _, labels = digit_images()
     nearest, nearest_psnr = nearest_other_digit()
+    other = wrong_index()
     print(f"lenet_zhu, validation digit {TRUE_INDEX} (a {labels[TRUE_INDEX]}), {config}")
     print(f"closest other validation digit: {nearest} (a {labels[nearest]}), {nearest_psnr:.2f} dB; "
           f"a constant image at the digit's mean grey: {mean_grey_psnr():.2f} dB")
+    legend = {
+        "model seed": "the seed of the server's lenet_zhu weights",
+        "user": "the user the attack inverts through (it shares one gradient, or a 2-step parameter difference)",
+        "observed update": f"true: the user's own update of digit {TRUE_INDEX}; wrong: the update of digit {other} "
+                           f"(a {labels[other]}), a control",
+        "label": "the label the attacker reads off the observed update (iDLG)",
+        "PSNR (dB)": f"the reconstruction against digit {TRUE_INDEX}: higher is closer, above {nearest_psnr:.2f} dB "
+                     "closer than any other digit",
+        "+0.1 brightness": f"cosine distance between the updates of digit {TRUE_INDEX} and of it made 0.1 brighter: "
+                           "the smaller, the flatter the objective along brightness",
+    }
+    print("the table's columns:")
+    for column, meaning in legend.items():
+        print(f"  {column:<17}{meaning}")
     print(f"{'model seed':<12}{'user':<16}{'observed update':<17}{'label':>6}{'PSNR (dB)':>11}"
           f"{'  +0.1 brightness: cosine distance':>36}")
+    collected = []
     for seed in args.model_seeds:
-        for result in run_example(config, model_seed=seed):
+        results = run_example(config, model_seed=seed)
+        collected.append((seed, results))
+        for result in results:
             blindness = f"{brightness_blindness(seed, result.user):.2e}" if result.observed == "true" else ""
             print(f"{seed:<12}{result.user:<16}{result.observed:<17}{result.label:>6}{result.psnr:>11.2f}"
                   f"{blindness:>36}")
+    if folder is not None:
+        folder.create()
+    write_grid(picture, collected)
+    print(f"picture: {picture}, one row per model seed and user, {len(GRID_COLUMNS)} columns:")
+    meanings = (f"digit {TRUE_INDEX} itself", "its reconstruction from the user's own update",
+                f"the reconstruction from digit {other}'s update (a {labels[other]})")
+    for column, meaning in zip(GRID_COLUMNS, meanings):
+        print(f"  {column:<22}{meaning}")
+    print(f"  each reconstruction is titled with its PSNR against digit {TRUE_INDEX} and the label read off its update")
 
 
 if __name__ == "__main__":

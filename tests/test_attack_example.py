@@ -5,7 +5,10 @@ user's true update it must reconstruct the digit closer than any other validatio
 with another image's update (the same attack, a wrong observation) it must not come near.
 """
 
+import os
+
 import jax.numpy as jnp
+import matplotlib.image
 import numpy as np
 import pytest
 
@@ -57,3 +60,60 @@ def test_infer_label_from_a_gradient_and_a_parameter_difference():
     assert attacks.infer_label(gradient) == 1
     difference = {"fc": {"0": {"bias": -0.5 * gradient["fc"]["0"]["bias"]}}}
     assert attacks.infer_label(difference, parameter_difference=True) == 1
+
+
+def test_the_picture_shows_the_original_and_both_reconstructions_of_each_user(results, tmp_path):
+    path = tmp_path / "grid.png"
+    figure = attacks.write_grid(path, [(attacks.MODEL_SEED, list(results.values()))])
+    picture = matplotlib.image.imread(path)
+    assert picture.shape == (2 * 150, 3 * 150, 4)  # two users, three columns, 150-pixel panels
+    truth = attacks.digit_images()[0][attacks.TRUE_INDEX]
+    for row, user in enumerate(["local_gradient", "local_update"]):
+        expected = [truth, results[(user, "true")].reconstruction[0], results[(user, "wrong")].reconstruction[0]]
+        for column, image in enumerate(expected):
+            ax = figure.axes[3 * row + column]
+            np.testing.assert_array_equal(ax.images[0].get_array(), image)
+            # The panel in the file is the image, not a blank square.
+            box = ax.get_window_extent()
+            panel = picture[picture.shape[0] - int(box.y1):picture.shape[0] - int(box.y0), int(box.x0):int(box.x1), :3]
+            assert panel.std() > 0.1
+        assert f"PSNR {results[(user, 'true')].psnr:.2f} dB" in figure.axes[3 * row + 1].get_title()
+    assert figure.axes[0].get_title().startswith("original\n") and "local_update" in figure.axes[3].get_ylabel()
+
+
+def test_demo_does_not_write_over_an_existing_picture_without_force(tmp_path, capsys, monkeypatch):
+    existing = tmp_path / "grid.png"
+    existing.write_bytes(b"keep")
+    # Refused at once, before the attack runs (which would take a minute).
+    monkeypatch.setattr(attacks, "run_example", lambda *a, **k: pytest.fail("the attack ran"))
+    with pytest.raises(SystemExit) as stop:
+        attacks.main(["--out", str(existing)])
+    assert stop.value.code == 2 and "exists: name another file, or add --force" in capsys.readouterr().err
+    assert existing.read_bytes() == b"keep"
+    assert attacks.picture_output(str(existing), force=True) == (str(existing), None)  # written over on request
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "attack_grid.png").write_bytes(b"keep")
+    with pytest.raises(SystemExit) as stop:
+        attacks.main(["--out", str(folder)])
+    assert stop.value.code == 2 and "add --force" in capsys.readouterr().err
+
+
+def test_demo_picture_goes_to_a_new_run_folder_by_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    picture, folder = attacks.picture_output(None, force=False)
+    assert os.path.basename(os.path.dirname(picture)).startswith("attack-") and picture.endswith("attack_grid.png")
+    assert not os.path.exists(folder.folder)  # made only once there is a picture to write
+    assert attacks.picture_output(str(tmp_path / "a.png"), force=False) == (str(tmp_path / "a.png"), None)
+
+
+@pytest.mark.slow
+def test_demo_prints_its_legend_and_writes_its_picture(tmp_path, capsys):
+    # Two Adam steps, one restart: what is checked is the command, not the attack (15-35 s on 2 cores, compiling).
+    path = tmp_path / "grid.png"
+    attacks.main(["--steps", "2", "--restarts", "1", "--out", str(path)])
+    printed = capsys.readouterr().out
+    assert "the table's columns:" in printed and "  observed update  true: the user's own update" in printed
+    assert f"picture: {path}, one row per model seed and user, 3 columns:" in printed
+    assert "  from a wrong update   the reconstruction from digit" in printed
+    assert matplotlib.image.imread(path).shape == (300, 450, 4)
