@@ -125,7 +125,7 @@ def single_step_user(model, loss_fn: LossFn, cfg: UserConfig, params: PyTree, se
     train = server_stats is None
     stats = user_stats if train else server_stats
     dp = cfg.local_diff_privacy
-    input_key, grad_key = jax.random.split(key)
+    input_key, grad_key = single_step_keys(key)
     if dp.per_example_clipping > 0:
 
         def per_example(p, example):
@@ -139,12 +139,28 @@ def single_step_user(model, loss_fn: LossFn, cfg: UserConfig, params: PyTree, se
         new_stats = fold_batch_stats(stats, per_batch, SINGLE_STEP_MOMENTUM) if train and stats else stats
         recorded = inputs
     else:
-        # Without clipping the reference writes the noised inputs back into the user's data.
-        recorded = noised_inputs(input_key, inputs, dp)
-        grads, new_stats = loss_and_grad(model, loss_fn, params, stats, recorded, labels, train, None,
-                                         SINGLE_STEP_MOMENTUM)
+        grads, (new_stats, recorded) = jax.grad(single_step_loss, argnums=3, has_aux=True)(
+            model, loss_fn, dp, params, stats, train, inputs, labels, input_key)
     grads = privacy.add_noise(grad_key, grads, dp.gradient_noise, dp.distribution)
     return UserResult(gradients=grads, batch_stats=new_stats, inputs=recorded)
+
+
+def single_step_loss(model, loss_fn: LossFn, dp: LocalDiffPrivacy, params: PyTree, stats: PyTree, train: bool,
+                     inputs: Array, labels: Array, input_key: Array) -> tuple[Array, tuple[PyTree, Array]]:
+    """The loss an unclipped single-step user differentiates: the mean loss of its noised inputs.
+
+    Returns the loss and (the statistics after the forward pass, the noised inputs, which the
+    reference writes back into the user's data). The gradient of a sum of these losses over users
+    is the sum of their gradients: ``fedjax_users.users``' aggregate takes that one gradient.
+    """
+    recorded = noised_inputs(input_key, inputs, dp)
+    logits, new_stats = apply_model(model, params, stats, recorded, train, None, SINGLE_STEP_MOMENTUM)
+    return mean_loss(loss_fn(logits, labels)), (new_stats, recorded)
+
+
+def single_step_keys(key: Array) -> tuple[Array, Array]:
+    """A single-step user's (input noise, gradient noise) keys."""
+    return tuple(jax.random.split(key))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,4 +321,26 @@ def user_metadata(cfg: UserConfig, labels: Array, data_key: str) -> Metadata:
         labels=labels if cfg.provide_labels else None,
         local_hyperparams=local_hyperparams(cfg, step_labels(labels, cfg)),
         data_key=data_key,
+    )
+
+
+def aggregate_metadata(cfg: UserConfig, labels: Array, to_host: Callable[[Array], Any] = lambda a: a) -> Metadata:
+    """What an aggregate of users ``labels`` ``[users, examples, ...]`` reveals besides the mean update.
+
+    The examples' count and sorted labels over all users; with ``provide_local_hyperparams`` the
+    schedule and each user's sorted labels of each step, one array per user and step, user-major
+    (breaching's format). ``to_host`` turns each step's sorted labels of all users into what the
+    per-user arrays are views of (``np.asarray``: one transfer a step instead of one a user).
+    """
+    num_users = labels.shape[0]
+    step_labels = []
+    if cfg.provide_local_hyperparams and cfg.is_multi_step:
+        slices = step_slices(cfg.num_data_points, cfg.num_data_per_local_update_step, cfg.num_local_updates)
+        per_step = [to_host(jnp.sort(labels[:, start : start + length], axis=-1)) for start, length in slices]
+        step_labels = [step[u] for u in range(num_users) for step in per_step]
+    return Metadata(
+        num_data_points=cfg.num_data_points * num_users if cfg.provide_num_data_points else None,
+        labels=jnp.sort(labels.reshape((-1,) + labels.shape[2:]), axis=-1) if cfg.provide_labels else None,
+        local_hyperparams=local_hyperparams(cfg, step_labels) if cfg.provide_local_hyperparams else None,
+        num_users=num_users,
     )

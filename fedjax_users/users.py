@@ -22,10 +22,10 @@ import numpy as np
 
 from fedjax_users import privacy, semantics, validation
 from fedjax_users.config import UserConfig
-from fedjax_users.losses import LossFn, mean_loss, softmax_cross_entropy
+from fedjax_users.losses import LossFn, softmax_cross_entropy
 from fedjax_users import strategy as strategy_lib
 from fedjax_users.strategy import Strategy, chunking, clipping, compilation, patches, sharding
-from fedjax_users.types import Metadata, ServerPayload, SharedData, TrueUserData, UserData
+from fedjax_users.types import ServerPayload, SharedData, TrueUserData, UserData
 
 Array = jax.Array
 PyTree = Any
@@ -249,18 +249,15 @@ def _aggregate_chunks_jit(model, loss_fn, cfg, strategy, mesh, shared, users, va
         # ONE gradient of the summed losses: one weight gradient over the chunk's examples instead
         # of one per user (which vmap lowers to grouped convolutions). Each user's forward pass
         # stays its own (vmap), so train-mode BatchNorm still uses that user's batch statistics.
-        # Keys, noise and momentum are used exactly as semantics.single_step_user uses them.
+        # Each user's loss, keys and noise are semantics.single_step_user's own.
         server_params, shared_stats = shared
         user_inputs, user_labels, user_keys, user_stats = users
 
         def user_loss(p, x, y, key, own_stats):
-            input_key, _ = jax.random.split(key)
-            noised = semantics.noised_inputs(input_key, x, dp)
             stats = own_stats if shared_stats is None else shared_stats
-            logits, new_stats = semantics.apply_model(
-                model, p, stats, noised, shared_stats is None, None, semantics.SINGLE_STEP_MOMENTUM
-            )
-            return mean_loss(loss_fn(logits, y)), (new_stats, noised if records_noise else None)
+            loss, (new_stats, noised) = semantics.single_step_loss(
+                model, loss_fn, dp, p, stats, shared_stats is None, x, y, semantics.single_step_keys(key)[0])
+            return loss, (new_stats, noised if records_noise else None)
 
         def kept_loss(p):
             losses, outputs = jax.vmap(user_loss, in_axes=(None, 0, 0, 0, 0))(p, *users)
@@ -269,7 +266,7 @@ def _aggregate_chunks_jit(model, loss_fn, cfg, strategy, mesh, shared, users, va
         grads, outputs = jax.grad(kept_loss, has_aux=True)(server_params)
 
         def user_noise(key):
-            _, grad_key = jax.random.split(key)
+            grad_key = semantics.single_step_keys(key)[1]
             zeros = jax.tree_util.tree_map(jnp.zeros_like, server_params)
             return privacy.add_noise(grad_key, zeros, dp.gradient_noise, dp.distribution)
 
@@ -421,21 +418,8 @@ def aggregate(
                              user_cfg, users=(num_users, one_user))
     users_share_buffers = train or user_cfg.is_multi_step
     buffers = mean_stats if users_share_buffers else None
-    step_labels = []
-    if user_cfg.provide_local_hyperparams and user_cfg.is_multi_step:
-        # breaching's format is one array per user and step (user-major); sort each step of all
-        # users at once and hand out numpy views rather than one device op per user.
-        slices = step_slices(cfg.num_data_points, cfg.num_data_per_local_update_step, cfg.num_local_updates)
-        # Under an outer jit the labels are tracers and must stay JAX arrays.
-        host = (lambda a: a) if traced else np.asarray
-        per_step = [host(jnp.sort(labels[:, start : start + length], axis=-1)) for start, length in slices]
-        step_labels = [step[u] for u in range(num_users) for step in per_step]
-    metadata = Metadata(
-        num_data_points=cfg.num_data_points * num_users if cfg.provide_num_data_points else None,
-        labels=jnp.sort(labels.reshape((-1,) + labels.shape[2:]), axis=-1) if cfg.provide_labels else None,
-        local_hyperparams=semantics.local_hyperparams(user_cfg, step_labels) if user_cfg.provide_local_hyperparams else None,
-        num_users=num_users,
-    )
+    # Under an outer jit the labels are tracers and must stay JAX arrays.
+    metadata = semantics.aggregate_metadata(cfg, labels, to_host=(lambda a: a) if traced else np.asarray)
     shared = SharedData(
         gradients=mean_grads, batch_stats=buffers if cfg.provide_buffers else None, metadata=metadata
     )
