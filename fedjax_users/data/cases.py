@@ -38,7 +38,7 @@ from fedjax_users.data.compose import CONFIG_ROOT, DEFAULT_CASE, require_mapping
 from fedjax_users.data.errors import CaseConfigError, DataError
 from fedjax_users.data.keys import check_keys, not_applicable, num_queries
 from fedjax_users.data.partition import PARTITIONS, partition_indices
-from fedjax_users.data.sources import SPLITS, Examples, load_examples, normalize
+from fedjax_users.data.sources import Examples, load_examples, normalize, split_index
 from fedjax_users.models import huggingface
 from fedjax_users.types import ServerPayload, UserData
 
@@ -150,9 +150,14 @@ def user_partition(examples: Examples, cfg_data: DictConfig, user_idx: int, seed
         seed=seed,
     )
     if len(indices) == 0:
+        # unique-class users are labels: Birdsnap's run 1..500, so its user 0 has none (as in breaching).
+        labels = ""
+        if partition == "unique-class" and len(examples):
+            labels = (f"; unique-class gives user {user_idx} the examples labelled {user_idx}, and the labels run "
+                      f"{examples.labels.min()}..{examples.labels.max()}")
         raise DataError(
             f"user {user_idx} has no data under partition {partition!r} "
-            f"({len(examples)} examples, {clients} clients)"
+            f"({len(examples)} examples, {clients} clients){labels}"
         )
     return indices
 
@@ -178,6 +183,16 @@ def user_example_indices(
     return indices[:num_data_points]
 
 
+def _check_labels(labels: np.ndarray, num_classes: int, cfg_data: DictConfig) -> None:
+    """Classification labels index the model's classes: an index past them would give a silent NaN or zero loss."""
+    outside = labels[(labels < 0) | (labels >= num_classes)] if cfg_data.get("task") == "classification" else labels[:0]
+    if outside.size:
+        raise DataError(
+            f"dataset {cfg_data.name!r} gives a user label {int(outside[0])}, outside the {num_classes} classes "
+            f"0..{num_classes - 1} (torch's cross-entropy refuses it as well)"
+        )
+
+
 def _model_inputs(examples: Examples, indices: np.ndarray, cfg_data: DictConfig, dtype) -> tuple[np.ndarray, np.ndarray]:
     inputs, labels = examples.take(indices)
     if cfg_data.get("modality") == "vision":
@@ -190,6 +205,7 @@ def _model_inputs(examples: Examples, indices: np.ndarray, cfg_data: DictConfig,
         if cfg_data.get("normalize", False):
             inputs = normalize(inputs, cfg_data.mean, cfg_data.std)
         inputs = inputs.astype(dtype)
+    _check_labels(labels, examples.num_classes, cfg_data)
     return inputs, labels
 
 
@@ -220,6 +236,14 @@ def _build_model(cfg_case: DictConfig, cfg_data: DictConfig, examples: Examples,
     if modality not in ("vision", "text"):
         raise DataError(f"unknown data.modality {modality!r}; expected vision or text")
     channels = _require(cfg_data, "shape", "the data config")[0] if modality == "vision" else 1
+    language_models = {n.lower() for n in models.names("text")}
+    if modality == "text" and cfg_data.get("task") == "classification" and name.lower() in language_models:
+        # breaching's own text models predict a token at every position; its CrossEntropyLoss refuses
+        # their [B, T, V] output against one label a sequence, and so would ours.
+        raise DataError(
+            f"model {name!r} is a language model: text classification (dataset {cfg_data.name!r}) needs a sequence "
+            f"classifier, breaching's AutoModelForSequenceClassification, which is not ported"
+        )
     try:
         return models.for_data(
             name, str(cfg_data.get("like") or cfg_data.name), num_classes=examples.num_classes,
@@ -260,7 +284,7 @@ def _collated(held: Examples, inputs: np.ndarray, labels: np.ndarray, cfg_data: 
     as breaching's collator masks every batch its dataloader yields, from the data seed."""
     if held.collate is None:
         return inputs, labels
-    split = SPLITS.index(cfg_data.get("examples_from_split", "validation"))
+    split = split_index(cfg_data.get("examples_from_split", "validation"))
     return held.collate(inputs, [int(cfg_data.get("seed", 0)), split, query, user_idx])
 
 

@@ -1,4 +1,4 @@
-"""Image folders in the layouts their users have: ImageNet (torchvision's) and TinyImageNet.
+"""Image folders in the layouts their users have: ImageNet (torchvision's), TinyImageNet and Birdsnap.
 
 Listing a split reads file names and labels only; ``Examples.take`` opens, decodes (Pillow) and
 transforms just the files asked for, so a user reads its own examples and never the folder.
@@ -15,6 +15,8 @@ transforms just the files asked for, so a user reads its own examples and never 
   order, as breaching's ``TinyImageNet``. (breaching passes its own split names, ``training`` /
   ``validation``, to that class, which only knows ``train`` / ``val`` and finds no files; we read
   the split the names evidently mean.)
+* ``Birdsnap``: ``<path>/birdsnap/`` with ``images.txt`` and ``species.txt``, as breaching's
+  ``Birdsnap`` class lays it out (``list_birdsnap``).
 
 Transforms are ``data.augmentations_val`` in order, each on the PIL image as torchvision's PIL
 path computes it: ``Resize: s`` scales the shorter side to ``s`` (the longer to
@@ -26,6 +28,7 @@ split (see fedjax_users.data.keys).
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
 from typing import Any, Callable, Sequence
@@ -128,6 +131,86 @@ def list_tiny_imagenet(path: str, split: str) -> ImageListing:
         raise DataError(f"TinyImageNet image {unknown[0]} has no class in wnids.txt (class {wnid_of[unknown[0]]!r})")
     labels = np.asarray([number[wnid_of[f]] for f in files], dtype=np.int64)
     return ImageListing(files=np.asarray(files, dtype=str), labels=labels, num_classes=len(wnids))
+
+
+BIRDSNAP_FOLDER = "birdsnap"  # breaching's Birdsnap.BASE_FOLDER
+JPEG_MAGIC = b"\xff\xd8\xff"  # breaching keeps a listed file only if it starts so
+
+
+def _birdsnap_table(file: str, columns: tuple[str, ...], path: str) -> list[dict[str, str]]:
+    """A tab-separated Birdsnap metadata file, read as breaching reads it (``csv.DictReader``, tab delimiter)."""
+    try:
+        with open(file, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+    except OSError as err:
+        raise DataError(
+            f"Birdsnap metadata not readable: {file} ({err.strerror or err}); a Birdsnap folder is "
+            f"<path>/{BIRDSNAP_FOLDER}/ with images.txt, species.txt and the images at the paths images.txt names "
+            f"(breaching's layout; data.path={path}, nothing is downloaded)"
+        ) from None
+    missing = [c for c in columns if rows and c not in rows[0]]
+    if not rows or missing:
+        raise DataError(f"malformed Birdsnap metadata {file}: expected a tab-separated header with "
+                        f"{', '.join(columns)} and at least one row")
+    return rows
+
+
+def _starts_as_jpeg(file: str) -> bool:
+    try:
+        with open(file, "rb") as handle:
+            return handle.read(len(JPEG_MAGIC)) == JPEG_MAGIC
+    except OSError:
+        return False
+
+
+def list_birdsnap(path: str) -> ImageListing:
+    """breaching's ``Birdsnap`` listing under ``path``: every image of ``images.txt`` that is a JPEG file, in order.
+
+    As breaching's class (``datasets_vision.Birdsnap``, which has no splits: every split reads the
+    same images): ``<path>/birdsnap/images.txt`` lists the images (its ``path`` column, relative to
+    ``<path>/birdsnap/``) and their ``species_id``; ``species.txt`` the classes (one a row). A
+    listed file is kept if it starts with the JPEG marker (``_purge_missing_data``: breaching's
+    download leaves a non-JPEG file where flickr no longer has the image); a listed file that does
+    not exist is dropped as well, where breaching would first try to download it. Labels are the
+    ``species_id`` as written, as breaching keeps them: Birdsnap numbers its species 1..500.
+
+    Args:
+        path: ``data.path``.
+
+    Returns:
+        The kept files, their labels, and the number of species.
+
+    Raises:
+        DataError: ``images.txt`` or ``species.txt`` missing or malformed (naming where it looked),
+            a ``species_id`` that is not an integer, or no listed image a JPEG file.
+
+    Example::
+
+        >>> import tempfile
+        >>> list_birdsnap(tempfile.mkdtemp())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        fedjax_users.data.errors.DataError: Birdsnap metadata not readable: .../birdsnap/species.txt ...
+    """
+    root = os.path.join(os.path.expanduser(path), BIRDSNAP_FOLDER)
+    # species.txt first: breaching's _parse_metadata reads both, and a missing folder lacks both.
+    species = _birdsnap_table(os.path.join(root, "species.txt"), ("common",), path)
+    images = _birdsnap_table(os.path.join(root, "images.txt"), ("path", "species_id"), path)
+    files, labels = [], []
+    for row in images:
+        file = os.path.join(root, row["path"])
+        if _starts_as_jpeg(file):
+            try:
+                labels.append(int(row["species_id"]))
+            except (TypeError, ValueError):
+                raise DataError(f"malformed Birdsnap metadata {os.path.join(root, 'images.txt')}: species_id "
+                                f"{row['species_id']!r} of {row['path']} is not an integer") from None
+            files.append(file)
+    if not files:
+        raise DataError(f"none of the {len(images)} images in {os.path.join(root, 'images.txt')} is a JPEG file under "
+                        f"{root} (data.path={path}, nothing is downloaded)")
+    return ImageListing(files=np.asarray(files, dtype=str), labels=np.asarray(labels, dtype=np.int64),
+                        num_classes=len(species))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,8 +17,12 @@ examples a user holds are ever converted to model inputs. Images decode to float
   users have (fedjax_users.data.images), decoded with Pillow and ``data.augmentations_val``.
 * ``synthetic``: uniform [0, 1) images of ``cfg_data.shape`` (CHW, as breaching's configs) with
   uniform labels, ``cfg_data.size`` of them, seeded by ``cfg_data.seed``, drawn when taken.
+* ``Birdsnap``: breaching's image folder (``birdsnap/images.txt``, fedjax_users.data.images).
 * ``wikitext``: from a local copy only (fedjax_users.data.text); its users are its articles
   (``Examples.given``).
+* ``shakespeare`` / ``stackoverflow``: TensorFlow Federated's sqlite files (fedjax_users.data.tff);
+  its users are the files' clients. ``cola``: a local ``datasets`` cache (fedjax_users.data.glue);
+  its users are the split's rows. These and wikitext take ``examples_from_split: test`` as well.
 * ``random-tokens``: ``cfg_data.size`` sequences of ``cfg_data.shape[0]`` uniform token ids below
   ``cfg_data.vocab_size``, seeded; the labels are the ids themselves, as breaching's causal-LM
   text data (``labels = input_ids``). With ``data.task=masked-lm`` the ids are drawn below
@@ -42,6 +46,7 @@ from fedjax_users.data.images import (
     ANIMAL_CLASSES,
     ImageListing,
     image_decoder,
+    list_birdsnap,
     list_imagenet,
     list_tiny_imagenet,
     parse_transforms,
@@ -50,6 +55,9 @@ from fedjax_users.data.masking import collate_fn, masked_lm
 from fedjax_users.suggestions import did_you_mean
 
 SPLITS = ("training", "validation")
+# breaching hands examples_from_split through to these datasets' own files, which have a test split too.
+WITH_TEST = ("training", "validation", "test")
+SOURCE_SPLITS = {name: WITH_TEST for name in ("wikitext", "shakespeare", "stackoverflow", "cola")}
 EMBEDDED_DIGITS = os.path.join(os.path.dirname(__file__), "digits.npz")
 DIGITS_VALIDATION_SIZE = 500
 DIGITS_UPSAMPLE = 4  # 8x8 -> 32x32
@@ -88,9 +96,27 @@ class Examples:
         return self.decode(self.stored[indices]), self.labels[indices]
 
 
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+def _check_split(split: str, known: Sequence[str] = SPLITS) -> None:
+    if split not in known:
+        raise DataError(f"unknown split {split!r}; expected one of {', '.join(known)}")
+
+
+def split_index(split: str) -> int:
+    """A split's number in seeds, so that its draws (masks, synthetic data) differ from another split's.
+
+    Args:
+        split: ``training``, ``validation`` or ``test``.
+
+    Returns:
+        0, 1 or 2 (``training`` and ``validation`` keep the numbers they had before ``test`` was known).
+
+    Example::
+
+        >>> split_index("validation")
+        1
+    """
+    _check_split(split, WITH_TEST)
+    return WITH_TEST.index(split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,6 +340,18 @@ def _wikitext(cfg_data, split: str) -> Examples:
     return wikitext(cfg_data, split)
 
 
+def _tff_text(cfg_data, split: str) -> Examples:
+    from fedjax_users.data.tff import tff_text  # builds Examples through text.py: imported when called
+
+    return tff_text(cfg_data, split)
+
+
+def _cola(cfg_data, split: str) -> Examples:
+    from fedjax_users.data.glue import cola  # builds Examples: imported when called
+
+    return cola(cfg_data, split)
+
+
 def _folder_of_images(listing: ImageListing, cfg_data) -> Examples:
     decode = image_decoder(parse_transforms(cfg_data.get("augmentations_val")))
     return Examples(stored=listing.files, labels=listing.labels, num_classes=listing.num_classes, decode=decode)
@@ -325,10 +363,15 @@ SOURCES: dict[str, Callable[[Any, str], Examples]] = {
     "ImageNet": lambda cfg, split: _folder_of_images(list_imagenet(cfg.path, split), cfg),
     "ImageNetAnimals": lambda cfg, split: _folder_of_images(list_imagenet(cfg.path, split, ANIMAL_CLASSES), cfg),
     "TinyImageNet": lambda cfg, split: _folder_of_images(list_tiny_imagenet(cfg.path, split), cfg),
+    # breaching's Birdsnap has no splits: every split is the same images.
+    "Birdsnap": lambda cfg, split: _folder_of_images(list_birdsnap(cfg.path), cfg),
     "digits": lambda cfg, split: embedded_digits(split),
     "synthetic": _load_synthetic,
     "random-tokens": _load_random_tokens,
     "wikitext": lambda cfg, split: _wikitext(cfg, split),
+    "shakespeare": _tff_text,
+    "stackoverflow": _tff_text,
+    "cola": _cola,
 }
 
 
@@ -340,7 +383,7 @@ def load_examples(cfg_data) -> Examples:
         raise DataError(f"unknown dataset {name!r}; " + (f"{hint} " if hint else "")
                         + f"known datasets: {', '.join(SOURCES)}")
     split = cfg_data.get("examples_from_split", "validation")
-    _check_split(split)
+    _check_split(split, SOURCE_SPLITS.get(name, SPLITS))
     examples = SOURCES[name](cfg_data, split)
     size = cfg_data.get("size")
     # As the reference, ``size`` only ever shortens a split, before partitioning. (The reference's

@@ -17,6 +17,9 @@ and masked-lm batches with its collator (``fedjax_users.data.masking``), and kee
   the ``datasets`` package with the hub switched off.
 
 The pure steps (``line_articles``, ``group_blocks``) are checked against breaching's own functions.
+``given_text`` is the part every causal/masked-lm dataset shares once a user's texts are found
+(tokenizer, blocks, ``data.size``, masked-lm collator): wikitext's articles here, TensorFlow
+Federated's Shakespeare and StackOverflow clients in fedjax_users.data.tff.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import functools
 import importlib.util
 import os
 from itertools import chain
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -151,23 +154,51 @@ def group_blocks(token_lists: Sequence[Sequence[int]], block_size: int, batch: i
     return blocks
 
 
-def user_blocks(lines: Sequence[str], owners: np.ndarray, user_idx: int, tokenizer: TextTokenizer,
-                block_size: int, size: Optional[int] = None) -> np.ndarray:
-    """User ``user_idx``'s first ``size`` token blocks ``[N, block_size]`` (int32)."""
+def article_texts(lines: Sequence[str], owners: np.ndarray, user_idx: int) -> list[str]:
+    """User ``user_idx``'s lines under breaching's article split (``line_articles``), in corpus order."""
     mine = [lines[i] for i in np.flatnonzero(owners == user_idx + 1)]
     if not mine:
         raise DataError(
             f"wikitext user {user_idx} does not exist or has no data: the split has {int(owners.max(initial=0))} "
             f"articles with lines of at least {MIN_LENGTH} characters"
         )
-    blocks = group_blocks(tokenizer.encode(mine), block_size)
+    return mine
+
+
+def text_blocks(texts: Sequence[str], tokenizer: TextTokenizer, block_size: int, size: Optional[int] = None,
+                who: str = "this user") -> np.ndarray:
+    """One user's texts as breaching's causal/masked-lm preprocessing leaves them: its first ``size`` token blocks.
+
+    Args:
+        texts: the user's texts in order (wikitext's article lines, a TFF client's examples).
+        tokenizer: breaching's tokenizer (fedjax_users.data.hf_tokenizer).
+        block_size: ``data.shape[0]``.
+        size: ``data.size``, breaching's cut of the user's blocks; ``None`` keeps them all.
+        who: how errors name the user, e.g. ``"wikitext user 3"``.
+
+    Returns:
+        int32 ``[N, block_size]``: ``group_blocks`` of the tokenized texts, cut to ``size``.
+
+    Raises:
+        DataError: a block is shorter than ``block_size`` (breaching would hand its model a
+            shorter sequence there).
+
+    Example::
+
+        >>> class Chars:  # a stand-in tokenizer: one id per character
+        ...     def encode(self, texts):
+        ...         return [[ord(c) for c in t] for t in texts]
+        >>> text_blocks(["abcd", "efg"], Chars(), block_size=3).tolist()
+        [[97, 98, 99], [100, 101, 102]]
+    """
+    blocks = group_blocks(tokenizer.encode(list(texts)), block_size)
     if size is not None:
         blocks = blocks[:size]
     short = [len(b) for b in blocks if len(b) != block_size]
     if short:
         # breaching would hand its model a shorter sequence here (or fail to batch it with full ones).
         raise DataError(
-            f"wikitext user {user_idx} has a block of {short[0]} tokens, fewer than data.shape[0]={block_size}; "
+            f"{who} has a block of {short[0]} tokens, fewer than data.shape[0]={block_size}; "
             f"choose another user or a shorter data.shape"
         )
     return np.asarray(blocks, dtype=np.int32).reshape(len(blocks), block_size)
@@ -177,26 +208,50 @@ def user_blocks(lines: Sequence[str], owners: np.ndarray, user_idx: int, tokeniz
 # The data source
 
 
-def _block_size(cfg_data) -> int:
+def _block_size(cfg_data, dataset: str) -> int:
     shape = tuple(cfg_data.get("shape") or ())
     if len(shape) != 1 or not isinstance(shape[0], int) or shape[0] < 1:
-        raise DataError(f"data.shape must be [sequence_length] for wikitext, got {list(shape)}")
+        raise DataError(f"data.shape must be [sequence_length] for {dataset}, got {list(shape)}")
     return int(shape[0])
 
 
-def wikitext(cfg_data, split: str):
-    """breaching's wikitext ``split``: ``Examples`` whose users (``given``) are the articles (module docstring)."""
+def given_text(cfg_data, dataset: str, locate: Callable[[], Callable[[int], Sequence[str]]]):
+    """``Examples`` whose users (``given``) are a text dataset's own users, tokenized into blocks as breaching.
+
+    The steps breaching's ``_build_and_split_dataset_text`` takes for every causal/masked-lm text
+    dataset once it has a user's texts: its tokenizer, ``group_texts`` (``text_blocks``), the
+    ``data.size`` cut, the masked-lm collator. Where the texts are is ``locate``'s business.
+
+    Args:
+        cfg_data: the case's data config (``task``, ``shape``, ``path``, ``tokenizer``, ``vocab_size``, ``size``).
+        dataset: the dataset's name, for messages.
+        locate: finds the dataset's files (``DataError`` naming where it looked if they are not
+            there) and returns user index -> that user's texts; called once, before any user.
+
+    Returns:
+        ``Examples`` with no examples of its own and ``given(user)`` the user's blocks (labels:
+        the ids, as breaching's ``group_texts`` sets them for causal-lm).
+
+    Raises:
+        DataError: an unknown task or shape; the files or the cached tokenizer missing (both
+            named in one line); a vocabulary other than ``data.vocab_size``.
+
+    Example (needs a local corpus and tokenizer; see ``wikitext``)::
+
+        examples = given_text(cfg_data, "wikitext", lambda: lambda user: ["a line of the user"])
+        examples.given(0).stored  # int32 [blocks, data.shape[0]]
+    """
     from fedjax_users.data.sources import Examples  # sources dispatches here: imported when called
 
     task = cfg_data.get("task")
     if task not in TASKS:
-        raise DataError(f"data wikitext supports data.task {' or '.join(TASKS)}, got {task!r}")
-    block_size = _block_size(cfg_data)
+        raise DataError(f"data {dataset} supports data.task {' or '.join(TASKS)}, got {task!r}")
+    block_size = _block_size(cfg_data, dataset)
     path = os.path.expanduser(str(cfg_data.get("path") or "~/data"))
-    problems, corpus, tokenizer = [], None, None
+    problems, texts_of, tokenizer = [], None, None
     # Both are looked for before either is read, so one line says everything that is missing.
     try:
-        corpus = find_corpus(path, split)
+        texts_of = locate()
     except DataError as err:
         problems.append(str(err))
     try:
@@ -204,19 +259,47 @@ def wikitext(cfg_data, split: str):
     except DataError as err:
         problems.append(str(err))
     if problems:
-        raise DataError(f"data wikitext (tokenizer {cfg_data.get('tokenizer')}): {'; '.join(problems)}; {OFFLINE}")
+        raise DataError(f"data {dataset} (tokenizer {cfg_data.get('tokenizer')}): {'; '.join(problems)}; {OFFLINE}")
     collate = None
     if task == "masked-lm":
         collate = collate_fn(masked_lm(cfg_data, tokenizer.mask_token_id, tokenizer.num_tokens,
                                      tokenizer.special_ids, tokenizer.pad_token_id))
-    lines = corpus_lines(corpus, split)
-    owners = line_articles(lines)
     size = cfg_data.get("size")
 
     @functools.lru_cache(maxsize=None)
     def given(user_idx: int) -> Examples:
-        blocks = user_blocks(lines, owners, user_idx, tokenizer, block_size, size)
+        blocks = text_blocks(texts_of(user_idx), tokenizer, block_size, size, f"{dataset} user {user_idx}")
         return Examples(stored=blocks, labels=blocks.copy(), num_classes=tokenizer.vocab_size, collate=collate)
 
     empty = np.zeros((0, block_size), np.int32)
     return Examples(stored=empty, labels=empty, num_classes=tokenizer.vocab_size, given=given, collate=collate)
+
+
+def wikitext(cfg_data, split: str):
+    """breaching's wikitext ``split``: ``Examples`` whose users (``given``) are the articles (module docstring).
+
+    Args:
+        cfg_data: the case's data config (``name: wikitext``).
+        split: ``training``, ``validation`` or ``test``.
+
+    Returns:
+        ``Examples`` with ``given(user)`` the ``user + 1``-th article's blocks.
+
+    Example (needs the corpus and a cached tokenizer under ``data.path``)::
+
+        wikitext(cfg.data, "training").given(0).stored  # int32 [blocks, data.shape[0]]
+    """
+    path = os.path.expanduser(str(cfg_data.get("path") or "~/data"))
+
+    def locate() -> Callable[[int], list[str]]:
+        corpus = find_corpus(path, split)
+
+        # The corpus is read when the first user asks for its lines: after the tokenizer is found.
+        @functools.lru_cache(maxsize=None)
+        def corpus_and_owners() -> tuple[list[str], np.ndarray]:
+            lines = corpus_lines(corpus, split)
+            return lines, line_articles(lines)
+
+        return lambda user_idx: article_texts(*corpus_and_owners(), user_idx)
+
+    return given_text(cfg_data, "wikitext", locate)
