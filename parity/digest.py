@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 from typing import Any, Optional, Sequence
 
@@ -96,6 +97,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", help="write the digests of the quick grid (or --cases) here")
     parser.add_argument("--cases", nargs="+", help="exact case names (default: the quick grid)")
     parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="compare two digest files")
+    parser.add_argument("--precision", choices=("float32", "float64"),
+                        help="one precision only (float64 needs JAX's x64 mode from the start: a child process)")
     args = parser.parse_args(argv)
     if args.compare:
         before, after = (json.load(open(path)) for path in args.compare)
@@ -107,6 +110,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         by_name = grid.cases_by_name()
         chosen = [by_name[name] for name in args.cases]
     digests = {}
+    if args.precision is None and any(c.precision == "float64" for c in chosen):
+        import subprocess
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            part = os.path.join(folder, "float64.json")
+            names = [c.name for c in chosen if c.precision == "float64"]
+            subprocess.run([sys.executable, "-m", "parity.digest", "--precision", "float64", "--json", part,
+                            "--cases", *names], check=True)
+            digests.update(json.load(open(part)))
+    if args.precision == "float64":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    chosen = [c for c in chosen if c.precision == (args.precision or "float32")]
     for i, case in enumerate(chosen):
         digests[case.name] = case_digest(case)
         print(f"[{i + 1}/{len(chosen)}] {case.name}: {len(digests[case.name])} tensors", file=sys.stderr)
