@@ -3,7 +3,9 @@
 A run folder holds the fully composed case (``config.yaml``), what was computed
 (``summary.json``: the case, shapes, norms, the privacy guarantee, versions, timings) and the
 shared update of each query (``shared_update.msgpack``, or ``shared_update.queryN.msgpack`` for
-several queries; ``fedjax_users.io.load_shared`` reads them). Without ``--out`` the folder is
+several queries; ``fedjax_users.io.load_shared`` reads them), and the same update for torch beside
+it (``shared_update.safetensors`` and ``shared_update.metadata.json``: ``safetensors.torch.load_file``
+reads it without this project). Without ``--out`` the folder is
 ``runs/<case>-<timestamp>/`` under the current folder; a folder or file that already exists is
 only written over with ``--force``. Both are decided before anything is computed, and the folder
 is made only once there is something to write.
@@ -54,6 +56,16 @@ class RunOutput:
         stem, ext = os.path.splitext(single)
         return [single] if queries == 1 else [f"{stem}.query{q}{ext}" for q in range(queries)]
 
+    def safetensors_paths(self, queries: int) -> list[str]:
+        """The torch update file of each query: its ``update_paths`` entry as ``.safetensors``.
+
+        ``fedjax_users.io.save_shared_safetensors`` writes its metadata JSON beside it
+        (``fedjax_users.io.metadata_path``).
+        """
+        from fedjax_users import io
+
+        return [os.path.splitext(path)[0] + io.SAFETENSORS_SUFFIX for path in self.update_paths(queries)]
+
     def write(self, config: dict, summary: dict) -> list[str]:
         """``config.yaml`` and ``summary.json`` into the run folder (nothing for a single update file)."""
         if self.folder is None:
@@ -84,7 +96,8 @@ def prepare(out: Optional[str], case_name: str, force: bool, root: str = ".") ->
     """Decide, before any computation, where a run writes, and create its folder.
 
     Args:
-      out: ``--out``: a folder for the run, a path ending in ``.msgpack`` for the update alone, or
+      out: ``--out``: a folder for the run, a path ending in ``.msgpack`` for the update alone (its
+        torch pair goes beside it, ``.safetensors`` and ``.metadata.json`` of the same stem), or
         ``None`` for ``<root>/runs/<case_name>-<timestamp>/``.
       case_name: names the default folder.
       force: write into an ``out`` that already exists.
@@ -99,10 +112,14 @@ def prepare(out: Optional[str], case_name: str, force: bool, root: str = ".") ->
     from fedjax_users import io
 
     if out is not None and out.endswith(".msgpack"):
-        if os.path.exists(out) and not force:
-            raise SharedFileError(f"{out} exists: name another --out, or add --force to write over it")
+        output = RunOutput(folder=None, update_file=out)
+        # The torch pair beside it (same stem) is written too: an existing one is as much a run.
+        tensors = output.safetensors_paths(1)[0]
+        existing = [path for path in (out, tensors, io.metadata_path(tensors)) if os.path.exists(path)]
+        if existing and not force:
+            raise SharedFileError(f"{existing[0]} exists: name another --out, or add --force to write over it")
         io.check_writable(out)
-        return RunOutput(folder=None, update_file=out)
+        return output
     if out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         base = os.path.join(root, "runs", f"{_slug(case_name)}-{stamp}")

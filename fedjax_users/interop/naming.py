@@ -96,10 +96,19 @@ def link(torch_name: str, tree: Mapping, collection: str) -> Link:
     return result
 
 
-def _expected_torch_name(path: tuple[str, ...], collection: str) -> str:
-    """The torch name (without container prefix) the convention gives a Flax path."""
+def torch_name(path: Sequence[str], collection: str) -> str:
+    """The torch name the convention gives a Flax path, without breaching's container prefix.
+
+    Args:
+      path: the Flax path in its collection, e.g. ``('conv0', 'kernel')``.
+      collection: ``PARAMS`` or ``BATCH_STATS``.
+
+    Returns:
+      The torch name, e.g. ``'conv0.weight'`` (breaching's ConvNet calls it ``model.model.conv0.weight``).
+    """
+    path = tuple(path)
     if collection == BATCH_STATS:
-        renames = {flax_name: torch_name for torch_name, flax_name in _BUFFER_NAMES.items()}
+        renames = {flax_leaf: torch_leaf for torch_leaf, flax_leaf in _BUFFER_NAMES.items()}
     else:
         renames = {flax: "weight" for flax in _WEIGHT_NAMES}
     return ".".join(path[:-1] + (renames.get(path[-1], path[-1]),))
@@ -116,7 +125,7 @@ def link_all(torch_names: Sequence[str], tree: Mapping, collection: str) -> list
         seen[item.flax_path] = item
     for path in traverse_util.flatten_dict(dict(tree)):
         if path not in seen:
-            expected = _expected_torch_name(path, collection)
+            expected = torch_name(path, collection)
             raise ValueError(
                 f"Flax {collection}/{'/'.join(path)} has no torch counterpart "
                 f"(expected torch name {expected!r}, possibly under a 'model.' prefix)"

@@ -4,7 +4,8 @@ breaching's dict: ``gradients`` (list, parameters order), ``buffers`` (list, buf
 None) and ``metadata`` with ``num_data_points``, ``labels``, ``local_hyperparams`` ({lr, steps,
 data_per_step, labels: one tensor per step} or None), and depending on the user type
 ``data_key`` (multi-step users) and ``num_users`` (aggregates). Labels are int64 in torch, int32
-here. Keys breaching leaves out are ``None`` here and are left out again on the way back.
+here. Keys breaching leaves out are ``None`` here and are left out again on the way back
+(:mod:`fedjax_users.interop.metadata`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Mapping, Optional
 import jax
 import torch
 
+from fedjax_users.interop.metadata import metadata_from_dict, metadata_to_dict
 from fedjax_users.interop.tensors import to_jax, to_torch
 from fedjax_users.interop.torch_flax import (
     Template,
@@ -22,10 +24,16 @@ from fedjax_users.interop.torch_flax import (
     grads_from_torch_list,
     grads_to_torch_list,
 )
-from fedjax_users.types import LocalHyperparams, Metadata, SharedData
+from fedjax_users.types import Metadata, SharedData
 
-# Metadata keys only some user types send; omitted from the torch dict when None.
-_OPTIONAL_KEYS = ("data_key", "num_users")
+__all__ = [
+    "labels_from_torch",
+    "labels_to_torch",
+    "metadata_from_torch",
+    "metadata_to_torch",
+    "shared_data_from_torch",
+    "shared_data_to_torch",
+]
 
 
 def labels_from_torch(labels: Optional[torch.Tensor]) -> Optional[jax.Array]:
@@ -38,57 +46,14 @@ def labels_to_torch(labels: Optional[jax.Array]) -> Optional[torch.Tensor]:
     return None if labels is None else to_torch(labels).to(torch.long)
 
 
-def _step_labels(labels: Optional[list], convert) -> Optional[list]:
-    """Convert a per-step label list (or None) element by element."""
-    return None if labels is None else [convert(step) for step in labels]
-
-
-def hyperparams_from_torch(hyperparams: Optional[Mapping[str, Any]]) -> Optional[LocalHyperparams]:
-    """breaching's ``local_hyperparams`` dict (or None) as LocalHyperparams."""
-    if hyperparams is None:
-        return None
-    return LocalHyperparams(
-        lr=hyperparams["lr"],
-        steps=hyperparams["steps"],
-        data_per_step=hyperparams["data_per_step"],
-        labels=_step_labels(hyperparams.get("labels"), labels_from_torch),
-    )
-
-
-def hyperparams_to_torch(hyperparams: Optional[LocalHyperparams]) -> Optional[dict]:
-    """LocalHyperparams (or None) as breaching's ``local_hyperparams`` dict."""
-    if hyperparams is None:
-        return None
-    return dict(
-        lr=hyperparams.lr,
-        steps=hyperparams.steps,
-        data_per_step=hyperparams.data_per_step,
-        labels=_step_labels(hyperparams.labels, labels_to_torch),
-    )
-
-
 def metadata_from_torch(metadata: Mapping[str, Any]) -> Metadata:
     """breaching's ``metadata`` dict as Metadata."""
-    return Metadata(
-        num_data_points=metadata.get("num_data_points"),
-        labels=labels_from_torch(metadata.get("labels")),
-        local_hyperparams=hyperparams_from_torch(metadata.get("local_hyperparams")),
-        data_key=metadata.get("data_key"),
-        num_users=metadata.get("num_users"),
-    )
+    return metadata_from_dict(metadata, labels_from_torch)
 
 
 def metadata_to_torch(metadata: Metadata) -> dict:
     """Metadata as breaching's ``metadata`` dict."""
-    result = dict(
-        num_data_points=metadata.num_data_points,
-        labels=labels_to_torch(metadata.labels),
-        local_hyperparams=hyperparams_to_torch(metadata.local_hyperparams),
-    )
-    for key in _OPTIONAL_KEYS:
-        if getattr(metadata, key) is not None:
-            result[key] = getattr(metadata, key)
-    return result
+    return metadata_to_dict(metadata, labels_to_torch)
 
 
 def shared_data_from_torch(
@@ -114,3 +79,4 @@ def shared_data_to_torch(shared_data: SharedData, torch_model: torch.nn.Module) 
         buffers=None if batch_stats is None else buffers_to_torch_list(batch_stats, torch_model),
         metadata=metadata_to_torch(shared_data.metadata),
     )
+

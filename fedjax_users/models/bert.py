@@ -71,6 +71,11 @@ class BertArchitecture(hf_layers.Architecture):
 class BertEmbeddings(hf_layers.ConfiguredModule):
     """Word + token type (from the zero buffer) + position embeddings, LayerNorm, dropout."""
 
+    # Hugging Face registers position before token type embeddings (breaching's list order,
+    # ``fedjax_users.interop.order``).
+    torch_children: ClassVar[tuple[str, ...]] = (
+        "word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm"
+    )
 
     @nn.compact
     def __call__(self, input_ids: Array, train: bool) -> tuple[Array, Array]:

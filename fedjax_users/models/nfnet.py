@@ -26,7 +26,7 @@ What follows torch exactly:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import ClassVar, Optional
 
 import flax.linen as nn
 from flax.linen.dtypes import promote_dtype
@@ -142,6 +142,12 @@ class SqueezeExcite(nn.Module):
 
 class NFBlock(nn.Module):
     """``NFBlock``: bottleneck of grouped WSConvs with squeeze-excite, scaled by ``alpha * skip_gain``."""
+
+    # torch registers the shortcut after conv2 but this module calls it first: breaching's list
+    # order (``fedjax_users.interop.order``).
+    torch_children: ClassVar[tuple[str, ...]] = (
+        "conv0", "conv1", "conv1b", "conv2", "conv_shortcut", "squeeze_excite"
+    )
 
     in_features: int
     features: int

@@ -29,7 +29,7 @@ to each of its layers; ``None`` (the default) keeps the layers' own defaults
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import flax.linen as nn
 import jax
@@ -249,6 +249,10 @@ def torch_layer_norm(name: str, **dtypes: Dtype) -> nn.LayerNorm:
 class TransformerEncoderLayer(nn.Module):
     """torch.nn.TransformerEncoderLayer defaults: post-norm, ReLU feed-forward, no dropout."""
 
+    # torch registers both norms after the feed-forward; the post-norm forward calls norm1 before it
+    # (breaching's list order, ``fedjax_users.interop.order``).
+    torch_children: ClassVar[tuple[str, ...]] = ("self_attn", "linear1", "linear2", "norm1", "norm2")
+
     num_heads: int
     hidden_dim: int
     dtype: Optional[Dtype] = None
@@ -304,6 +308,10 @@ class TransformerModel(nn.Module):
     sinusoidal buffer); breaching's constructor defaults to ``"fixed"``, this class to
     ``"learnable"`` as it always has. ``max_len`` ``None`` is the reference's table size for the kind.
     """
+
+    # breaching registers the token embedding after the positions and the encoder layers, though
+    # its forward calls it first (breaching's list order, ``fedjax_users.interop.order``).
+    torch_children: ClassVar[tuple[str, ...]] = ("pos_encoder", "transformer_encoder", "encoder", "decoder")
 
     vocab_size: int
     embed_dim: int = 96
