@@ -1,4 +1,4 @@
-"""``fedjax-users``: run a case (``run``), its privacy guarantee (``privacy``), the parity suite (``parity``) or the benchmarks (``bench``).
+"""``fedjax-users``: list the case files (``cases``), run one (``run``), its privacy guarantee (``privacy``), the parity suite (``parity``) or the benchmarks (``bench``).
 
 ``parity`` and ``bench`` run from a checkout of the repository; the wheel holds ``fedjax_users`` only.
 """
@@ -12,6 +12,8 @@ import time
 from typing import Optional, Sequence
 
 USER_MISTAKES = (ValueError, FileNotFoundError, KeyError)
+CASE_HELP = ("a case by name (fedjax-users cases lists them, e.g. 4_fedavg_small_scale) or a case YAML file "
+             "(default: the bundled digits case)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,20 +21,22 @@ def _parser() -> argparse.ArgumentParser:
         prog="fedjax-users", description="breaching's federated-learning users as pure JAX functions."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("cases", help="list the case files run and privacy take by name, one line each")
     run = commands.add_parser("run", help="build a case's users and compute what they share")
-    run.add_argument("case", nargs="?", help="case YAML (default: the embedded digits case)")
+    run.add_argument("case", nargs="?", help=CASE_HELP)
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. user.num_local_updates=8")
     run.add_argument("--out", default=None,
                      help="the run folder (default: runs/<case>-<timestamp>/), or a .msgpack file for the update alone")
     run.add_argument("--force", action="store_true", help="write into an --out that already exists")
     run.add_argument("--seed", type=int, default=0, help="PRNG seed for noise and random partitions")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar for many users")
+    run.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
+                     help="no progress on stderr (there is none when stderr is not a terminal)")
     run.add_argument("--time", action="store_true",
                      help="also time the steady state (a single query is then computed a second time)")
     privacy = commands.add_parser(
         "privacy", help="the differential-privacy guarantee of a case's defences (runs no computation)"
     )
-    privacy.add_argument("case", nargs="?", help="case YAML (default: the embedded digits case)")
+    privacy.add_argument("case", nargs="?", help=CASE_HELP)
     privacy.add_argument("overrides", nargs="*", help="key=value overrides, e.g. user.local_diff_privacy.gradient_noise=0.1")
     privacy.add_argument("--delta", type=float, nargs="+", default=[1e-5, 1e-6, 1e-8], help="deltas to report")
     privacy.add_argument("--queries", type=int, nargs="+", default=[1, 10, 100], help="numbers of queries")
@@ -42,16 +46,40 @@ def _parser() -> argparse.ArgumentParser:
     privacy.add_argument("--unit", choices=("example", "user"), default="example", help="what is protected")
     privacy.add_argument("--relation", choices=("replace_one", "add_remove"), default="replace_one",
                          help="neighbouring relation")
+    privacy.add_argument("--plot", metavar="FILE.png", default=None,
+                         help="also draw epsilon against the number of queries (log scale, over the --queries "
+                              "range), one line per delta, into this picture (written over if it exists)")
     commands.add_parser("parity", help="run the parity suite (python -m parity)", add_help=False)
     commands.add_parser("bench", help="run the benchmarks (python -m benchmarks)", add_help=False)
     return parser
 
 
 def _split_case_argument(case: Optional[str], overrides: list[str]) -> tuple[Optional[str], list[str]]:
-    """``fedjax-users run key=value`` (no case file) treats the first word as an override."""
+    """The case file and the overrides: ``fedjax-users run key=value`` (no case) treats the first
+    word as an override; a case name resolves to its file (``fedjax_users.data.catalog``)."""
+    from fedjax_users.data import catalog
+
     if case is not None and "=" in case and not os.path.exists(case):
         return None, [case] + overrides
-    return case, overrides
+    return catalog.resolve(case), overrides
+
+
+def list_cases() -> int:
+    """``fedjax-users cases``: each case file a name resolves to, with what it computes."""
+    from fedjax_users.data import catalog
+
+    entries = catalog.case_files()
+    width = max(len(entry.name) for entry in entries)
+    source = None
+    for entry in entries:
+        if entry.source != source:
+            source = entry.source
+            print(f"{'shipped with fedjax_users' if source == catalog.BUNDLED else 'breaching ' + os.path.dirname(entry.path)}:")
+        print(f"  {entry.name:<{width}}  {catalog.describe(entry)}")
+    if catalog.breaching_case_folder() is None:
+        print("breaching's case files: not installed (pip install --no-deps breaching==0.1.2 adds them)")
+    print("run one: fedjax-users run NAME [key=value ...]; see what it guarantees: fedjax-users privacy NAME")
+    return 0
 
 
 def _parameter_count(tree) -> int:
@@ -100,29 +128,30 @@ def _batchnorm_mode(case) -> str:
     return f"{held} {'eval mode (server buffers)' if case.payload.batch_stats is not None else 'train mode'}"
 
 
-def _compute(case, key, progress: bool, steady_state: bool = False):
+def _compute(case, key, progress, steady_state: bool = False):
     """Run the case's queries in order, each user's own BatchNorm state carried to the next.
 
     Returns (shared per query, seconds of the first call, seconds of a steady call or ``None``).
     The steady call is the second query's; with ``steady_state`` and a single query, the first
     query is run once more only to time it (``fedjax-users run --time``): otherwise every query
-    is computed once.
+    is computed once. ``progress`` (a ``fedjax_users.progress.Progress``) shows each query and,
+    for an aggregate, its users.
     """
     import jax
 
     import fedjax_users as fu
-    from fedjax_users.progress import TextProgress
 
     cfg = case.user_cfg
     multi = cfg.user_type == "multiuser_aggregate"
     compute = fu.local_update if cfg.user_type == "local_update" else fu.local_gradient
+    queries = case.queries or ()
 
     def call(query, query_key, state, report):
         if multi:
-            # Only the first call reports progress: waiting on each chunk would slow the timed one.
-            bar = TextProgress(label="users (first call, with compile) ") if report else None
+            # Only reported calls wait on each chunk for the count: the timed steady call does not.
+            users = progress.counter(f"query {report} of {len(queries)}: users", "users") if report else None
             shared, true = fu.aggregate(case.model, query.payload, query.data, cfg, query_key, users_state=state,
-                                        loss=case.loss, progress=bar)
+                                        loss=case.loss, progress=users)
             return shared, true.user_state
         shared, _, new_state = compute(case.model, query.payload, query.data, cfg, query_key, user_state=state,
                                        loss=case.loss)
@@ -134,16 +163,18 @@ def _compute(case, key, progress: bool, steady_state: bool = False):
         jax.block_until_ready(shared.gradients)
         return shared, state, time.perf_counter() - start
 
-    queries = case.queries or ()
     state, results, timings = case.user_state, [], []
     for q, query in enumerate(queries):
-        shared, new_state, seconds = timed(query, jax.random.fold_in(key, q), state, progress and q == 0)
+        compiles = " (compiling first)" if q == 0 else ""
+        with progress.stage(f"query {q + 1} of {len(queries)}{compiles}"):
+            shared, new_state, seconds = timed(query, jax.random.fold_in(key, q), state, q + 1)
         # As breaching's users: with no buffers from the server, a user keeps its own statistics.
         state = new_state if query.payload.batch_stats is None else state
         results.append(shared)
         timings.append(seconds)
     if len(timings) == 1 and steady_state:
-        timings.append(timed(queries[0], jax.random.fold_in(key, 0), case.user_state, False)[2])
+        with progress.stage("query 1 again, to time the steady state (--time)"):
+            timings.append(timed(queries[0], jax.random.fold_in(key, 0), case.user_state, 0)[2])
     return results, timings[0], timings[1] if len(timings) > 1 else None
 
 
@@ -197,13 +228,18 @@ def privacy_report(args) -> int:
     from fedjax_users import UserConfig, accounting
     from fedjax_users.data import load_case
 
+    if args.plot:
+        from fedjax_users import plots
+
+        plots.check_picture_path(args.plot, force=True)  # before the report, not after it
     case_path, overrides = _split_case_argument(args.case, list(args.overrides))
     cfg_case = load_case(case_path, overrides)
     cfg = UserConfig.from_dict(OmegaConf.to_container(cfg_case.user, resolve=True))
     sizes = _privacy_sizes(cfg_case)
     options = dict(unit=args.unit, relation=args.relation, **sizes)
     dp = cfg.local_diff_privacy
-    print(f"case        {cfg_case.get('name', case_path or 'default')}")
+    name = cfg_case.get("name", case_path or "default")
+    print(f"case        {name}")
     steps = (f", {cfg.num_local_updates} steps of {cfg.num_data_per_local_update_step}" if cfg.is_multi_step else "")
     users = f", {cfg.num_users} users" if cfg.user_type == "multiuser_aggregate" else ""
     print(f"user        {cfg.user_type}{users}, {cfg.num_data_points} example{'s' if cfg.num_data_points != 1 else ''}{steps}; "
@@ -237,6 +273,12 @@ def privacy_report(args) -> int:
         print(f"note        {note}")
     for item in first.unprotected:
         print(f"not covered {item}")
+    if args.plot:
+        series = plots.epsilon_series(cfg, args.delta, plots.query_grid(args.queries), **options)
+        plots.epsilon_plot(series, args.plot, title=f"{name}: {first.distribution} {first.defence}, noise multiplier "
+                                                     f"{first.noise_multiplier:.4g}\nper {args.unit}, {args.relation}")
+        print(f"plot        {args.plot}: epsilon against {series.queries[0]} to {series.queries[-1]} queries, "
+              f"per {args.unit}, {args.relation}; PLD solid, RDP dashed")
     return 0
 
 
@@ -286,11 +328,16 @@ def _run_case(args, cfg_case, case_path, overrides, output) -> int:
 
     from fedjax_users import io, privacy, runs
     from fedjax_users.data import construct_users
+    from fedjax_users.interop.order import torch_order
+
+    from fedjax_users.progress import Progress
 
     key = jax.random.key(args.seed)
-    case = construct_users(cfg_case, key)
+    with Progress(quiet=args.quiet) as progress:
+        with progress.stage("building the users (reading data, building the model)"):
+            case = construct_users(cfg_case, key)
+        results, first, steady = _compute(case, key, progress, steady_state=args.time)
     cfg = case.user_cfg
-    results, first, steady = _compute(case, key, progress=not args.no_progress, steady_state=args.time)
     shared = results[-1]
     examples = int(case.data.labels.shape[0] * (case.data.labels.shape[1] if cfg.user_type ==
                                                 "multiuser_aggregate" else 1))
@@ -325,10 +372,15 @@ def _run_case(args, cfg_case, case_path, overrides, output) -> int:
         print(f"wall time   {steady * 1e3:.1f} ms steady state, {max(first - steady, 0.0):.2f} s compile "
               f"(first call {first:.2f} s) on {platform}")
     config = OmegaConf.to_container(cfg_case, resolve=True)
+    # breaching's list order for the torch files, from the model alone (traced, nothing computed).
+    example = case.data.inputs[0] if cfg.user_type == "multiuser_aggregate" else case.data.inputs
+    order = torch_order(case.model, example[:1])
     output.create()
     paths = output.update_paths(len(results))
-    for path, result in zip(paths, results):
+    torch_files = []
+    for path, tensors_path, result in zip(paths, output.safetensors_paths(len(results)), results):
         io.save_shared(path, result, config)
+        torch_files += io.save_shared_safetensors(tensors_path, result, order, config)
     summary = dict(
         case=_case_name(cfg_case, case_path, overrides), user_type=cfg.user_type, users=num_users,
         examples_per_user=cfg.num_data_points, user_indices=[int(i) for i in case.user_indices],
@@ -338,10 +390,11 @@ def _run_case(args, cfg_case, case_path, overrides, output) -> int:
         update=dict(kind=kind, shapes=_shapes(shared.gradients), global_norms=norms),
         server_sees=server_sees, privacy=privacy_line.split(None, 1)[1],
         seconds=dict(first_call=first, steady_state=steady), platform=platform,
-        seed=args.seed, versions=runs.versions(), files=[os.path.basename(p) for p in paths],
+        seed=args.seed, versions=runs.versions(), files=[os.path.basename(p) for p in paths + torch_files],
     )
     written = output.write(config, summary)
-    print(f"saved       {', '.join(paths + written)} (load the update with fedjax_users.io.load_shared)")
+    print(f"saved       {', '.join(paths + torch_files + written)} (load the update with fedjax_users.io.load_shared; "
+          f"torch reads the .safetensors with safetensors.torch.load_file)")
     return 0
 
 
@@ -397,7 +450,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _run_checkout_suite(argv[0], argv[1:])
     args = _parser().parse_args(argv)
     try:
-        return privacy_report(args) if args.command == "privacy" else run(args)
+        commands = {"cases": lambda _: list_cases(), "privacy": privacy_report, "run": run}
+        return commands[args.command](args)
     except USER_MISTAKES as err:
         # A user mistake (bad case, missing data folder, bad config) is one line, not a traceback.
         print(f"fedjax-users: error: {err}", file=sys.stderr)

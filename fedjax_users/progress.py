@@ -1,52 +1,98 @@
-"""A text progress bar for runs over many users, fed by ``aggregate``'s per-chunk callback.
+"""Progress of a long run on standard error: stages with their time, counts with rate and ETA.
 
-``aggregate(..., progress=fn)`` calls ``fn(done, total)`` on the host after each chunk of users.
-``TextProgress`` turns those calls into a bar: redrawn in place on a terminal, one line per tenth
-of the run elsewhere (a CI log), so that a long cohort shows it is alive without flooding a file.
+``aggregate(..., progress=fn)`` calls ``fn(done, total)`` on the host after each chunk of users;
+``fedjax-users run`` also reports its stages (building the users, each query). ``Progress`` draws
+both with rich (already installed with flax), and draws nothing when standard error is not a
+terminal (a CI log, a pipe) or when asked to be quiet: a file then holds only the run's summary.
+Finished lines are removed, so what stays on the screen is the summary the command prints.
+
+Example::
+
+    >>> from fedjax_users.progress import Progress
+    >>> with Progress(quiet=True) as progress:
+    ...     report = progress.counter("users")
+    ...     for done in range(0, 11, 5):
+    ...         report(done, 10)
+    ...     with progress.stage("compiling"):
+    ...         pass
 """
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-import time
-from typing import Callable, Optional, TextIO
+import contextlib
+from typing import Callable, Iterator, Optional
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as _RichProgress
+
+__all__ = ["Progress", "ProgressFn"]
 
 ProgressFn = Callable[[int, int], None]
 
 
-def render(done: int, total: int, seconds: float, unit: str = "users", width: int = 30) -> str:
-    """One line: ``[#####.....]  500/1,000 users  50%  1.2 s, about 1.2 s left``."""
-    fraction = done / total if total else 1.0
-    filled = int(round(width * fraction))
-    line = f"[{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,} {unit} {fraction:4.0%} {seconds:6.1f} s"
-    if 0 < done < total:
-        line += f", about {seconds * (total - done) / done:.1f} s left"
-    return line
+class Progress:
+    """Stages and counters of one run, drawn on standard error while the ``with`` block runs.
 
+    Args:
+      quiet: draw nothing.
+      console: where to draw (default: standard error); nothing is drawn unless it is a terminal.
+    """
 
-@dataclasses.dataclass
-class TextProgress:
-    """A ``ProgressFn`` that draws ``render``'s bar on ``stream`` (default: standard error)."""
+    def __init__(self, quiet: bool = False, console: Optional[Console] = None) -> None:
+        console = console if console is not None else Console(stderr=True)
+        self.enabled = not quiet and console.is_terminal
+        self._bars = _RichProgress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            disable=not self.enabled,
+        )
 
-    label: str = ""
-    unit: str = "users"
-    stream: Optional[TextIO] = None
-    started: Optional[float] = None
-    last_tenth: int = -1
+    def __enter__(self) -> "Progress":
+        self._bars.start()
+        return self
 
-    def __call__(self, done: int, total: int) -> None:
-        stream = self.stream if self.stream is not None else sys.stderr
-        now = time.perf_counter()
-        if self.started is None:
-            self.started = now
-        line = f"{self.label}{render(done, total, now - self.started, self.unit)}"
-        if stream.isatty():
-            stream.write("\r" + line + ("\n" if done >= total else ""))
-        else:
-            tenth = (10 * done) // max(total, 1)
-            if tenth == self.last_tenth:
-                return
-            self.last_tenth = tenth
-            stream.write(line + "\n")
-        stream.flush()
+    def __exit__(self, *exc_info) -> None:
+        self._bars.stop()
+
+    @contextlib.contextmanager
+    def stage(self, description: str) -> Iterator[None]:
+        """A step of unknown length (loading data, compiling): its name and the time it has taken."""
+        task = self._bars.add_task(description, total=None, rate="")
+        try:
+            yield
+        finally:
+            self._bars.remove_task(task)
+
+    def counter(self, description: str, unit: str = "users") -> ProgressFn:
+        """A ``(done, total)`` callback (``aggregate``'s ``progress=``) drawn as a bar with rate and ETA."""
+        task: Optional[TaskID] = None
+
+        def report(done: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                task = self._bars.add_task(description, total=total, rate="")
+            self._bars.update(task, completed=done, total=total)
+            speed = next(t.speed for t in self._bars.tasks if t.id == task)
+            self._bars.update(task, rate=f"{speed:.3g} {unit}/s" if speed else "")
+            if done >= total:
+                self._bars.remove_task(task)
+                task = None
+
+        return report

@@ -1,5 +1,8 @@
 """``fedjax-users``: the main job runs offline, saves a loadable update, and user mistakes are one line."""
 
+import os
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -34,13 +37,26 @@ def test_run_multiuser_case(tmp_path, capsys):
     shared, _ = io.load_shared(out)
     num_users = shared.metadata.num_users
     assert num_users >= 2
-    # A log, not a terminal: the progress bar writes whole lines, the last one at every user.
-    assert f" 0/{num_users} users" in captured.err and f" {num_users}/{num_users} users" in captured.err
-    assert "\r" not in captured.err
+    # A log, not a terminal: no progress, only the summary.
+    assert captured.err == ""
 
-    assert cli.main(["run", "configs/case/digits_multiuser.yaml", "model=lenet_zhu", "--out", str(out),
-                     "--no-progress", "--force"]) == 0
-    assert capsys.readouterr().err == ""
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["terminal", "quiet"])
+def test_progress_shows_the_stages_on_a_terminal_unless_quiet(quiet, tmp_path, capsys, monkeypatch):
+    import io as text_io
+
+    from rich.console import Console
+
+    from fedjax_users import progress
+
+    screen = Console(file=text_io.StringIO(), force_terminal=True, width=150, color_system=None)
+    monkeypatch.setattr(progress, "Console", lambda **_: screen)
+    args = ["run", "configs/case/digits_multiuser.yaml", "model=lenet_zhu", "--out", str(tmp_path / "r")]
+    assert cli.main(args + (["--quiet"] if quiet else [])) == 0
+    drawn = screen.file.getvalue()
+    # Compiling the first query takes seconds: rich redraws ten times a second meanwhile.
+    assert ("query 1 of 1 (compiling first)" in drawn) != quiet
+    assert "case        digits_multiuser" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -55,6 +71,7 @@ def test_run_multiuser_case(tmp_path, capsys):
         (["user.num_data_points=100000"], "100000"),
         (["user.local_diff_privacy.distribution=uniform"], "unknown distribution 'uniform'"),
         (["no_such_key=1"], "no_such_key"),
+        (["model=resnet81"], "did you mean 'resnet18'"),
     ],
 )
 def test_user_mistakes_are_one_line_and_exit_non_zero(overrides, message, tmp_path, capsys):
@@ -94,11 +111,12 @@ def _assert_one_line_error(code, captured, message, out):
         (["user=local_gradient", "+user.num_local_updates=4"], "a local_gradient user takes one gradient"),
         (["+user=5"], "user must be a mapping of user keys, got 5"),
         (["user.user_range=[0.5,3]"], "user_range"),
+        (["user.user_range=[0,"], "cannot parse override user.user_range=[0,: did not find expected node content"),
     ],
 )
 def test_bad_config_values_are_one_line(overrides, message, tmp_path, capsys):
     out = tmp_path / "x.msgpack"
-    if overrides == ["user.user_range=[0.5,3]"]:
+    if overrides[0].startswith("user.user_range="):
         overrides = ["configs/case/digits_multiuser.yaml", *overrides]
     code = cli.main(["run", *overrides, "--out", str(out)])
     _assert_one_line_error(code, capsys.readouterr(), message, out)
@@ -237,7 +255,8 @@ def test_each_run_keeps_its_own_folder_with_config_summary_and_update(tmp_path, 
     folders = sorted((tmp_path / "runs").iterdir())
     assert len(folders) == 2 and all(f.name.startswith("default_digits-") for f in folders)
     first, second = folders
-    assert sorted(os.listdir(first)) == ["config.yaml", "shared_update.msgpack", "summary.json"]
+    assert sorted(os.listdir(first)) == ["config.yaml", "shared_update.metadata.json", "shared_update.msgpack",
+                                         "shared_update.safetensors", "summary.json"]
     summary = json.loads((first / "summary.json").read_text())
     shared, config = io.load_shared(first / "shared_update.msgpack")
     assert OmegaConf.to_container(OmegaConf.load(first / "config.yaml")) == config
@@ -266,10 +285,70 @@ def test_an_existing_out_is_refused_before_computing_unless_forced(tmp_path, cap
     assert cli.main(["run", "model=lenet_zhu", "--out", str(single)]) == 2
     assert single.read_bytes() == b"old"
     assert cli.main(["run", "model=lenet_zhu", "--out", str(out), "--force"]) == 0
-    assert {"config.yaml", "summary.json", "shared_update.msgpack", "mine.txt"} == set(os.listdir(out))
+    assert {"config.yaml", "summary.json", "shared_update.msgpack", "shared_update.safetensors",
+            "shared_update.metadata.json", "mine.txt"} == set(os.listdir(out))
 
 
 def test_a_run_that_fails_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cli.main(["run", "model=no_such_model"]) == 2
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", ".nan", "-inf"])
+def test_the_cli_and_the_api_say_the_same_words(value, tmp_path, capsys):
+    import fedjax_users as fu
+
+    # Hydra's override grammar (breaching's command line) reads nan and inf as numbers, as YAML's .nan.
+    with pytest.raises(fu.ConfigError) as api:
+        fu.LocalDiffPrivacy(per_example_clipping=float(value.lstrip(".")))
+    out = tmp_path / "x.msgpack"
+    code = cli.main(["run", f"user.local_diff_privacy.per_example_clipping={value}", "--out", str(out)])
+    _assert_one_line_error(code, capsys.readouterr(), str(api.value), out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases by name (issue 29)
+
+
+def test_cases_lists_every_case_file_it_runs_by_name(capsys):
+    from fedjax_users.data import catalog
+
+    assert cli.main(["cases"]) == 0
+    printed = capsys.readouterr().out
+    breaching = sorted(f[:-5] for f in os.listdir(catalog.breaching_case_folder()) if f.endswith(".yaml"))
+    bundled = sorted(f[:-5] for f in os.listdir(os.path.join(catalog.CONFIG_ROOT, "case")) if f.endswith(".yaml"))
+    listed = [line.split()[0] for line in printed.splitlines() if line.startswith("  ")]
+    assert sorted(listed) == sorted(breaching + bundled) and len(breaching) >= 9
+    # One line each, saying what it computes, from the composed case.
+    assert re.search(r"^  4_fedavg_small_scale +ResNet18 on ImageNetAnimals 3x224x224; local_update, 4 examples, "
+                     r"4 local steps$", printed, flags=re.M)
+    assert re.search(r"^  digits_multiuser +lenet_zhu on digits .*multiuser_aggregate, 4 users", printed, flags=re.M)
+    # breaching numbers its cases: 2_ before 10_.
+    assert listed.index("2_single_imagenet") < listed.index("10_causal_lang_training")
+
+
+def test_a_case_runs_by_name_as_by_its_path(tmp_path, capsys):
+    by_name, by_path = tmp_path / "name", tmp_path / "path"
+    assert cli.main(["run", "1_single_image_small", *SYNTHETIC_SMALL, "--out", str(by_name)]) == 0
+    assert cli.main(["run", _breaching_case("1_single_image_small"), *SYNTHETIC_SMALL, "--out", str(by_path)]) == 0
+    (first, _), (second, _) = (io.load_shared(folder / "shared_update.msgpack") for folder in (by_name, by_path))
+    for a, b in zip(jax.tree_util.tree_leaves(first.gradients), jax.tree_util.tree_leaves(second.gradients)):
+        np.testing.assert_array_equal(a, b)
+    assert capsys.readouterr().out.count("case        single_image_small with data=synthetic") == 2
+
+
+def test_an_unknown_case_name_is_one_line_with_the_close_names(tmp_path, capsys, monkeypatch):
+    from fedjax_users.data import catalog
+
+    out = tmp_path / "x"
+    code = cli.main(["run", "4_fedavg_smal_scale", "--out", str(out)])
+    _assert_one_line_error(code, capsys.readouterr(), "no case file or case named '4_fedavg_smal_scale'; "
+                           "did you mean '4_fedavg_small_scale'?", out)
+    # Without breaching installed, its names are not known, and the message says how to add them.
+    monkeypatch.setattr(catalog, "breaching_case_folder", lambda: None)
+    code = cli.main(["run", "4_fedavg_small_scale", "--out", str(out)])
+    _assert_one_line_error(code, capsys.readouterr(), "pip install --no-deps breaching==0.1.2", out)
+    assert cli.main(["cases"]) == 0
+    printed = capsys.readouterr().out
+    assert "4_fedavg_small_scale" not in printed and "breaching's case files: not installed" in printed

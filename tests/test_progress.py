@@ -11,11 +11,6 @@ import fedjax_users as fu
 from fedjax_users import progress
 
 
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
 def _aggregate(users_per_chunk, progress_fn=None, devices=None):
     model = TinyDense()
     x, y = make_data(7 * 3, shape=(6, 6, 2), num_classes=3, seed=1)
@@ -46,28 +41,51 @@ def test_aggregate_reports_chunks_of_every_device():
     assert calls == [(0, 7), (4, 7), (7, 7)]
 
 
-def test_render_shows_counts_share_and_time_left():
-    line = progress.render(250, 1000, 2.0)
-    assert "250/1,000 users" in line and "25%" in line and "about 6.0 s left" in line
-    assert line.startswith("[" + "#" * 8 + ".")
-    assert "left" not in progress.render(1000, 1000, 8.0)
+def _terminal(width=120):
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), force_terminal=True, width=width, color_system=None)
 
 
-def test_text_progress_in_a_log_writes_one_line_per_tenth():
-    stream = io.StringIO()
-    bar = progress.TextProgress(stream=stream)
-    for done in range(0, 1001):
-        bar(done, 1000)
-    lines = stream.getvalue().splitlines()
-    assert len(lines) == 11 and "1,000/1,000" in lines[-1]
-    assert "\r" not in stream.getvalue()
+def test_progress_on_a_terminal_shows_counts_rate_and_stages():
+    console = _terminal()
+    with progress.Progress(console=console) as shown:
+        report = shown.counter("query 1 of 1: users", "users")
+        with shown.stage("building the users"):
+            shown._bars.refresh()
+        for done in (0, 3, 6, 7):
+            report(done, 7)
+            shown._bars.refresh()
+        # A finished count is removed: the screen keeps only the command's own summary.
+        assert shown._bars.tasks == []
+    text = console.file.getvalue()
+    assert "building the users" in text and "query 1 of 1: users" in text
+    assert "3/7" in text and "6/7" in text and "users/s" in text and "eta" in text
 
 
-def test_text_progress_on_a_terminal_redraws_in_place():
-    stream = _Terminal()
-    bar = progress.TextProgress(label="users ", stream=stream)
-    for done in (0, 5, 10):
-        bar(done, 10)
-    text = stream.getvalue()
-    assert text.count("\r") == 3 and text.endswith("\n") and text.count("\n") == 1
-    assert np.all([part.startswith("users [") for part in text.split("\r")[1:]])
+@pytest.mark.parametrize("quiet, terminal", [(True, True), (False, False)], ids=["quiet", "not-a-terminal"])
+def test_progress_draws_nothing_when_quiet_or_not_on_a_terminal(quiet, terminal):
+    from rich.console import Console
+
+    console = _terminal() if terminal else Console(file=io.StringIO(), width=120)
+    with progress.Progress(quiet=quiet, console=console) as shown:
+        report = shown.counter("users")
+        for done in range(8):
+            report(done, 7)
+        with shown.stage("compiling"):
+            pass
+    assert not shown.enabled and console.file.getvalue() == ""
+
+
+def test_aggregate_feeds_the_progress_counter():
+    console = _terminal()
+    with progress.Progress(console=console) as shown:
+        counter = shown.counter("users")
+
+        def drawn(done, total):  # drawn at each report, not only at rich's refresh rate
+            counter(done, total)
+            shown._bars.refresh()
+
+        _aggregate(3, drawn, jax.devices()[:1])
+    text = console.file.getvalue()
+    assert "3/7" in text and "6/7" in text
