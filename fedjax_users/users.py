@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_users import privacy, semantics, validation
+from fedjax_users.cohort import Cohort
 from fedjax_users.config import UserConfig
 from fedjax_users.losses import LossFn, softmax_cross_entropy
 from fedjax_users import strategy as strategy_lib
-from fedjax_users.strategy import Strategy, chunking, clipping, compilation, patches, sharding
+from fedjax_users.strategy import Strategy, chunking, clipping, compilation, patches, sharding, streaming
 from fedjax_users.types import ServerPayload, SharedData, TrueUserData, UserData
 
 Array = jax.Array
@@ -300,10 +301,12 @@ def _choose(model, loss, user_cfg, payload, users, strategy: Optional[Strategy],
     return strategy_lib.choose(strategy, users[1].shape[0], user_cfg.is_multi_step, users_per_chunk_for, platform)
 
 
-def _stacked_users_spec(model, payload: ServerPayload, users_data: UserData, cfg: UserConfig) -> tuple:
-    """Shapes of (own stats, inputs, labels, keys) for ``aggregate``'s users, nothing computed."""
+def _stacked_users_spec(model, payload: ServerPayload, users_data: UserData, cfg: UserConfig,
+                        num_users: Optional[int] = None) -> tuple:
+    """Shapes of (own stats, inputs, labels, keys) for ``aggregate``'s users, nothing computed
+    (``num_users``: of a cohort whose first user ``users_data`` is; default: as many as it holds)."""
     inputs, labels = users_data.inputs, users_data.labels
-    num_users, n = np.shape(inputs)[0], cfg.num_data_points
+    num_users, n = num_users or np.shape(inputs)[0], cfg.num_data_points
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
     stats = None
     if payload.batch_stats is None:
@@ -336,10 +339,17 @@ def choose_strategy(model, payload: ServerPayload, users_data: UserData, cfg: Us
                    strategy, platform)
 
 
+def _broadcast_users(stats: Optional[PyTree], count: int) -> Optional[PyTree]:
+    """The same statistics for ``count`` users, stacked (``None`` stays ``None``)."""
+    if stats is None:
+        return None
+    return jax.tree_util.tree_map(lambda s: jnp.broadcast_to(s, (count,) + s.shape), stats)
+
+
 def aggregate(
     model,
     payload: ServerPayload,
-    users_data: UserData,
+    users_data: UserData | Cohort,
     cfg: UserConfig,
     key: Array,
     users_state: Optional[PyTree] = None,
@@ -347,10 +357,15 @@ def aggregate(
     strategy: Optional[Strategy] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     check_finite: Optional[bool] = None,
+    checkpoint: Optional[streaming.Checkpoint] = None,
 ) -> tuple[SharedData, TrueUserData]:
     """breaching's ``MultiUserAggregate`` as intended: the mean of the users' shared updates.
 
-    ``users_data`` has a leading users axis. Users are ``local_update`` users if
+    ``users_data`` has a leading users axis, or is a ``fedjax_users.cohort.Cohort`` whose users are
+    read a chunk at a time (decoded ahead in background threads) with the same result bit for bit:
+    memory then follows the chunk, not the cohort, and ``true_data.data`` is ``None`` (the inputs
+    are the cohort's). ``checkpoint`` (``fedjax_users.strategy.streaming.Checkpoint``, a cohort
+    only) saves the running sum every few chunks and resumes from a folder that holds one. Users are ``local_update`` users if
     ``num_local_updates > 1``, else ``local_gradient`` users. ``users_state`` (stacked per user)
     are their own BatchNorm statistics, used when the server sends no buffers; the updated ones
     come back in ``true_data.user_state``.
@@ -364,54 +379,90 @@ def aggregate(
     ``check_finite`` as in ``local_gradient``; a non-finite mean names the first user whose own
     update is non-finite, and its local step (found only on that error path).
     """
-    users_data = validation.validate_users(
-        model, payload, users_data, cfg, key, users_state, loss, check_finite
+    streamed = isinstance(users_data, Cohort)
+    # A cohort is checked on its first user (shapes, dtypes, labels), each chunk as it loads.
+    sample = validation.validate_users(
+        model, payload, users_data.first() if streamed else users_data, cfg, key, users_state, loss, check_finite,
+        num_users=len(users_data) if streamed else None,
     )
+    users_data = users_data if streamed else sample
     validation.check_strategy(strategy)
-    finite_mode = validation.finite_check_mode(check_finite, payload, users_data, key, users_state)
-    inputs, labels = jnp.asarray(users_data.inputs), jnp.asarray(users_data.labels)
-    num_users = inputs.shape[0]
-
-    inputs = inputs[:, : cfg.num_data_points]
-    labels = labels[:, : cfg.num_data_points]
+    finite_mode = validation.finite_check_mode(check_finite, payload, sample, key, users_state)
+    num_users = len(users_data) if streamed else np.shape(users_data.inputs)[0]
+    n = cfg.num_data_points
     user_cfg = _per_user_config(cfg, cfg.is_multi_step)
     train = payload.batch_stats is None
-    if train and users_state is None:
-        fresh = initial_batch_stats(model, inputs[0])
-        users_state = jax.tree_util.tree_map(lambda s: jnp.broadcast_to(s, (num_users,) + s.shape), fresh)
+    example = jnp.asarray(sample.inputs)[0, :n]
+    fresh = initial_batch_stats(model, example) if train and users_state is None else None
     keys = jax.random.split(key, num_users)
-    users_stats_in = users_state if train else None
-    strategy = _choose(model, loss, user_cfg, payload, (users_stats_in, inputs, labels, keys), strategy)
+    users_spec = _stacked_users_spec(model, payload, sample, cfg, num_users)
+    strategy = _choose(model, loss, user_cfg, payload, users_spec[:3] + (keys,), strategy)
     mesh = sharding.users_mesh(strategy.devices)
     per_device, size = sharding.users_per_device(num_users, mesh), strategy.users_per_chunk
     shared_args = sharding.to_global((payload.params, payload.batch_stats), mesh)
-    users_args, valid = sharding.place_users((inputs, labels, keys, users_stats_in), mesh)
+    run = functools.partial(_aggregate_chunks_jit, model, loss, compute_config(user_cfg), strategy, mesh, shared_args)
 
-    def step(first, count):
-        return _aggregate_chunks_jit(
-            model, loss, compute_config(user_cfg), strategy, mesh, shared_args, users_args, valid, first, count
+    if streamed:
+        plan = streaming.ChunkPlan(num_users, 1 if mesh is None else mesh.size, per_device, size)
+
+        def chunk_step(chunk, examples, positions, kept, local):
+            x, y = examples["inputs"][:, :n], examples["labels"][:, :n]
+            if users_state is not None and train:
+                stats = jax.tree_util.tree_map(lambda s: s[positions], users_state)
+            else:
+                stats = _broadcast_users(fresh, len(positions))
+            placed, valid = sharding.place_chunk((x, y), (keys[positions], stats), kept, mesh)
+            chunk_total, (chunk_stats, _) = run(placed, valid, 0, 1)
+            # The labels travel with the outputs (for the metadata, and saved with a checkpoint);
+            # noised inputs do not: kept for every user, memory would grow with the cohort.
+            chunk_labels = placed[1].reshape((1, plan.groups, size) + placed[1].shape[1:])
+            return chunk_total, (chunk_stats, None, chunk_labels)
+
+        def check_chunk(examples):
+            validation.check_chunk(model, payload, examples["inputs"][:, :n], examples["labels"][:, :n], loss,
+                                   check_finite)
+
+        total, (users_stats, recorded, labels) = streaming.stream_chunks(
+            chunk_step, users_data, plan, strategy.devices if mesh is not None else None, progress, checkpoint,
+            on_load=check_chunk,
         )
+        traced = False
 
-    # Under an outer jit the loop below runs once, at trace time: no progress to report.
-    traced = isinstance(inputs, jax.core.Tracer) or isinstance(labels, jax.core.Tracer)
-    # Users without convolutions run all chunks in one scan (see chunking); others one per call.
-    chunks_per_step = chunking.num_chunks(per_device, size) if strategy.per_user_convs else 1
-    total, (users_stats, recorded) = chunking.sum_chunks(
-        step, per_device, size, num_users, None if traced else progress, chunks_per_step
-    )
+        def user_inputs(user):
+            x, y = users_data.load_user(user)
+            return jnp.asarray(x[:n]), jnp.asarray(y[:n])
+    else:
+        inputs, labels = jnp.asarray(users_data.inputs)[:, :n], jnp.asarray(users_data.labels)[:, :n]
+        users_stats_in = (users_state if users_state is not None else _broadcast_users(fresh, num_users)) if train else None
+        users_args, valid = sharding.place_users((inputs, labels, keys, users_stats_in), mesh)
+        # Under an outer jit the loop below runs once, at trace time: no progress to report.
+        traced = isinstance(inputs, jax.core.Tracer) or isinstance(labels, jax.core.Tracer)
+        # Users without convolutions run all chunks in one scan (see chunking); others one per call.
+        chunks_per_step = chunking.num_chunks(per_device, size) if strategy.per_user_convs else 1
+        total, (users_stats, recorded) = chunking.sum_chunks(
+            lambda first, count: run(users_args, valid, first, count), per_device, size, num_users,
+            None if traced else progress, chunks_per_step,
+        )
+        if recorded is None:
+            # The users' own inputs. Given as NumPy, they come back as a view of the caller's array
+            # rather than a second copy of the whole cohort's data (938 MiB for 10,000 CIFAR users of 8).
+            given = users_data.inputs
+            recorded = given[:, :n] if isinstance(given, np.ndarray) else inputs
+
+        def user_inputs(user):
+            return inputs[user], labels[user]
+
     mean_grads = jax.tree_util.tree_map(lambda t: t / num_users, total)
     mean_stats = semantics.mean_over_users(users_stats, num_users)
-    if recorded is None:
-        # The users' own inputs. Given as NumPy, they come back as a view of the caller's array
-        # rather than a second copy of the whole cohort's data (938 MiB for 10,000 CIFAR users of 8).
-        given = users_data.inputs
-        recorded = given[:, : cfg.num_data_points] if isinstance(given, np.ndarray) else inputs
 
     def one_user(user, steps):  # one user alone, after its first local steps: diagnoses a non-finite mean only
         own_cfg = user_cfg.replace(num_local_updates=steps) if user_cfg.is_multi_step else user_cfg
-        own_stats = None if users_stats_in is None else jax.tree_util.tree_map(lambda s: s[user], users_stats_in)
+        own_stats = None
+        if train:
+            own_stats = fresh if users_state is None else jax.tree_util.tree_map(lambda s: s[user], users_state)
+        x, y = user_inputs(user)
         g, s, _ = _user_jit(model, loss, compute_config(own_cfg), payload.params, payload.batch_stats, own_stats,
-                            inputs[user], labels[user], keys[user], strategy=_single_user_strategy(strategy))
+                            x, y, keys[user], strategy=_single_user_strategy(strategy))
         return {"gradients": g, "batch_stats": s}
 
     validation.check_outputs(finite_mode, {"gradients": mean_grads, "batch_stats": users_stats}, "aggregate",
@@ -425,7 +476,7 @@ def aggregate(
     )
     flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731
     true_data = TrueUserData(
-        data=flat(recorded),
+        data=None if recorded is None else flat(recorded),
         labels=flat(labels),
         batch_stats=buffers,
         user_state=users_stats if train else None,

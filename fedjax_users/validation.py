@@ -607,21 +607,26 @@ def check_strategy(strategy: Any) -> None:
         raise InputTypeError(f"strategy must be a fedjax_users.strategy.Strategy or None, got {type(strategy).__name__}")
 
 
-def validate_users(model, payload, users_data, cfg, key, users_state, loss, check_finite: Optional[bool]) -> UserData:
-    """Every check of ``aggregate`` before computing; returns ``users_data`` as arrays."""
+def validate_users(model, payload, users_data, cfg, key, users_state, loss, check_finite: Optional[bool],
+                   num_users: Optional[int] = None) -> UserData:
+    """Every check of ``aggregate`` before computing; returns ``users_data`` as arrays.
+
+    ``num_users``: ``users_data`` is the first user of a cohort of that many (``fedjax_users.cohort``),
+    whose other users ``check_chunk`` checks as they load.
+    """
     _check_types(model, payload, users_data, cfg, key, loss, check_finite, "users_data")
     check_user_kind(cfg, "aggregate")
     users_data = _checked_data(users_data, "users_data")
     inputs, labels = users_data.inputs, users_data.labels
     _check_dtypes(inputs, labels, loss, "users_data")
     _check_ranks(inputs, labels, "aggregate", "users_data", lead=2)
-    num_users = np.shape(inputs)[0]
+    num_users = num_users or np.shape(inputs)[0]
     if cfg.user_type == "multiuser_aggregate" and cfg.user_range is not None and cfg.num_users != num_users:
         raise InputError(
             f"user_range {list(cfg.user_range)} names {cfg.num_users} users, users_data holds {num_users}"
         )
-    if np.shape(labels)[0] != num_users:
-        raise InputError(f"inputs hold {num_users} users, labels hold {np.shape(labels)[0]}")
+    if np.shape(labels)[0] != np.shape(inputs)[0]:
+        raise InputError(f"inputs hold {np.shape(inputs)[0]} users, labels hold {np.shape(labels)[0]}")
     dtype = jax.dtypes.canonicalize_dtype(inputs.dtype)
     _check_lengths(np.shape(inputs)[1], np.shape(labels)[1], dtype, cfg, "each user")
     example_shape = tuple(np.shape(inputs))[2:]
@@ -635,3 +640,15 @@ def validate_users(model, payload, users_data, cfg, key, users_state, loss, chec
     if check_finite is not False and _on_host(used[0], payload, users_state):
         check_finite_inputs({"users_data.inputs": used[0], "payload": payload, "users_state": users_state})
     return users_data
+
+
+def check_chunk(model, payload, inputs, labels, loss, check_finite: Optional[bool]) -> None:
+    """A streamed chunk's examples ``[users, examples, ...]`` (host arrays) as ``validate_users`` checks a cohort's.
+
+    The shapes are those of the first user, checked before computing; a later user may still
+    hold a label outside the model's classes or a non-finite input, found here before its chunk runs.
+    """
+    example_shape, dtype = tuple(np.shape(inputs))[2:], jax.dtypes.canonicalize_dtype(inputs.dtype)
+    _check_label_values(model, example_shape, dtype, inputs, labels, "users_data", lead=2, loss=loss)
+    if check_finite is not False:
+        check_finite_inputs({"users_data.inputs": inputs})

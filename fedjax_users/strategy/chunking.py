@@ -131,14 +131,14 @@ def sum_chunks(
         progress(0, num_users)
     for first in range(0, chunks, count):
         step_total, step_outputs = step(first, count)
-        total = step_total if total is None else _tree_add(total, step_total)
+        total = step_total if total is None else tree_add(total, step_total)
         outputs.append(step_outputs)
         if progress is not None:
             jax.block_until_ready(total)
             done = min(chunks, first + count)
             progress(min(num_users, groups * min(users_per_group, done * size)), num_users)
     ordered = jax.tree_util.tree_map(
-        lambda *o: _in_user_order(o, chunks, users_per_group, size, num_users), *outputs
+        lambda *o: in_user_order(o, chunks, users_per_group, size, num_users), *outputs
     )
     return total, ordered
 
@@ -172,11 +172,11 @@ def chunked_sum(
 
 
 @jax.jit
-def _tree_add(a: PyTree, b: PyTree) -> PyTree:
+def tree_add(a: PyTree, b: PyTree) -> PyTree:
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
-def _in_user_order(steps: Sequence[Array], chunks: int, users_per_group: int, size: int, num_users: int) -> Array:
+def in_user_order(steps: Sequence[Array], chunks: int, users_per_group: int, size: int, num_users: int) -> Array:
     """Per-step outputs ``[count, groups, size, ...]`` as ``[num_users, ...]``.
 
     Chunks past the last one are dropped, and so are the users the last chunk repeats.

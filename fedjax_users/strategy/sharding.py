@@ -82,6 +82,29 @@ def place_users(users: PyTree, mesh: Optional[Mesh]) -> tuple[PyTree, Array]:
     return _put((users, valid), NamedSharding(mesh, PartitionSpec(USERS_AXIS)))
 
 
+def place_chunk(examples: PyTree, rest: PyTree, kept: np.ndarray, mesh: Optional[Mesh]) -> tuple[PyTree, Array]:
+    """One streamed chunk placed as ``place_users`` places a cohort of exactly its users.
+
+    ``examples`` (inputs, labels) hold only this process's users (its devices' blocks, in mesh
+    order): on several processes each builds its part of the global array from them, so no
+    process reads another's users. ``rest`` (keys, statistics) and ``kept`` hold every user of
+    the chunk. Returns ``(examples + rest, kept)`` as ``run_chunk`` takes them.
+    """
+    users = tuple(examples) + tuple(rest)
+    if mesh is None:
+        return users, jnp.asarray(kept)
+    spec = NamedSharding(mesh, PartitionSpec(USERS_AXIS))
+    if jax.process_count() == 1:
+        return _put((users, kept), spec)
+    total = kept.shape[0]
+
+    def local(leaf):
+        return jax.make_array_from_process_local_data(spec, np.asarray(leaf), (total,) + np.shape(leaf)[1:])
+
+    placed_rest, placed_kept = _put((tuple(rest), kept), spec)
+    return tuple(jax.tree_util.tree_map(local, tuple(examples))) + tuple(placed_rest), placed_kept
+
+
 def run_chunk(
     chunk_fn: chunking.ChunkFn,
     shared: PyTree,
