@@ -12,6 +12,8 @@ import time
 from typing import Optional, Sequence
 
 USER_MISTAKES = (ValueError, FileNotFoundError, KeyError)
+# A long aggregate saves its progress about this often with --checkpoint.
+CHECKPOINT_SECONDS = 60.0
 CASE_HELP = ("a case by name (fedjax-users cases lists them, e.g. 4_fedavg_small_scale) or a case YAML file "
              "(default: the bundled digits case)")
 
@@ -31,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="PRNG seed for noise and random partitions")
     run.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
                      help="no progress on stderr (there is none when stderr is not a terminal)")
+    run.add_argument("--checkpoint", metavar="DIR", default=None,
+                     help="an aggregate saves its progress here about every minute; the same command with the same "
+                          "DIR resumes where it stopped, with the same result")
     run.add_argument("--time", action="store_true",
                      help="also time the steady state (a single query is then computed a second time)")
     privacy = commands.add_parser(
@@ -111,15 +116,28 @@ def _case_name(cfg_case, case_path: Optional[str], overrides: Sequence[str]) -> 
     return f"{name} with {' '.join(overrides)}" if overrides else name
 
 
+def _one_example(case):
+    """One user's first input ``[1, ...]``: what the model's shapes are traced with."""
+    data = case.data.first() if hasattr(case.data, "first") else case.data
+    inputs = data.inputs
+    return (inputs[0] if case.user_cfg.user_type == "multiuser_aggregate" else inputs)[:1]
+
+
+def _data_shapes(case) -> tuple[tuple, tuple]:
+    """The users' inputs and labels shapes (a streamed cohort's from its first user and its size)."""
+    if hasattr(case.data, "first"):
+        first = case.data.first()
+        return (len(case.data),) + first.inputs.shape[1:], (len(case.data),) + first.labels.shape[1:]
+    return tuple(case.data.inputs.shape), tuple(case.data.labels.shape)
+
+
 def _batchnorm_mode(case) -> str:
     """How the users run BatchNorm: with the server's buffers, their own statistics, or not at all."""
     import jax
 
     from fedjax_users.users import initial_batch_stats
 
-    inputs = case.data.inputs
-    example = inputs[0] if case.user_cfg.user_type == "multiuser_aggregate" else inputs
-    stats = initial_batch_stats(case.model, example[:1])
+    stats = initial_batch_stats(case.model, _one_example(case))
     if not stats:
         return "no BatchNorm"
     # Hugging Face models hold buffers (position ids) but no BatchNorm: name what the mode is about.
@@ -128,18 +146,20 @@ def _batchnorm_mode(case) -> str:
     return f"{held} {'eval mode (server buffers)' if case.payload.batch_stats is not None else 'train mode'}"
 
 
-def _compute(case, key, progress, steady_state: bool = False):
+def _compute(case, key, progress, steady_state: bool = False, checkpoints=None):
     """Run the case's queries in order, each user's own BatchNorm state carried to the next.
 
     Returns (shared per query, seconds of the first call, seconds of a steady call or ``None``).
     The steady call is the second query's; with ``steady_state`` and a single query, the first
     query is run once more only to time it (``fedjax-users run --time``): otherwise every query
     is computed once. ``progress`` (a ``fedjax_users.progress.Progress``) shows each query and,
-    for an aggregate, its users.
+    for an aggregate, its users. ``checkpoints`` = (folder, run id): an aggregate's queries save
+    their progress there (a subfolder each) and resume from it.
     """
     import jax
 
     import fedjax_users as fu
+    from fedjax_users.strategy.streaming import Checkpoint
 
     cfg = case.user_cfg
     multi = cfg.user_type == "multiuser_aggregate"
@@ -150,8 +170,13 @@ def _compute(case, key, progress, steady_state: bool = False):
         if multi:
             # Only reported calls wait on each chunk for the count: the timed steady call does not.
             users = progress.counter(f"query {report} of {len(queries)}: users", "users") if report else None
+            checkpoint = None
+            if checkpoints is not None and report:
+                folder, run_id = checkpoints
+                checkpoint = Checkpoint(os.path.join(folder, f"query{report - 1}"), seconds=CHECKPOINT_SECONDS,
+                                        run_id=run_id)
             shared, true = fu.aggregate(case.model, query.payload, query.data, cfg, query_key, users_state=state,
-                                        loss=case.loss, progress=users)
+                                        loss=case.loss, progress=users, checkpoint=checkpoint)
             return shared, true.user_state
         shared, _, new_state = compute(case.model, query.payload, query.data, cfg, query_key, user_state=state,
                                        loss=case.loss)
@@ -313,6 +338,35 @@ def run(args) -> int:
         return _run_case(args, cfg_case, case_path, overrides, output)
 
 
+class _StreamWaits:
+    """While entered: the time streamed aggregates spent, and waited for their users' examples
+    (``fedjax_users.strategy.streaming`` logs both after each aggregate)."""
+
+    def __init__(self):
+        import logging
+
+        self.waited = self.seconds = 0.0
+        self.logger = logging.getLogger("fedjax_users.strategy.streaming")
+        self.handler = logging.Handler(logging.INFO)
+        self.handler.emit = self._record
+
+    def _record(self, record) -> None:
+        self.waited += getattr(record, "waited_s", 0.0)
+        self.seconds += getattr(record, "seconds", 0.0)
+
+    def __enter__(self):
+        import logging
+
+        self.level = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc_info):
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.level)
+
+
 def _shapes(tree) -> dict[str, list[int]]:
     """``{"fc/0/kernel": [768, 10], ...}``: each leaf's shape by its path."""
     import jax
@@ -333,14 +387,19 @@ def _run_case(args, cfg_case, case_path, overrides, output) -> int:
     from fedjax_users.progress import Progress
 
     key = jax.random.key(args.seed)
-    with Progress(quiet=args.quiet) as progress:
+    waits = _StreamWaits()
+    with Progress(quiet=args.quiet) as progress, waits:
         with progress.stage("building the users (reading data, building the model)"):
-            case = construct_users(cfg_case, key)
-        results, first, steady = _compute(case, key, progress, steady_state=args.time)
+            # An aggregate's users are read a chunk at a time as it computes (fedjax_users.cohort).
+            case = construct_users(cfg_case, key, stream=True)
+        checkpoints = None
+        if args.checkpoint:
+            checkpoints = (args.checkpoint, runs.run_id(OmegaConf.to_yaml(cfg_case), args.seed))
+        results, first, steady = _compute(case, key, progress, steady_state=args.time, checkpoints=checkpoints)
     cfg = case.user_cfg
     shared = results[-1]
-    examples = int(case.data.labels.shape[0] * (case.data.labels.shape[1] if cfg.user_type ==
-                                                "multiuser_aggregate" else 1))
+    inputs_shape, labels_shape = _data_shapes(case)
+    examples = int(labels_shape[0] * (labels_shape[1] if cfg.user_type == "multiuser_aggregate" else 1))
     num_users = cfg.num_users if cfg.user_type == "multiuser_aggregate" else 1
     kind = "parameter difference" if cfg.is_multi_step else "gradient"
     dtype = jax.tree_util.tree_leaves(case.payload.params)[0].dtype
@@ -349,7 +408,7 @@ def _run_case(args, cfg_case, case_path, overrides, output) -> int:
     print(f"user type   {cfg.user_type} ({num_users} user{'s' if num_users > 1 else ''}, "
           f"{cfg.num_data_points} examples each, user index {', '.join(map(str, case.user_indices[:8]))}"
           f"{'...' if len(case.user_indices) > 8 else ''})")
-    print(f"data        {case.data_cfg.name}, {examples} examples held, inputs {tuple(case.data.inputs.shape)}")
+    print(f"data        {case.data_cfg.name}, {examples} examples held, inputs {inputs_shape}")
     print(f"model       {cfg_case.model}, {_parameter_count(case.payload.params):,} parameters, {dtype}, "
           f"{batchnorm}")
     print(_server_line(cfg_case, case))
@@ -365,6 +424,9 @@ def _run_case(args, cfg_case, case_path, overrides, output) -> int:
     if case.not_read:
         print(f"not read    {', '.join(case.not_read)}")
     platform = jax.devices()[0].platform
+    if waits.seconds:
+        print(f"streaming   waited {waits.waited:.2f} s for examples in {waits.seconds:.2f} s of streaming users "
+              f"({100 * waits.waited / waits.seconds:.1f}%)")
     if steady is None:
         print(f"wall time   first call {first:.2f} s, compile included, on {platform} "
               f"(--time: also the steady state)")
@@ -373,8 +435,7 @@ def _run_case(args, cfg_case, case_path, overrides, output) -> int:
               f"(first call {first:.2f} s) on {platform}")
     config = OmegaConf.to_container(cfg_case, resolve=True)
     # breaching's list order for the torch files, from the model alone (traced, nothing computed).
-    example = case.data.inputs[0] if cfg.user_type == "multiuser_aggregate" else case.data.inputs
-    order = torch_order(case.model, example[:1])
+    order = torch_order(case.model, _one_example(case))
     output.create()
     paths = output.update_paths(len(results))
     torch_files = []
@@ -384,12 +445,13 @@ def _run_case(args, cfg_case, case_path, overrides, output) -> int:
     summary = dict(
         case=_case_name(cfg_case, case_path, overrides), user_type=cfg.user_type, users=num_users,
         examples_per_user=cfg.num_data_points, user_indices=[int(i) for i in case.user_indices],
-        data=dict(name=case.data_cfg.name, inputs=list(case.data.inputs.shape)),
+        data=dict(name=case.data_cfg.name, inputs=list(inputs_shape)),
         model=dict(name=cfg_case.model, parameters=_parameter_count(case.payload.params), dtype=str(dtype),
                    batchnorm=batchnorm),
         update=dict(kind=kind, shapes=_shapes(shared.gradients), global_norms=norms),
         server_sees=server_sees, privacy=privacy_line.split(None, 1)[1],
-        seconds=dict(first_call=first, steady_state=steady), platform=platform,
+        seconds=dict(first_call=first, steady_state=steady, streaming=waits.seconds or None,
+                     waiting_for_data=waits.waited if waits.seconds else None), platform=platform,
         seed=args.seed, versions=runs.versions(), files=[os.path.basename(p) for p in paths + torch_files],
     )
     written = output.write(config, summary)

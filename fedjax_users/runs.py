@@ -35,7 +35,7 @@ from fedjax_users.io import SharedFileError
 UPDATE_FILE = "shared_update.msgpack"
 VERSIONED = ("fedjax-users", "jax", "jaxlib", "flax", "numpy")
 
-__all__ = ["RunOutput", "prepare", "versions"]
+__all__ = ["RunOutput", "prepare", "run_id", "versions"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +140,13 @@ def prepare(out: Optional[str], case_name: str, force: bool, root: str = ".") ->
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise SharedFileError(f"cannot create the run folder {folder}: {existing} is not a writable folder")
     return RunOutput(folder=folder)
+
+
+def run_id(config_yaml: str, seed: int) -> str:
+    """What identifies a run's computation: its composed config and seed (a checkpoint of another is refused)."""
+    import hashlib
+
+    return hashlib.sha256(f"{config_yaml}\nseed={seed}".encode()).hexdigest()[:16]
 
 
 def versions(names: Sequence[str] = VERSIONED) -> dict[str, str]:

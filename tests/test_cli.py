@@ -352,3 +352,36 @@ def test_an_unknown_case_name_is_one_line_with_the_close_names(tmp_path, capsys,
     assert cli.main(["cases"]) == 0
     printed = capsys.readouterr().out
     assert "4_fedavg_small_scale" not in printed and "breaching's case files: not installed" in printed
+
+
+# ----------------------------------------------------------------------------------------------
+# Streamed aggregates (issue 28)
+
+
+def test_run_streams_an_aggregate_with_the_in_memory_result_and_resumes_from_a_checkpoint(tmp_path, capsys):
+    import fedjax_users as fu
+    from fedjax_users.data import construct_users, load_case
+
+    args = ["configs/case/digits_multiuser.yaml", "model=lenet_zhu"]
+    ckpt = tmp_path / "ckpt"
+    assert cli.main(["run", *args, "--out", str(tmp_path / "a"), "--checkpoint", str(ckpt)]) == 0
+    printed = capsys.readouterr().out
+    assert "streaming   waited" in printed
+    assert (ckpt / "query0" / "run.json").exists()
+    streamed, _ = io.load_shared(tmp_path / "a" / "shared_update.msgpack")
+    # The same users stacked in memory give the same bits.
+    case = construct_users(load_case(args[0], args[1:]), jax.random.key(0))
+    assert isinstance(case.data, fu.UserData) and case.data.inputs.ndim == 5
+    memory, _ = fu.aggregate(case.model, case.payload, case.data, case.user_cfg, jax.random.fold_in(jax.random.key(0), 0),
+                             users_state=case.user_state, loss=case.loss)
+    for a, b in zip(jax.tree_util.tree_leaves(streamed.gradients), jax.tree_util.tree_leaves(memory.gradients)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The same command with the same checkpoint folder resumes (here: from its end) to the same update.
+    assert cli.main(["run", *args, "--out", str(tmp_path / "b"), "--checkpoint", str(ckpt)]) == 0
+    resumed, _ = io.load_shared(tmp_path / "b" / "shared_update.msgpack")
+    for a, b in zip(jax.tree_util.tree_leaves(streamed.gradients), jax.tree_util.tree_leaves(resumed.gradients)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Another run (another seed) in the same folder is refused, in one line.
+    out = tmp_path / "c"
+    code = cli.main(["run", *args, "--seed", "1", "--out", str(out), "--checkpoint", str(ckpt)])
+    _assert_one_line_error(code, capsys.readouterr(), "holds another run", out)

@@ -32,6 +32,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fedjax_users import losses, models
+from fedjax_users.cohort import FunctionCohort
 from fedjax_users.config import UserConfig
 from fedjax_users.data import server as case_server
 from fedjax_users.data.compose import CONFIG_ROOT, DEFAULT_CASE, require_mapping, load_case
@@ -79,7 +80,8 @@ class UsersCase:
     """Everything the core user functions need: model, server payload, the users' data and config.
 
     ``data`` holds one user's examples for ``local_gradient`` / ``local_update`` users and the
-    users of ``range(*user_range)`` stacked on a leading axis for ``multiuser_aggregate``.
+    users of ``range(*user_range)`` stacked on a leading axis for ``multiuser_aggregate`` (a
+    ``fedjax_users.cohort.FunctionCohort`` reading them on demand, built with ``stream=True``).
     ``payload`` / ``data`` are the first query's; ``queries`` has every query, in order.
     ``user_state``: the users' own BatchNorm statistics before the first query where the server
     sends no buffers (stacked per user for ``multiuser_aggregate``), else ``None``.
@@ -89,7 +91,7 @@ class UsersCase:
 
     model: nn.Module
     payload: ServerPayload
-    data: UserData
+    data: UserData | FunctionCohort
     user_cfg: UserConfig
     loss: Callable
     data_cfg: DictConfig
@@ -288,11 +290,13 @@ def _collated(held: Examples, inputs: np.ndarray, labels: np.ndarray, cfg_data: 
     return held.collate(inputs, [int(cfg_data.get("seed", 0)), split, query, user_idx])
 
 
-def _query_data(examples, cfg_data, user_cfg, impl, user_ids, partition_key, order_key, dtype, query=0) -> UserData:
+def _query_data(examples, cfg_data, user_cfg, impl, user_ids, partition_key, order_key, dtype, query=0,
+                stream: bool = False) -> UserData | FunctionCohort:
     seeded = cfg_data.get("partition") == "random-full"
     shuffle = bool(impl.get("shuffle", False))
-    per_user = []
-    for u in user_ids:
+
+    def one_user(position: int) -> tuple[np.ndarray, np.ndarray]:
+        u = user_ids[position]
         held = held_examples(examples, cfg_data, u)
         indices = user_example_indices(
             examples, cfg_data, u, user_cfg.num_data_points,
@@ -300,7 +304,12 @@ def _query_data(examples, cfg_data, user_cfg, impl, user_ids, partition_key, ord
             order_key=jax.random.fold_in(order_key, u) if shuffle else None,
             with_replacement=bool(impl.get("sample_with_replacement", False)),
         )
-        per_user.append(_collated(held, *_model_inputs(held, indices, cfg_data, dtype), cfg_data, query, u))
+        return _collated(held, *_model_inputs(held, indices, cfg_data, dtype), cfg_data, query, u)
+
+    if user_cfg.user_type == "multiuser_aggregate" and stream:
+        # Read when its chunk comes (fedjax_users.cohort): a cohort's examples are never all held.
+        return FunctionCohort(len(user_ids), one_user)
+    per_user = [one_user(position) for position in range(len(user_ids))]
     inputs = np.stack([x for x, _ in per_user])
     labels = np.stack([y for _, y in per_user])
     if user_cfg.user_type != "multiuser_aggregate":
@@ -308,8 +317,13 @@ def _query_data(examples, cfg_data, user_cfg, impl, user_ids, partition_key, ord
     return UserData(inputs=jnp.asarray(inputs), labels=jnp.asarray(labels))
 
 
-def construct_users(cfg_case: DictConfig, key: Optional[jax.Array] = None) -> UsersCase:
-    """Build the case's model, server payloads and users' data (``key`` seeds the model and any draws)."""
+def construct_users(cfg_case: DictConfig, key: Optional[jax.Array] = None, stream: bool = False) -> UsersCase:
+    """Build the case's model, server payloads and users' data (``key`` seeds the model and any draws).
+
+    ``stream``: an aggregate's users are a ``fedjax_users.cohort.FunctionCohort`` that reads each
+    user's examples when ``fu.aggregate`` reaches its chunk, instead of every user's examples
+    stacked in memory (the same numbers; memory then follows the chunk, not the cohort).
+    """
     key = jax.random.key(0) if key is None else key
     init_key, choice_key, partition_key, order_key = jax.random.split(key, 4)
     cfg_data = _require(cfg_case, "data", "the case")
@@ -342,10 +356,11 @@ def construct_users(cfg_case: DictConfig, key: Optional[jax.Array] = None) -> Us
     user_ids = _user_indices(user_cfg, cfg_data, choice_key)
     datas = [
         _query_data(examples, cfg_data, user_cfg, impl, user_ids, partition_key, jax.random.fold_in(order_key, q),
-                    dtype, q)
+                    dtype, q, stream)
         for q in range(queries if impl.get("shuffle", False) or examples.collate is not None else 1)
     ]
-    one_input = (datas[0].inputs[0] if user_cfg.user_type == "multiuser_aggregate" else datas[0].inputs)[:1]
+    first = datas[0].first() if isinstance(datas[0], FunctionCohort) else datas[0]
+    one_input = (first.inputs[0] if user_cfg.user_type == "multiuser_aggregate" else first.inputs)[:1]
 
     init_jit = jax.jit(model.init)  # compiled once for every query that re-initialises
 
