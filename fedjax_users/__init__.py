@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 # use so that ``import fedjax_users`` stays light (``interop`` imports torch, ``accounting``
 # dp-accounting).
 _LAZY_SUBMODULES = (
-    "accounting", "attacks", "batchnorm", "data", "interop", "io", "losses", "models", "privacy", "progress",
+    "accounting", "attacks", "batchnorm", "data", "evaluate", "interop", "io", "losses", "models", "privacy", "progress",
     "semantics", "strategy", "validation",
 )
 

@@ -91,22 +91,72 @@ def infer_label(update: PyTree, parameter_difference: bool = False,
 # The attack
 
 
+OBJECTIVES = {"cosine": cosine_distance, "euclidean": euclidean_distance}
+SCHEDULES = ("cosine", "step", "constant")
+OPTIMIZERS = ("adam", "lbfgs")
+
+
 @dataclasses.dataclass(frozen=True)
 class AttackConfig:
-    """Settings of ``invert`` (defaults: what ``python -m fedjax_users.attacks`` uses)."""
+    """Settings of ``invert`` (defaults: what ``python -m fedjax_users.attacks`` uses).
+
+    ``objective``: ``"cosine"`` (Geiping et al., breaching's ``invertinggradients``) or
+    ``"euclidean"`` (Zhu et al., breaching's ``deepleakage``). ``schedule``: the step size along
+    the steps: ``"cosine"`` decay to 0, ``"step"`` (breaching's ``step-lr``: tenfold drops at 3/8,
+    5/8 and 7/8 of the steps) or ``"constant"``. ``signed``: Adam on the signs of the candidate's
+    gradient (breaching's ``signed: hard``). ``boxed``: keep the images in [0, 1] after every step.
+    ``optimizer``: ``"adam"`` or ``"lbfgs"`` (optax's L-BFGS, whose zoom line search picks each
+    step: ``learning_rate``, ``schedule`` and ``signed`` are then not used).
+
+    Example::
+
+        >>> AttackConfig(objective="euclidean", tv_scale=0.0).objective
+        'euclidean'
+    """
 
     steps: int = 400
     restarts: int = 3
-    learning_rate: float = 0.1  # in pixel units of [0, 1] images, decayed to 0 along a cosine
+    learning_rate: float = 0.1  # in pixel units of [0, 1] images
     tv_scale: float = 0.01
     seed: int = 0  # of the restarts' uniform [0, 1) starting images
+    objective: str = "cosine"
+    schedule: str = "cosine"
+    signed: bool = False
+    boxed: bool = True
+    optimizer: str = "adam"
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown attack optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown attack objective {self.objective!r}; expected one of {', '.join(OBJECTIVES)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown attack schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        for name in ("steps", "restarts"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"attack {name} must be an int >= 1, got {getattr(self, name)!r}")
+        if not (self.learning_rate > 0 and self.tv_scale >= 0):
+            raise ValueError(f"attack learning_rate must be > 0 and tv_scale >= 0, got {self.learning_rate!r}, "
+                             f"{self.tv_scale!r}")
+
+    def step_sizes(self) -> optax.Schedule:
+        """The step size at each step: ``schedule`` applied to ``learning_rate``."""
+        if self.schedule == "cosine":
+            return optax.cosine_decay_schedule(self.learning_rate, self.steps)
+        if self.schedule == "step":
+            # breaching's MultiStepLR milestones: max_iterations // 2.667, // 1.6, // 1.142 (floats,
+            # floored); torch and optax both take the step at a milestone already decayed.
+            drops = {int(self.steps // divisor): 0.1 for divisor in (2.667, 1.6, 1.142)}
+            return optax.piecewise_constant_schedule(self.learning_rate, drops)
+        return optax.constant_schedule(self.learning_rate)
 
 
-def _objective(update: UserUpdate, observed: PyTree, context: PyTree, tv_scale: float) -> Callable[[Array], Array]:
-    """Cosine distance of the candidates' update to the observed one, plus total variation."""
+def _objective(update: UserUpdate, observed: PyTree, context: PyTree, config: AttackConfig) -> Callable[[Array], Array]:
+    """The distance (``config.objective``) of the candidates' update to the observed one, plus total variation."""
+    distance = OBJECTIVES[config.objective]
 
     def objective(candidate: Array) -> Array:
-        return cosine_distance(update(candidate, context), observed) + tv_scale * total_variation(candidate)
+        return distance(update(candidate, context), observed) + config.tv_scale * total_variation(candidate)
 
     return objective
 
@@ -114,18 +164,25 @@ def _objective(update: UserUpdate, observed: PyTree, context: PyTree, tv_scale: 
 @functools.partial(jax.jit, static_argnames=("update", "config", "shape"))
 def _invert(update: UserUpdate, observed: PyTree, context: PyTree, config: AttackConfig, shape: tuple[int, ...]):
     """Every restart's final candidate and objective: ``[restarts, *shape]``, ``[restarts]``."""
-    objective = _objective(update, observed, context, config.tv_scale)
-    # A cosine decay, not breaching's tenfold drops at 3/8, 5/8 and 7/8 of the run: it ended
-    # higher in the few-hundred-step runs tried for docs/attacks.md.
-    optimizer = optax.adam(optax.cosine_decay_schedule(config.learning_rate, config.steps))
+    objective = _objective(update, observed, context, config)
+    # The default is a cosine decay, not breaching's tenfold drops at 3/8, 5/8 and 7/8 of the run:
+    # it ended higher in the few-hundred-step runs tried for docs/attacks.md.
+    lbfgs = config.optimizer == "lbfgs"
+    optimizer = optax.lbfgs() if lbfgs else optax.adam(config.step_sizes())
 
     def one_restart(start: Array) -> tuple[Array, Array]:
         def step(carry, _):
             candidate, state = carry
+            # Evaluated afresh rather than read from L-BFGS's line search: boxing moves the point.
             value, grad = jax.value_and_grad(objective)(candidate)
-            updates, state = optimizer.update(grad, state, candidate)
-            # Boxed, as breaching's attack: the images stay in the data range.
-            candidate = jnp.clip(optax.apply_updates(candidate, updates), 0.0, 1.0)
+            if lbfgs:
+                updates, state = optimizer.update(grad, state, candidate, value=value, grad=grad, value_fn=objective)
+            else:
+                grad = jnp.sign(grad) if config.signed else grad
+                updates, state = optimizer.update(grad, state, candidate)
+            candidate = optax.apply_updates(candidate, updates)
+            if config.boxed:  # as breaching's boxed attacks: the images stay in the data range
+                candidate = jnp.clip(candidate, 0.0, 1.0)
             return (candidate, state), value
 
         (final, _), _ = jax.lax.scan(step, (start, optimizer.init(start)), None, length=config.steps)
@@ -145,6 +202,43 @@ def invert(update: UserUpdate, observed: PyTree, context: PyTree, shape: Sequenc
     """
     finals, values = _invert(update, observed, context, config, tuple(shape))
     return finals[jnp.argmin(values)]
+
+
+@functools.partial(jax.jit, static_argnames=("update", "config", "shape", "context_axes"))
+def _invert_each(update: UserUpdate, observed: PyTree, context: PyTree, config: AttackConfig,
+                 shape: tuple[int, ...], context_axes: Any):
+    finals, values = jax.vmap(lambda o, c: _invert(update, o, c, config, shape), in_axes=(0, context_axes))(
+        observed, context)
+    best = jnp.argmin(values, axis=1)
+    return jax.vmap(lambda f, b: f[b])(finals, best), jnp.min(values, axis=1)
+
+
+def invert_each(update: UserUpdate, observed: PyTree, context: PyTree, shape: Sequence[int],
+                config: AttackConfig = AttackConfig(), context_axes: Any = 0) -> tuple[Array, Array]:
+    """``invert`` of several observations at once, side by side under ``jax.vmap``.
+
+    Every observation is attacked through the same ``update`` (one compile for all of them), from
+    the same starting images, as ``invert`` would attack it alone.
+
+    Args:
+      update: the attacker's model of the user, as for ``invert``.
+      observed: the observed updates stacked on a leading axis ``[K, ...]``.
+      context: the context of each observation; ``context_axes`` says which of its leaves are
+        stacked (``0``) and which are shared (``None``), as ``jax.vmap``'s ``in_axes``.
+      shape: the candidate images' shape ``[N, H, W, C]`` (one observation's).
+      config: the attack's settings.
+      context_axes: ``in_axes`` of ``context`` (default: every leaf stacked); a tuple, not a list.
+
+    Returns:
+      ``(reconstructions [K, *shape], objective [K])``: each observation's best restart and its
+      objective value.
+
+    Example::
+
+        recs, values = invert_each(update, stacked_observed, (params, stacked_labels), (1, 32, 32, 3),
+                                   AttackConfig(steps=100), context_axes=(None, 0))
+    """
+    return _invert_each(update, observed, context, config, tuple(shape), context_axes)
 
 
 # ----------------------------------------------------------------------------------------------
