@@ -1,0 +1,107 @@
+"""Peak memory and wall time of an aggregate against the size of its cohort (issue 28).
+
+``python -m benchmarks.studies.cohort_scale --workload lenet-cifar --users 100 1000 10000``
+``python -m benchmarks.studies.cohort_scale --workload resnet18-imagenet --users 100 1000``
+
+Each size runs breaching's ``8_industry_scale_fl`` case file through ``fedjax-users run`` in a
+fresh process (so each has its own peak), with ``user.user_range=[0, USERS]``,
+``data.default_clients=USERS``, ``user.num_data_points=2`` and ``data.partition=random`` (the
+case's ``balanced`` partition needs an example of every one of the 397 classes for every user: 397
+images a user). ``lenet-cifar``: lenet_zhu on breaching's synthetic images at CIFAR's 32x32;
+``resnet18-imagenet``: the case's own ResNet18 on a generated ImageNet folder (``val/<wnid>/*.JPEG``,
+397 classes, 500x375 JPEGs as ImageNet's validation images are about, decoded, resized to 256 and
+centre-cropped to 224 as breaching's validation transforms do), written once under ``--data``.
+
+Printed per size: wall time of the process, its peak resident memory (``ru_maxrss`` of that child),
+the first query's time, and how long the users waited for their examples (``fedjax-users run``'s
+``summary.json``). ``--json FILE`` keeps the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+CASE = "8_industry_scale_fl"
+PER_USER = 2
+ANIMAL_CLASSES = 397
+
+
+def write_imagenet_folder(root: str, images: int, size: tuple[int, int] = (500, 375)) -> str:
+    """``root/val/<wnid>/<wnid>_<i>.JPEG``: ``images`` random JPEGs over the 397 animal classes (kept if present)."""
+    import numpy as np
+    from PIL import Image
+
+    marker = os.path.join(root, f".written-{images}")
+    if os.path.exists(marker):
+        return root
+    rng = np.random.default_rng(0)
+    per_class = -(-images // ANIMAL_CLASSES)
+    for label in range(ANIMAL_CLASSES):
+        folder = os.path.join(root, "val", f"n{label:08d}")
+        os.makedirs(folder, exist_ok=True)
+        for j in range(per_class):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(os.path.join(folder, f"n{label:08d}_{j}.JPEG"), quality=90)
+    open(marker, "w").close()
+    return root
+
+
+def overrides(workload: str, users: int, data: str) -> list[str]:
+    common = [f"user.user_range=[0,{users}]", f"data.default_clients={users}", f"user.num_data_points={PER_USER}",
+              "data.partition=random", "server.pretrained=False"]
+    if workload == "lenet-cifar":
+        return common + ["data=synthetic", "data.like=CIFAR10", "data.shape=[3,32,32]", f"data.size={users * PER_USER}", "model=lenet_zhu"]
+    return common + [f"data.path={write_imagenet_folder(data, users * PER_USER)}"]
+
+
+def run_size(workload: str, users: int, data: str) -> dict:
+    """One ``fedjax-users run`` of the case at ``users`` users, in its own process."""
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "fedjax_users.cli", "run", CASE, *overrides(workload, users, data),
+                   "--out", os.path.join(out, "run"), "--quiet"]
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+        stdout, stderr = process.stdout.read(), process.stderr.read()
+        if status != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
+        summary = json.load(open(os.path.join(out, "run", "summary.json")))
+    seconds = summary["seconds"]
+    return dict(workload=workload, users=users, wall_s=round(wall, 1), peak_rss_mib=round(usage.ru_maxrss / 1024),
+                first_call_s=round(seconds["first_call"], 1), streaming_s=round(seconds["streaming"] or 0, 1),
+                waiting_for_data_s=round(seconds["waiting_for_data"] or 0, 2),
+                waiting_share=round((seconds["waiting_for_data"] or 0) / (seconds["streaming"] or 1), 3),
+                last_line=stdout.strip().splitlines()[-2] if stdout.strip() else "")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=("lenet-cifar", "resnet18-imagenet"), default="lenet-cifar")
+    parser.add_argument("--users", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "fedjax-users-imagenet-fake"),
+                        help="where the generated ImageNet folder is written (kept between runs)")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args(argv)
+    rows = []
+    print(f"{CASE}, {args.workload}, {PER_USER} examples a user, {os.cpu_count()} CPUs")
+    print(f"{'users':>7} {'wall s':>8} {'peak MiB':>9} {'query s':>8} {'stream s':>9} {'waited s':>9} {'share':>6}")
+    for users in args.users:
+        row = run_size(args.workload, users, args.data)
+        rows.append(row)
+        print(f"{users:>7} {row['wall_s']:>8} {row['peak_rss_mib']:>9} {row['first_call_s']:>8} "
+              f"{row['streaming_s']:>9} {row['waiting_for_data_s']:>9} {row['waiting_share']:>6.1%}", flush=True)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
