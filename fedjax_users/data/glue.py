@@ -46,6 +46,7 @@ from typing import Optional
 import numpy as np
 
 from fedjax_users.data.errors import DataError
+from fedjax_users.data.examples import Examples
 from fedjax_users.data.hf_tokenizer import TextTokenizer, load_tokenizer
 
 CONFIG = "cola"
@@ -190,7 +191,6 @@ def cola(cfg_data, split: str, rows: Optional[tuple[list[str], np.ndarray]] = No
 
         cola(load_case("9_bert_training", ["data=cola"]).data, "training").given(0).stored  # int32 [1, 25]
     """
-    from fedjax_users.data.sources import Examples  # sources dispatches here: imported when called
 
     if cfg_data.get("task") != "classification":
         raise DataError(f"data cola is a classification dataset (breaching tokenizes it only so), got data.task="

@@ -37,11 +37,12 @@ import dataclasses
 import importlib
 import os
 import pickle
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from fedjax_users.data.errors import DataError
+from fedjax_users.data.examples import Examples
 from fedjax_users.data.images import (
     ANIMAL_CLASSES,
     ImageListing,
@@ -61,39 +62,6 @@ SOURCE_SPLITS = {name: WITH_TEST for name in ("wikitext", "shakespeare", "stacko
 EMBEDDED_DIGITS = os.path.join(os.path.dirname(__file__), "digits.npz")
 DIGITS_VALIDATION_SIZE = 500
 DIGITS_UPSAMPLE = 4  # 8x8 -> 32x32
-
-
-def _identity(stored: np.ndarray) -> np.ndarray:
-    return stored
-
-
-@dataclasses.dataclass(frozen=True)
-class Examples:
-    """One dataset split: stored inputs, labels, and the decoder from stored form to model inputs.
-
-    ``given``: a dataset's own users (breaching's ``partition: given``; wikitext's articles), user
-    index -> that user's examples. ``collate``: what breaching's collate function does to each
-    batch a user takes, ``(inputs, seed) -> (inputs, labels)`` (masked-lm masking), else ``None``.
-    """
-
-    stored: np.ndarray
-    labels: np.ndarray
-    num_classes: int
-    decode: Callable[[np.ndarray], np.ndarray] = _identity
-    given: Optional[Callable[[int], "Examples"]] = None
-    collate: Optional[Callable[[np.ndarray, Sequence[int]], tuple[np.ndarray, np.ndarray]]] = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def head(self, size: int) -> "Examples":
-        """The first ``size`` examples (breaching's ``cfg_data.size`` cut)."""
-        return dataclasses.replace(self, stored=self.stored[:size], labels=self.labels[:size])
-
-    def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Decoded inputs and labels of the examples at ``indices``, in that order."""
-        indices = np.asarray(indices, dtype=np.int64)
-        return self.decode(self.stored[indices]), self.labels[indices]
 
 
 def _check_split(split: str, known: Sequence[str] = SPLITS) -> None:
@@ -335,7 +303,7 @@ def _load_random_tokens(cfg_data, split: str) -> Examples:
 
 
 def _wikitext(cfg_data, split: str) -> Examples:
-    from fedjax_users.data.text import wikitext  # text.py builds Examples: imported when called, not at import
+    from fedjax_users.data.text import wikitext  # imported when called: it needs the tokenizer machinery
 
     return wikitext(cfg_data, split)
 

@@ -34,6 +34,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from fedjax_users.data.errors import DataError
+from fedjax_users.data.examples import Examples
 from fedjax_users.data.hf_tokenizer import TextTokenizer, load_tokenizer
 from fedjax_users.data.masking import collate_fn, masked_lm
 
@@ -241,7 +242,6 @@ def given_text(cfg_data, dataset: str, locate: Callable[[], Callable[[int], Sequ
         examples = given_text(cfg_data, "wikitext", lambda: lambda user: ["a line of the user"])
         examples.given(0).stored  # int32 [blocks, data.shape[0]]
     """
-    from fedjax_users.data.sources import Examples  # sources dispatches here: imported when called
 
     task = cfg_data.get("task")
     if task not in TASKS:
