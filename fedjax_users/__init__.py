@@ -1,6 +1,6 @@
 """fedjax_users: breaching's federated-learning users as pure JAX functions."""
 
-from fedjax_users.config import ConfigError, LocalDiffPrivacy, UserConfig
+from fedjax_users.config import ConfigError, LocalDiffPrivacy, UserConfig, UserKind
 from fedjax_users.types import (
     LocalHyperparams,
     Metadata,
@@ -9,7 +9,7 @@ from fedjax_users.types import (
     TrueUserData,
     UserData,
 )
-from fedjax_users.users import aggregate, choose_strategy, local_gradient, local_update, step_slices
+from fedjax_users.users import aggregate, choose_strategy, compute, local_gradient, local_update, step_slices
 from fedjax_users.validation import InputError, InputTypeError, NonFiniteError
 
 __version__ = "0.1.0"
@@ -47,8 +47,10 @@ __all__ = [
     "TrueUserData",
     "UserConfig",
     "UserData",
+    "UserKind",
     "aggregate",
     "choose_strategy",
+    "compute",
     "local_gradient",
     "local_update",
     "step_slices",

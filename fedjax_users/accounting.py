@@ -208,7 +208,7 @@ def _gradient_mechanism(cfg: UserConfig, unit: str, relation: str, num_params: O
     to_norm = math.sqrt(num_params) if laplace else 1.0
     replace = relation == "replace_one"
     notes = [_relation_note(unit, relation)]
-    users = cfg.num_users if cfg.user_type == "multiuser_aggregate" else 1
+    users = cfg.num_users if cfg.is_aggregate else 1
     if laplace:
         notes.append(
             f"Laplace noise on an L2-clipped update: L1 sensitivity sqrt(d) times the L2 bound, "
@@ -349,7 +349,7 @@ def _input_mechanism(
         ("Each query draws fresh noise for every input: one release per query." if not cfg.is_multi_step
          else "Each local step draws fresh noise for its batch: one release per step that holds the input."),
     ]
-    if cfg.user_type == "multiuser_aggregate":
+    if cfg.is_aggregate:
         notes.append("aggregate: each user's own guarantee, by post-processing (no gain from the number of users).")
     notes.append(_GENERATOR_NOTE)
     return _Plan(

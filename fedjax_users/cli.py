@@ -120,7 +120,7 @@ def _one_example(case):
     """One user's first input ``[1, ...]``: what the model's shapes are traced with."""
     data = case.data.first() if hasattr(case.data, "first") else case.data
     inputs = data.inputs
-    return (inputs[0] if case.user_cfg.user_type == "multiuser_aggregate" else inputs)[:1]
+    return (inputs[0] if case.user_cfg.is_aggregate else inputs)[:1]
 
 
 def _data_shapes(case) -> tuple[tuple, tuple]:
@@ -162,24 +162,19 @@ def _compute(case, key, progress, steady_state: bool = False, checkpoints=None):
     from fedjax_users.strategy.streaming import Checkpoint
 
     cfg = case.user_cfg
-    multi = cfg.user_type == "multiuser_aggregate"
-    compute = fu.local_update if cfg.user_type == "local_update" else fu.local_gradient
     queries = case.queries or ()
 
     def call(query, query_key, state, report):
-        if multi:
+        users = checkpoint = None
+        if cfg.is_aggregate and report:
             # Only reported calls wait on each chunk for the count: the timed steady call does not.
-            users = progress.counter(f"query {report} of {len(queries)}: users", "users") if report else None
-            checkpoint = None
-            if checkpoints is not None and report:
+            users = progress.counter(f"query {report} of {len(queries)}: users", "users")
+            if checkpoints is not None:
                 folder, run_id = checkpoints
                 checkpoint = Checkpoint(os.path.join(folder, f"query{report - 1}"), seconds=CHECKPOINT_SECONDS,
                                         run_id=run_id)
-            shared, true = fu.aggregate(case.model, query.payload, query.data, cfg, query_key, users_state=state,
-                                        loss=case.loss, progress=users, checkpoint=checkpoint)
-            return shared, true.user_state
-        shared, _, new_state = compute(case.model, query.payload, query.data, cfg, query_key, user_state=state,
-                                       loss=case.loss)
+        shared, _, new_state = fu.compute(case.model, query.payload, query.data, cfg, query_key, state, case.loss,
+                                          progress=users, checkpoint=checkpoint)
         return shared, new_state
 
     def timed(*args):
@@ -266,7 +261,7 @@ def privacy_report(args) -> int:
     name = cfg_case.get("name", case_path or "default")
     print(f"case        {name}")
     steps = (f", {cfg.num_local_updates} steps of {cfg.num_data_per_local_update_step}" if cfg.is_multi_step else "")
-    users = f", {cfg.num_users} users" if cfg.user_type == "multiuser_aggregate" else ""
+    users = f", {cfg.num_users} users" if cfg.is_aggregate else ""
     print(f"user        {cfg.user_type}{users}, {cfg.num_data_points} example{'s' if cfg.num_data_points != 1 else ''}{steps}; "
           f"per_example_clipping {dp.per_example_clipping:g}, {dp.distribution} gradient_noise "
           f"{dp.gradient_noise:g}, input_noise {dp.input_noise:g}")
@@ -399,8 +394,8 @@ def _run_case(args, cfg_case, case_path, overrides, output) -> int:
     cfg = case.user_cfg
     shared = results[-1]
     inputs_shape, labels_shape = _data_shapes(case)
-    examples = int(labels_shape[0] * (labels_shape[1] if cfg.user_type == "multiuser_aggregate" else 1))
-    num_users = cfg.num_users if cfg.user_type == "multiuser_aggregate" else 1
+    examples = int(labels_shape[0] * (labels_shape[1] if cfg.is_aggregate else 1))
+    num_users = cfg.num_users if cfg.is_aggregate else 1
     kind = "parameter difference" if cfg.is_multi_step else "gradient"
     dtype = jax.tree_util.tree_leaves(case.payload.params)[0].dtype
     batchnorm = _batchnorm_mode(case)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import numbers
 import os
@@ -12,6 +13,14 @@ import numpy as np
 
 USER_TYPES = ("local_gradient", "local_update", "multiuser_aggregate")
 DISTRIBUTIONS = ("gaussian", "laplacian")
+
+
+class UserKind(str, enum.Enum):
+    """The three users of breaching, by their ``user_type``: what ``UserConfig.kind`` decides once."""
+
+    LOCAL_GRADIENT = "local_gradient"  # UserSingleStep: one gradient
+    LOCAL_UPDATE = "local_update"  # UserMultiStep: local SGD, shares the parameter difference
+    AGGREGATE = "multiuser_aggregate"  # MultiUserAggregate: the mean over a cohort of users
 
 
 class ConfigError(ValueError):
@@ -187,13 +196,13 @@ class UserConfig:
             raise ConfigError(
                 f"num_data_per_local_update_step must be >= 1, got {self.num_data_per_local_update_step}"
             )
-        if self.user_type == "local_gradient" and (self.num_local_updates or 1) > 1:
+        if self.kind is UserKind.LOCAL_GRADIENT and (self.num_local_updates or 1) > 1:
             # breaching's UserSingleStep would ignore the steps and take one gradient.
             raise ConfigError(
                 f"a local_gradient user takes one gradient, got num_local_updates={self.num_local_updates}; "
                 "use user_type local_update for local training"
             )
-        if self.user_type == "local_update" or (self.num_local_updates or 1) > 1:
+        if self.kind is UserKind.LOCAL_UPDATE or (self.num_local_updates or 1) > 1:
             self.require_multi_step()
 
     def require_multi_step(self) -> None:
@@ -207,6 +216,16 @@ class UserConfig:
             raise ConfigError(f"a local_update user needs {', '.join(missing)}")
 
     @property
+    def kind(self) -> UserKind:
+        """Which user this config describes: the one place ``user_type`` is read."""
+        return UserKind(self.user_type)
+
+    @property
+    def is_aggregate(self) -> bool:
+        """Whether this config describes a cohort of users (breaching's ``MultiUserAggregate``)."""
+        return self.kind is UserKind.AGGREGATE
+
+    @property
     def num_users(self) -> int:
         """Users in the silo: ``len(range(*user_range))`` for aggregates, else one."""
         return 1 if self.user_range is None else self.user_range[1] - self.user_range[0]
@@ -214,9 +233,9 @@ class UserConfig:
     @property
     def is_multi_step(self) -> bool:
         """Whether each user trains several local steps (breaching's ``UserMultiStep``)."""
-        if self.user_type == "local_update":
+        if self.kind is UserKind.LOCAL_UPDATE:
             return True
-        return self.user_type == "multiuser_aggregate" and (self.num_local_updates or 1) > 1
+        return self.is_aggregate and (self.num_local_updates or 1) > 1
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "UserConfig":

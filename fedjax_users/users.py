@@ -22,7 +22,7 @@ import numpy as np
 
 from fedjax_users import privacy, semantics, validation
 from fedjax_users.cohort import Cohort
-from fedjax_users.config import UserConfig
+from fedjax_users.config import ConfigError, UserConfig, UserKind
 from fedjax_users.losses import LossFn, softmax_cross_entropy
 from fedjax_users import strategy as strategy_lib
 from fedjax_users.strategy import Strategy, chunking, clipping, compilation, patches, sharding, streaming
@@ -224,6 +224,55 @@ def local_update(
     that went non-finite (found by re-running fewer steps, only on that error path).
     """
     return _run_user(model, payload, data, cfg, key, user_state, loss, True, check_finite, strategy)
+
+
+def compute(
+    model,
+    payload: ServerPayload,
+    data: UserData | Cohort,
+    cfg: UserConfig,
+    key: Array,
+    state: Optional[PyTree] = None,
+    loss: LossFn = softmax_cross_entropy,
+    check_finite: Optional[bool] = None,
+    strategy: Optional[Strategy] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+    checkpoint: Optional[streaming.Checkpoint] = None,
+) -> tuple[SharedData, TrueUserData, PyTree]:
+    """The user ``cfg`` describes, whatever its kind: the one dispatch on ``cfg.kind``.
+
+    Args:
+      model, payload, data, cfg, key, loss, check_finite, strategy: as for ``local_gradient``,
+        ``local_update`` or ``aggregate`` (``data`` stacked per user, or a cohort, for an aggregate).
+      state: the user's own BatchNorm statistics (stacked per user for an aggregate), used when
+        the server sends no buffers.
+      progress, checkpoint: an aggregate's (``aggregate``); an error for a single user.
+
+    Returns:
+      ``(shared, true_data, state)``: what the server sees, what the user holds, and its own
+      statistics after the query (to pass to the next one).
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
+        >>> import fedjax_users as fu
+        >>> model = nn.Dense(3)
+        >>> x, y = jnp.ones((2, 4)), jnp.array([0, 2])
+        >>> payload = fu.ServerPayload(params=model.init(jax.random.key(0), x)["params"])
+        >>> cfg = fu.UserConfig.from_yaml("local_gradient", overrides=["num_data_points=2"])
+        >>> shared, _, _ = fu.compute(model, payload, fu.UserData(x, y), cfg, jax.random.key(1))
+        >>> shared.gradients["kernel"].shape
+        (4, 3)
+    """
+    if cfg.is_aggregate:
+        shared, true = aggregate(model, payload, data, cfg, key, users_state=state, loss=loss, strategy=strategy,
+                                 progress=progress, check_finite=check_finite, checkpoint=checkpoint)
+        return shared, true, true.user_state
+    if progress is not None or checkpoint is not None:
+        raise ConfigError(f"progress and checkpoint follow an aggregate's users; cfg is a {cfg.kind.value} config")
+    one_user = {UserKind.LOCAL_GRADIENT: local_gradient, UserKind.LOCAL_UPDATE: local_update}[cfg.kind]
+    return one_user(model, payload, data, cfg, key, user_state=state, loss=loss, check_finite=check_finite,
+                    strategy=strategy)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "loss_fn", "cfg", "strategy", "mesh", "count"))

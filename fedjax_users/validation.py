@@ -218,7 +218,7 @@ def check_user_kind(cfg: UserConfig, function: str) -> None:
     if function == "aggregate" or cfg.user_type == function:
         return
     one_user = "local_update" if cfg.is_multi_step else "local_gradient"
-    if cfg.user_type == "multiuser_aggregate":
+    if cfg.is_aggregate:
         raise ConfigError(
             f"{function} runs one user, but cfg is a multiuser_aggregate config (a cohort, user_range "
             f"{None if cfg.user_range is None else list(cfg.user_range)}): call aggregate, or pass "
@@ -621,7 +621,7 @@ def validate_users(model, payload, users_data, cfg, key, users_state, loss, chec
     _check_dtypes(inputs, labels, loss, "users_data")
     _check_ranks(inputs, labels, "aggregate", "users_data", lead=2)
     num_users = num_users or np.shape(inputs)[0]
-    if cfg.user_type == "multiuser_aggregate" and cfg.user_range is not None and cfg.num_users != num_users:
+    if cfg.is_aggregate and cfg.user_range is not None and cfg.num_users != num_users:
         raise InputError(
             f"user_range {list(cfg.user_range)} names {cfg.num_users} users, users_data holds {num_users}"
         )

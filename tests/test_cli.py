@@ -227,13 +227,13 @@ def test_a_single_query_is_computed_once_unless_the_steady_state_is_asked_for(tm
     import fedjax_users as fu
 
     calls = []
-    real = fu.local_update
+    real = fu.compute
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fu, "local_update", counted)
+    monkeypatch.setattr(fu, "compute", counted)
     argv = ["run", "model=lenet_zhu", "--out", str(tmp_path / "u.msgpack")] + (["--time"] if timing else [])
     assert cli.main(argv) == 0
     assert len(calls) == (2 if timing else 1)

@@ -664,3 +664,27 @@ def test_cached_initial_stats_hold_no_tracers():
     fresh = model.init(jax.random.key(1), x[:1])["batch_stats"]
     jax.tree_util.tree_map(np.testing.assert_array_equal, under_jit, fresh)
     jax.tree_util.tree_map(np.testing.assert_array_equal, eager, fresh)
+
+
+@pytest.mark.parametrize("user_type", ["local_gradient", "local_update", "multiuser_aggregate"])
+def test_compute_is_the_user_the_config_describes(user_type):
+    # The one dispatch on the user kind: the same bits as calling that kind's function.
+    model = TinyDense()
+    x, y = make_data(8, shape=(4, 4, 1), num_classes=3, seed=4)
+    cfg = fu.UserConfig(user_type=user_type, num_data_points=4, num_local_updates=2 if user_type != "local_gradient" else 1,
+                        num_data_per_local_update_step=2, local_learning_rate=0.1,
+                        user_range=(0, 2) if user_type == "multiuser_aggregate" else None)
+    payload = server_payload(model, x[:4])
+    if cfg.is_aggregate:
+        data = fu.UserData(x.reshape((2, 4) + x.shape[1:]), y.reshape(2, 4))
+        expected = fu.aggregate(model, payload, data, cfg, jax.random.key(1))[0]
+    else:
+        data = fu.UserData(x[:4], y[:4])
+        expected = {"local_gradient": fu.local_gradient, "local_update": fu.local_update}[user_type](
+            model, payload, data, cfg, jax.random.key(1))[0]
+    shared, _, _ = fu.compute(model, payload, data, cfg, jax.random.key(1))
+    assert cfg.kind is fu.UserKind(user_type)
+    assert_trees_close(shared.gradients, expected.gradients, rtol=0, atol=0)
+    if not cfg.is_aggregate:
+        with pytest.raises(fu.ConfigError, match="follow an aggregate's users"):
+            fu.compute(model, payload, data, cfg, jax.random.key(1), progress=lambda done, total: None)

@@ -212,7 +212,7 @@ def _model_inputs(examples: Examples, indices: np.ndarray, cfg_data: DictConfig,
 
 
 def _user_indices(user_cfg: UserConfig, cfg_data: DictConfig, key: jax.Array) -> tuple[int, ...]:
-    if user_cfg.user_type == "multiuser_aggregate":
+    if user_cfg.is_aggregate:
         if user_cfg.user_range is None:
             raise DataError("a multiuser_aggregate user needs user.user_range")
         return tuple(range(*user_cfg.user_range))
@@ -306,13 +306,13 @@ def _query_data(examples, cfg_data, user_cfg, impl, user_ids, partition_key, ord
         )
         return _collated(held, *_model_inputs(held, indices, cfg_data, dtype), cfg_data, query, u)
 
-    if user_cfg.user_type == "multiuser_aggregate" and stream:
+    if user_cfg.is_aggregate and stream:
         # Read when its chunk comes (fedjax_users.cohort): a cohort's examples are never all held.
         return FunctionCohort(len(user_ids), one_user)
     per_user = [one_user(position) for position in range(len(user_ids))]
     inputs = np.stack([x for x, _ in per_user])
     labels = np.stack([y for _, y in per_user])
-    if user_cfg.user_type != "multiuser_aggregate":
+    if not user_cfg.is_aggregate:
         inputs, labels = inputs[0], labels[0]
     return UserData(inputs=jnp.asarray(inputs), labels=jnp.asarray(labels))
 
@@ -360,7 +360,7 @@ def construct_users(cfg_case: DictConfig, key: Optional[jax.Array] = None, strea
         for q in range(queries if impl.get("shuffle", False) or examples.collate is not None else 1)
     ]
     first = datas[0].first() if isinstance(datas[0], FunctionCohort) else datas[0]
-    one_input = (first.inputs[0] if user_cfg.user_type == "multiuser_aggregate" else first.inputs)[:1]
+    one_input = (first.inputs[0] if user_cfg.is_aggregate else first.inputs)[:1]
 
     init_jit = jax.jit(model.init)  # compiled once for every query that re-initialises
 
@@ -385,7 +385,7 @@ def construct_users(cfg_case: DictConfig, key: Optional[jax.Array] = None, strea
     user_state = None
     if not sends_buffers and built.get("batch_stats"):
         user_state = built["batch_stats"]
-        if user_cfg.user_type == "multiuser_aggregate":
+        if user_cfg.is_aggregate:
             user_state = jax.tree_util.tree_map(lambda s: jnp.broadcast_to(s, (len(user_ids),) + s.shape), user_state)
     return UsersCase(
         model=model,

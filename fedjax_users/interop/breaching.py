@@ -45,8 +45,8 @@ import numpy as np
 import torch
 
 from fedjax_users import losses as jax_losses
-from fedjax_users.config import UserConfig
-from fedjax_users.interop.shared_data import labels_to_torch, shared_data_to_torch
+from fedjax_users.config import UserConfig, UserKind
+from fedjax_users.interop.shared_data import shared_data_to_torch
 from fedjax_users.interop.tensors import nchw_to_nhwc, nhwc_to_nchw, to_jax, to_torch
 from fedjax_users.interop.torch_flax import (
     buffers_from_torch_list,
@@ -55,7 +55,7 @@ from fedjax_users.interop.torch_flax import (
     variables_to_torch,
 )
 from fedjax_users.types import ServerPayload, UserData
-from fedjax_users.users import aggregate, local_gradient, local_update
+from fedjax_users.users import aggregate, compute
 from fedjax_users.validation import InputError, InputTypeError
 
 PyTree = Any
@@ -338,12 +338,11 @@ class _JaxUser(torch.nn.Module):
         template = self._template(user_data)
         payload = self._payload(server_payload, template)
         train = payload.batch_stats is None
-        compute = local_update if self._user_type == "local_update" else local_gradient
         shared, true, state = compute(self._flax(user_data), payload, user_data, self.cfg, self._next_key(),
-                                      user_state=self._own_state(template) if train else None,
-                                      loss=self.jax_loss, strategy=self.strategy)
+                                      self._own_state(template) if train else None, self.jax_loss,
+                                      strategy=self.strategy)
         params = payload.params
-        if self._user_type == "local_update":
+        if self.cfg.is_multi_step:
             params = jax.tree_util.tree_map(jnp.add, payload.params, shared.gradients)
         self._store_state(params, state if train else payload.batch_stats)
         shared_data = shared_data_to_torch(shared, self.model)
@@ -481,16 +480,14 @@ def construct_user(model, loss_fn, cfg_case, setup, *, dataloaders=None, **optio
                          "construct_dataloader reads datasets from disk and is not part of the JAX users")
     cfg_user = cfg_case.user
     options.setdefault("cfg_data", cfg_case.get("data") if hasattr(cfg_case, "get") else None)
-    user_type = cfg_user.user_type
-    if user_type in ("local_gradient", "local_update"):
-        cls = UserSingleStep if user_type == "local_gradient" else UserMultiStep
-        idx = cfg_user.user_idx
-        return cls(model, loss_fn, dataloaders[idx], setup, idx=idx, cfg_user=cfg_user, **options)
-    if user_type == "multiuser_aggregate":
+    kind = _user_config(cfg_user).kind
+    if kind is UserKind.AGGREGATE:
         indices = list(range(*cfg_user.user_range))
         return MultiUserAggregate(model, loss_fn, [dataloaders[i] for i in indices], setup, cfg_user,
                                   user_indices=indices, **options)
-    raise InputError(f"unknown user_type {user_type!r}; expected local_gradient, local_update or multiuser_aggregate")
+    cls = {UserKind.LOCAL_GRADIENT: UserSingleStep, UserKind.LOCAL_UPDATE: UserMultiStep}[kind]
+    idx = cfg_user.user_idx
+    return cls(model, loss_fn, dataloaders[idx], setup, idx=idx, cfg_user=cfg_user, **options)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -623,7 +620,7 @@ class _Setting:
 
     @property
     def aggregate(self) -> bool:
-        return self.cfg.user_type == "multiuser_aggregate"
+        return self.cfg.is_aggregate
 
 
 def _reference_class(reference: Any, cfg: UserConfig) -> type:
@@ -633,7 +630,7 @@ def _reference_class(reference: Any, cfg: UserConfig) -> type:
     aggregate is compared with the mean of the single users it is built from.
     """
     cls = reference if isinstance(reference, type) else type(reference)
-    if cfg.user_type != "multiuser_aggregate":
+    if not cfg.is_aggregate:
         return cls
     module = sys.modules[cls.__module__]
     return getattr(module, "UserMultiStep" if cfg.is_multi_step else "UserSingleStep")
