@@ -476,6 +476,10 @@ def aggregate(
             on_load=check_chunk,
         )
         traced = False
+        if jax.process_count() > 1:  # each process read its own users: the metadata needs them all
+            from jax.experimental import multihost_utils
+
+            labels = jnp.asarray(multihost_utils.process_allgather(labels, tiled=True))
 
         def user_inputs(user):
             x, y = users_data.load_user(user)

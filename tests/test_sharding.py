@@ -131,6 +131,18 @@ _TWO_HOSTS = _COMMON + textwrap.dedent(
     compare(many[0].gradients, one[0].gradients, "gradients")
     states = multihost_utils.process_allgather(many[1].user_state, tiled=True)
     compare(states, one[1].user_state, "user states")
+    # Streamed from a cohort: the same numbers, and each process reads only its own devices' users
+    # (user 0 as well: its shapes are checked first).
+    from fedjax_users.cohort import FunctionCohort
+    read, xs, ys = [], np.asarray(data.inputs), np.asarray(data.labels)
+    def load(i):
+        read.append(i)
+        return xs[i], ys[i]
+    streamed = fu.aggregate(model, payload, FunctionCohort(len(xs), load), cfg, key)
+    compare(streamed[0].gradients, many[0].gradients, "streamed gradients")
+    per_process = 2 * (-(-len(xs) // 4))
+    own = set(range(process_id * per_process, min(len(xs), (process_id + 1) * per_process)))
+    assert set(read) - {0} <= own and own <= set(read), (sorted(set(read)), sorted(own))
     print("process", process_id, "ok")
     """
 )
