@@ -43,6 +43,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import difflib
@@ -296,8 +297,8 @@ def psnr(reconstruction: Any, truth: Any) -> np.ndarray:
 
     Example::
 
-        >>> float(psnr(np.full((2, 2, 1), 0.5), np.zeros((2, 2, 1)))[0])  # 10 log10(1 / 0.25)
-        6.0206...
+        >>> round(float(psnr(np.full((2, 2, 1), 0.5), np.zeros((2, 2, 1)))[0]), 4)  # 10 log10(1 / 0.25)
+        6.0206
     """
     return np.asarray(dm_pix.psnr(jnp.clip(_images(reconstruction), 0.0, 1.0), _images(truth)), np.float64)
 
@@ -318,8 +319,8 @@ def label_accuracy(inferred: Sequence[int], true: Sequence[int]) -> float:
 
     Example::
 
-        >>> label_accuracy([3, 3, 7], [3, 7, 7])
-        0.666...
+        >>> round(label_accuracy([3, 3, 7], [3, 7, 7]), 4)
+        0.6667
     """
     inferred, true = [int(v) for v in np.ravel(inferred)], [int(v) for v in np.ravel(true)]
     if not true:
@@ -333,8 +334,8 @@ def update_cosine(update: PyTree, reference: PyTree) -> float:
 
     Example::
 
-        >>> update_cosine({"w": np.array([1.0, 0.0])}, {"w": np.array([1.0, 1.0])})
-        0.7071...
+        >>> round(update_cosine({"w": np.array([1.0, 0.0])}, {"w": np.array([1.0, 1.0])}), 4)
+        0.7071
     """
     return float(1.0 - attacks.cosine_distance(update, reference))
 
@@ -514,10 +515,6 @@ def _stack(trees: Sequence[PyTree]) -> PyTree:
     return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
-def _index(tree: PyTree, i: int) -> PyTree:
-    return jax.tree_util.tree_map(lambda leaf: leaf[i], tree)
-
-
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
     """Everything an evaluation is set to, bound once (``evaluation(...)`` builds one); ``run`` computes.
@@ -624,7 +621,7 @@ class Evaluation:
 
         from fedjax_users.data import construct_users
 
-        stage = progress.stage if progress is not None else (lambda _: _Quiet())
+        stage = progress.stage if progress is not None else (lambda _: contextlib.nullcontext())
         started = time.perf_counter()
         with stage("checking the grid, calibrating the noise"):
             planned = self.plan(cfg_case)
@@ -747,14 +744,6 @@ class Evaluation:
         )
 
 
-class _Quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-
 def _held_out_data(cfg_case: Any, case: Any, count: int) -> fu.UserData:
     """``count`` examples of the case's split that its user does not hold, in the split's order."""
     from fedjax_users.data import load_examples, normalize
@@ -834,12 +823,26 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _against_epsilon(ax: Any, rows: Sequence[Row], value: Callable[[Row], float], colour: str, label: str) -> None:
+    """``value`` of each row against its epsilon: points for finite epsilons, a dashed level for the others."""
+    points = sorted((r.epsilon, value(r)) for r in rows if math.isfinite(r.epsilon))
+    if points:
+        ax.plot(*zip(*points), marker="o", color=colour, label=label)
+    for r in rows:
+        if not math.isfinite(r.epsilon):
+            ax.axhline(value(r), color=colour, linestyle="--", linewidth=1)
+            ax.annotate(f"{r.defence}: {value(r):.3g}", (0.01, value(r)), xycoords=("axes fraction", "data"),
+                        fontsize=7, color=colour, va="bottom")
+
+
 def leakage_plot(result: EvaluationResult, path: str | os.PathLike) -> Any:
-    """Leakage (PSNR) against epsilon, one line per attack, and utility beside it, into ``path``.
+    """Leakage (PSNR) against epsilon, one line per attack, and utility against epsilon beside it.
 
     Defences with a finite epsilon are points on a log axis; those without (no defence, clipping
-    alone, steps alone) are horizontal dashed lines of their attack's colour, and the PSNR of a
-    random image a grey dotted line: what an attack that learnt nothing scores.
+    alone, steps alone) are dashed levels labelled with their name, and the PSNR of a random image
+    a grey dotted line: what an attack that learnt nothing scores. The utility panel draws the
+    cosine of the defended update to the undefended one and, on its own axis, the change of the
+    held-out loss after the server's step.
 
     Args:
       result: what ``Evaluation.run`` returned.
@@ -855,42 +858,31 @@ def leakage_plot(result: EvaluationResult, path: str | os.PathLike) -> Any:
     FigureCanvasAgg(figure)
     leak, util = figure.subplots(1, 2)
     attack_names = list(dict.fromkeys(r.attack for r in result.rows))
-    finite = [r for r in result.rows if math.isfinite(r.epsilon)]
     for c, name in enumerate(attack_names):
-        points = sorted((r.epsilon, r.psnr) for r in finite if r.attack == name)
-        if points:
-            leak.plot(*zip(*points), marker="o", color=f"C{c}", label=f"{name} attack")
-        for r in result.rows:
-            if r.attack == name and not math.isfinite(r.epsilon):
-                leak.axhline(r.psnr, color=f"C{c}", linestyle="--", linewidth=1)
-                leak.annotate(f"{r.defence} ({name}): {r.psnr:.1f} dB", (0.01, r.psnr), xycoords=("axes fraction", "data"),
-                              fontsize=7, color=f"C{c}", va="bottom")
+        _against_epsilon(leak, [r for r in result.rows if r.attack == name], lambda r: r.psnr, f"C{c}",
+                         f"{name} attack")
     random_psnr = float(np.mean([r.psnr_random for r in result.rows]))
     leak.axhline(random_psnr, color="grey", linestyle=":", label=f"random image ({random_psnr:.1f} dB)")
-    leak.set_xscale("log")
-    leak.set_xlabel("epsilon (log scale; smaller is more private)")
     leak.set_ylabel("reconstruction PSNR (dB; higher leaks more)")
     leak.set_title("leakage against epsilon", fontsize=10)
-    leak.grid(True, which="both", alpha=0.3)
-    leak.legend(fontsize=7, loc="lower right")
+    # One row per defence for the utility (it does not depend on the attack).
     first = [r for r in result.rows if r.attack == attack_names[0]]
-    names = [r.defence for r in first]
-    positions = np.arange(len(first))
-    util.bar(positions - 0.2, [r.utility_cosine for r in first], width=0.4, color="C2",
-             label="cosine to the undefended update")
-    twin = util.twinx()
-    twin.bar(positions + 0.2, [r.held_out_loss_change for r in first], width=0.4, color="C3",
-             label="held-out loss change after one step")
-    twin.axhline(0.0, color="black", linewidth=0.5)
-    util.set_xticks(positions, [f"{n}\neps {r.epsilon:.3g}" for n, r in zip(names, first)], fontsize=7)
+    _against_epsilon(util, first, lambda r: r.utility_cosine, "C2", "cosine to the undefended update")
     util.set_ylabel("cosine to the undefended update (1: unchanged)")
-    twin.set_ylabel("held-out loss change (lower is better)")
-    twin.set_yscale("symlog", linthresh=1e-3)
-    util.set_title("utility", fontsize=10)
-    handles = util.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    util.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper right")
-    figure.suptitle(f"{result.case}: {result.rows[0].batch} example(s), delta {result.rows[0].delta:g}, "
-                    f"{result.rows[0].queries} quer{'y' if result.rows[0].queries == 1 else 'ies'}", fontsize=10)
+    loss = util.twinx()
+    _against_epsilon(loss, first, lambda r: r.held_out_loss_change, "C3", "held-out loss change after one step")
+    loss.set_ylabel("held-out loss change after one server step (lower is better)")
+    util.set_title("utility against epsilon", fontsize=10)
+    for ax in (leak, util):
+        ax.set_xscale("log")
+        ax.set_xlabel("epsilon (log scale; smaller is more private)")
+        ax.grid(True, which="both", alpha=0.3)
+    leak.legend(fontsize=7, loc="center right")
+    handles = util.get_legend_handles_labels()[0] + loss.get_legend_handles_labels()[0]
+    util.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="center right")
+    row = result.rows[0]
+    figure.suptitle(f"{result.case}: {row.batch} example{'s' if row.batch != 1 else ''}, epsilon at delta "
+                    f"{row.delta:g} for {row.queries} quer{'y' if row.queries == 1 else 'ies'}", fontsize=10)
     figure.savefig(os.fspath(path), dpi=100, facecolor="white")
     return figure
 
@@ -899,7 +891,8 @@ def reconstruction_grid(result: EvaluationResult, path: str | os.PathLike) -> An
     """Originals and reconstructions, one row per defence (``plots.image_grid``), into ``path``.
 
     Each row holds, for each image the user holds, the original and then each attack's
-    reconstruction of it, titled with its PSNR, SSIM and the label the attacker read.
+    reconstruction of it, titled with its PSNR, SSIM and the label the attacker read off the update
+    (for several images: the labels in the order read, not matched to the images).
 
     Returns:
       The drawn ``matplotlib.figure.Figure``.
@@ -908,8 +901,7 @@ def reconstruction_grid(result: EvaluationResult, path: str | os.PathLike) -> An
 
     by_key = {(r.defence, r.attack): r for r in result.rows}
     attack_names = list(dict.fromkeys(r.attack for r in result.rows))
-    rows, titles, labels = [], [], []
-    columns = []
+    rows, titles, labels, longest = [], [], [], []
     for entry in result.images:
         row, title = [], []
         columns = []
@@ -921,13 +913,19 @@ def reconstruction_grid(result: EvaluationResult, path: str | os.PathLike) -> An
             for name in attack_names:
                 r = by_key[(entry.defence, name)]
                 row.append(entry.reconstructions[name][i])
-                title.append(f"{r.psnr_per_image[i]:.1f} dB, SSIM {r.ssim_per_image[i]:.2f}")
+                title.append(f"{r.psnr_per_image[i]:.1f} dB, SSIM {r.ssim_per_image[i]:.2f}\n"
+                             f"label read: {r.labels_inferred[i] if len(r.labels_inferred) > i else '-'}")
                 columns.append(f"{name} attack")
         eps = by_key[(entry.defence, attack_names[0])].epsilon
         labels.append(f"{entry.defence}\neps {eps:.3g}")
         rows.append(row)
         titles.append(title)
-    return plots.image_grid(rows, path, titles=titles, row_labels=labels, column_labels=columns)
+        longest = columns if len(columns) > len(longest) else longest
+    # Defences of different batch sizes hold different numbers of images: shorter rows end empty.
+    for row, title in zip(rows, titles):
+        title.extend([""] * (len(longest) - len(row)))
+        row.extend([None] * (len(longest) - len(row)))
+    return plots.image_grid(rows, path, titles=titles, row_labels=labels, column_labels=longest)
 
 
 def write(result: EvaluationResult, folder: str, config: Optional[dict] = None) -> list[str]:
@@ -1041,11 +1039,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"attack      {name}: {config.objective}, {config.optimizer}, {config.steps} steps, "
               f"{config.restarts} restart(s), step {config.learning_rate:g} ({config.schedule}), "
               f"tv {config.tv_scale:g}")
-    header = (f"{'defence':<28}{'attack':<8}{'epsilon':>9}{'noise':>9}{'PSNR':>7}{'SSIM':>6}{'labels':>7}"
+    width = max(len("defence"), *(len(r.defence) for r in result.rows)) + 2
+    header = (f"{'defence':<{width}}{'attack':<8}{'epsilon':>9}{'noise':>9}{'PSNR':>7}{'SSIM':>6}{'labels':>7}"
               f"{'cosine':>8}{'rel.err':>9}{'loss chg':>10}{'s/def':>7}")
     print(header)
     for r in result.rows:
-        print(f"{r.defence:<28}{r.attack:<8}{_fmt(r.epsilon):>9}{r.noise:>9.3g}{r.psnr:>7.2f}{r.ssim:>6.2f}"
+        print(f"{r.defence:<{width}}{r.attack:<8}{_fmt(r.epsilon):>9}{r.noise:>9.3g}{r.psnr:>7.2f}{r.ssim:>6.2f}"
               f"{r.label_accuracy:>7.2f}{r.utility_cosine:>8.3f}{r.utility_relative_error:>9.3g}"
               f"{r.held_out_loss_change:>10.3g}{r.attack_seconds:>7.1f}")
     print(f"random      an image the attack learnt nothing from (its random start) scores {first.psnr_random:.2f} dB")

@@ -4,6 +4,7 @@ the grid's rows against single runs, a bad grid refused before any work, and a s
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -250,3 +251,26 @@ def test_a_small_cli_run_writes_the_table_the_plot_and_the_grid(tmp_path, monkey
     # The grid: one row per defence (150 px), original + one reconstruction per attack (3 x 150 px).
     assert matplotlib.image.imread(out / "reconstructions.png").shape[:2] == (300, 450)
     assert "none" in printed.out and "saved" in printed.out
+
+
+def fake_row(defence: str, attack: str, images: int, epsilon: float) -> evaluate.Row:
+    fields = {f.name: 0 for f in dataclasses.fields(evaluate.Row)}
+    fields.update(defence=defence, attack=attack, epsilon=epsilon, psnr_per_image=(20.0,) * images,
+                  ssim_per_image=(0.9,) * images, labels_true=(1,) * images, labels_inferred=(1,) * images,
+                  batch=images, delta=1e-5, queries=1, psnr=20.0, psnr_random=5.0, utility_cosine=1.0)
+    return evaluate.Row(**fields)
+
+
+def test_pictures_of_a_grid_whose_defences_hold_different_numbers_of_images(tmp_path):
+    # "none" holds one image, "batch=2" two: the grid is as wide as the widest row, the other ends empty.
+    rows, images = [], []
+    for defence, count, epsilon in (("none", 1, math.inf), ("batch=2", 2, 3.0)):
+        rows += [fake_row(defence, attack, count, epsilon) for attack in ("cosine", "l2")]
+        picture = np.full((count, 8, 8, 3), 0.5, np.float32)
+        images.append(evaluate.DefenceImages(defence, picture, {"cosine": picture, "l2": picture}))
+    result = evaluate.EvaluationResult("fake", tuple(rows), tuple(images), {}, {})
+    figure = evaluate.reconstruction_grid(result, tmp_path / "grid.png")
+    assert matplotlib.image.imread(tmp_path / "grid.png").shape[:2] == (300, 900)
+    assert [len(ax.images) for ax in figure.axes] == [1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    evaluate.leakage_plot(result, tmp_path / "plot.png")
+    assert matplotlib.image.imread(tmp_path / "plot.png").shape[:2] == (420, 1100)
