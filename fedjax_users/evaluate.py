@@ -1008,29 +1008,39 @@ def _fmt(value: float, spec: str = ".3g") -> str:
     return "inf" if value == math.inf else format(value, spec)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, case_path: Optional[str], overrides: Sequence[str]) -> int:
     """``fedjax-users evaluate``: the grid checked, the case run, the table printed, the run folder written.
 
     Mistakes (a bad grid, case or folder) raise ``ValueError`` before anything is computed; the
     ``fedjax-users`` command prints them as one line and exits 2.
+
+    Args:
+      args: ``add_arguments``'s arguments, parsed.
+      case_path: the case file (``None``: the bundled digits case), resolved from ``args.case`` by
+        the ``fedjax-users`` command as for ``run`` (which is why it is not resolved here: this
+        module does not import the command's).
+      overrides: the ``key=value`` overrides.
+
+    Returns:
+      The exit status, 0.
     """
     from omegaconf import OmegaConf
 
-    from fedjax_users import cli, runs
+    from fedjax_users import runs
     from fedjax_users.data import load_case
     from fedjax_users.progress import Progress
 
     ev = evaluation(args.defences, args.attacks, steps=args.attack_steps, restarts=args.restarts, delta=args.delta,
                     unit=args.unit, relation=args.relation, held_out=args.held_out,
                     gradient_step=args.step)
-    case_path, overrides = cli._split_case_argument(args.case, list(args.overrides))
-    cfg_case = load_case(case_path, overrides)
+    cfg_case = load_case(case_path, list(overrides))
+    name = str(cfg_case.get("name") or os.path.splitext(os.path.basename(case_path or "default"))[0])
     if args.out is not None and args.out.endswith(".msgpack"):
         raise ValueError(f"--out {args.out}: evaluate writes a folder (tables and pictures), not a .msgpack file")
-    output = runs.prepare(args.out, "evaluate-" + cli._case_name(cfg_case, case_path, ()), force=args.force)
+    output = runs.prepare(args.out, f"evaluate-{name}", force=args.force)
     with Progress(quiet=args.quiet) as progress:
         result = ev.run(cfg_case, jax.random.key(args.seed), progress)
-    print(f"case        {cli._case_name(cfg_case, case_path, overrides)}")
+    print(f"case        {name}{' with ' + ' '.join(overrides) if overrides else ''}")
     first = result.rows[0]
     print(f"user        {cfg_case.user.user_type}, {first.batch} example(s); labels {list(first.labels_true)}; "
           f"epsilon at delta {ev.delta:g}, {first.queries} quer{'y' if first.queries == 1 else 'ies'}, per {ev.unit}, "
