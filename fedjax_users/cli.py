@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     privacy.add_argument("--plot", metavar="FILE.png", default=None,
                          help="also draw epsilon against the number of queries (log scale, over the --queries "
                               "range), one line per delta, into this picture (written over if it exists)")
+    from fedjax_users import evaluate
+
+    evaluate.add_arguments(commands.add_parser(
+        "evaluate", help="attack success (PSNR, SSIM, labels) against epsilon, and the utility, for each defence of a grid"))
     commands.add_parser("parity", help="run the parity suite (python -m parity)", add_help=False)
     commands.add_parser("bench", help="run the benchmarks (python -m benchmarks)", add_help=False)
     return parser
@@ -507,7 +511,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _run_checkout_suite(argv[0], argv[1:])
     args = _parser().parse_args(argv)
     try:
-        commands = {"cases": lambda _: list_cases(), "privacy": privacy_report, "run": run}
+        from fedjax_users import evaluate
+
+        commands = {"cases": lambda _: list_cases(), "privacy": privacy_report, "run": run,
+                    "evaluate": lambda a: evaluate.main(a, *_split_case_argument(a.case, list(a.overrides)))}
         return commands[args.command](args)
     except USER_MISTAKES as err:
         # A user mistake (bad case, missing data folder, bad config) is one line, not a traceback.
