@@ -121,6 +121,16 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
+def _check_format(path: str, document: Any, name: str, version: int, what: str) -> None:
+    """``document`` is a mapping of ``format`` ``name`` at ``version``, else one line naming ``path``."""
+    if not isinstance(document, Mapping) or document.get("format") != name:
+        raise SharedFileError(f"{path} is not a fedjax_users {what} file")
+    if document.get("version") != version:
+        raise SharedFileError(
+            f"{path} is in {what} format version {document.get('version')!r}; this fedjax_users reads version {version}"
+        )
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Raise ``SharedFileError`` unless a file can be written at ``path`` (its folder exists and is writable)."""
     path = os.fspath(path)
@@ -198,13 +208,7 @@ def _payload(path: str, raw: bytes) -> bytes:
             f"{path} is in shared-update format version 1, which has no checksum; this fedjax_users reads "
             f"version {VERSION} only: save the update again"
         )
-    if not isinstance(envelope, Mapping) or envelope.get("format") != FORMAT:
-        raise SharedFileError(f"{path} is not a fedjax_users shared-update file")
-    if envelope.get("version") != VERSION:
-        raise SharedFileError(
-            f"{path} is in shared-update format version {envelope.get('version')!r}; this fedjax_users reads "
-            f"version {VERSION}"
-        )
+    _check_format(path, envelope, FORMAT, VERSION, "shared-update")
     payload, digest = envelope.get("payload"), envelope.get("sha256")
     if not isinstance(payload, bytes) or not isinstance(digest, str):
         raise SharedFileError(f"{path} is a damaged shared-update file: no payload or checksum")
@@ -446,13 +450,7 @@ def _read_metadata_file(path: str) -> dict:
         raise SharedFileError(f"cannot read {meta_path}: {err.strerror or _first_line(err)}") from None
     except ValueError as err:
         raise SharedFileError(f"{meta_path} is not a fedjax_users metadata file ({_first_line(err)})") from None
-    if not isinstance(document, Mapping) or document.get("format") != METADATA_FORMAT:
-        raise SharedFileError(f"{meta_path} is not a fedjax_users metadata file")
-    if document.get("version") != SAFETENSORS_VERSION:
-        raise SharedFileError(
-            f"{meta_path} is in metadata format version {document.get('version')!r}; this fedjax_users reads "
-            f"version {SAFETENSORS_VERSION}"
-        )
+    _check_format(meta_path, document, METADATA_FORMAT, SAFETENSORS_VERSION, "metadata")
     return dict(document)
 
 

@@ -30,6 +30,9 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from federated_fakes import write_tff_sqlite  # noqa: E402
+
 CLIENTS = ["THE_TRAGEDY_OF_KING_LEAR_KENT", "ALLS_WELL_ROSSILLION", "MUCH_ADO_BEATRICE", "HAMLET_OPHELIA", "ZED"]
 SPLITS = {"shakespeare": ["train", "test"], "stackoverflow": ["train", "heldout", "test"]}
 READ_SPLITS = ["train", "validation", "test"]  # what _build_and_split_dataset_text hands the readers
@@ -38,7 +41,6 @@ USERS = 6  # one more than there are clients
 
 def write_and_read(out: str, datasets_text_py: str) -> None:
     import importlib.util
-    import sqlite3
     import types
 
     import tensorflow as tf
@@ -67,25 +69,10 @@ def write_and_read(out: str, datasets_text_py: str) -> None:
         folder = os.path.join(out, f"index{index}")
         os.makedirs(folder, exist_ok=True)
         for name, splits in SPLITS.items():
-            file = os.path.join(folder, f"{name}.sqlite")
-            if os.path.exists(file):
-                os.remove(file)
-            connection = sqlite3.connect(file)
-            connection.execute("CREATE TABLE examples (split_name TEXT NOT NULL, client_id TEXT NOT NULL, "
-                               "serialized_example_proto BLOB NOT NULL);")
-            connection.execute("CREATE TABLE client_metadata (client_id TEXT NOT NULL, split_name TEXT NOT NULL, "
-                               "num_examples INTEGER NOT NULL);")
-            if index:
-                connection.execute("CREATE INDEX idx_c ON client_metadata (client_id);")
-                connection.execute("CREATE INDEX idx_e ON examples (client_id, split_name);")
-            for split in splits:
-                for c, client in enumerate(CLIENTS if split == splits[0] else CLIENTS[::-1]):
-                    for k in range(2 + c % 3):
-                        connection.execute("INSERT INTO examples VALUES (?, ?, ?);",
-                                           (split, client, example(name, client, split, k)))
-                    connection.execute("INSERT INTO client_metadata VALUES (?, ?, ?);", (client, split, 2 + c % 3))
-            connection.commit()
-            connection.close()
+            # The same layout and clients as the tests' files, the protos written by TensorFlow itself.
+            order = {split: CLIENTS if split == splits[0] else CLIENTS[::-1] for split in splits}
+            write_tff_sqlite(os.path.join(folder, f"{name}.sqlite"), order,
+                             lambda client, split, k, name=name: example(name, client, split, k), index=bool(index))
             read = getattr(reference, f"load_{name}_tff")
             for split in READ_SPLITS:
                 users = []

@@ -40,7 +40,7 @@ from federated_fakes import (
 )
 from fedjax_users import cli
 from fedjax_users.data import DataError, cases, catalog, glue, images, load_case, load_examples, tf_example, tff
-from text_fakes import write_bert_tokenizer, write_gpt2_tokenizer
+from text_fakes import offline_hub, write_bert_tokenizer, write_gpt2_tokenizer  # noqa: F401 (an autouse fixture)
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -64,17 +64,6 @@ def text_reference():
     from parity.reference import datasets_text_module
 
     return datasets_text_module()
-
-
-@pytest.fixture(autouse=True)
-def offline_hub(tmp_path, monkeypatch):
-    """No user cache is read, and breaching's own AutoTokenizer calls never try the network."""
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,9 @@ from fedjax_users import cli, io
 from fedjax_users.config import UserConfig
 from fedjax_users.data import DataError, load_case, load_examples, user_example_indices
 from fedjax_users.data import cases, hf_tokenizer, masking, text
-from text_fakes import BERT_SPECIALS, wikitext_lines, write_bert_tokenizer, write_gpt2_tokenizer, write_raw_wikitext
+from text_fakes import (  # noqa: F401 (offline_hub: an autouse fixture)
+    BERT_SPECIALS, offline_hub, wikitext_lines, write_bert_tokenizer, write_gpt2_tokenizer, write_raw_wikitext,
+)
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -59,17 +61,6 @@ def corpus(tmp_path_factory):
     texts = splits["train"] + splits["valid"]
     vocab = {"gpt2": write_gpt2_tokenizer(path, texts), "bert-base-uncased": write_bert_tokenizer(path, texts)}
     return dict(path=str(path), lines=splits, vocab=vocab)
-
-
-@pytest.fixture(autouse=True)
-def offline_hub(tmp_path, monkeypatch):
-    """No user cache is read, and breaching's own AutoTokenizer calls never try the network."""
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 def causal_cfg(corpus, *extra):

@@ -11,6 +11,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 WORDS = ("the game was released in north america and europe with new levels for players who "
          "had finished the story of the war between two nations and its soldiers").split()
@@ -102,3 +103,14 @@ def write_bert_tokenizer(cache, texts, repo: str = "bert-base-uncased", vocab_si
     )
     _save(tokenizer, _snapshot(cache, repo), {"model_type": "bert"}, {"do_lower_case": True, "model_max_length": 512})
     return tokenizer.get_vocab_size()
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(tmp_path, monkeypatch):
+    """No user cache is read, and breaching's own AutoTokenizer calls never try the network."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
