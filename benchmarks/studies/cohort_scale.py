@@ -14,7 +14,9 @@ centre-cropped to 224 as breaching's validation transforms do), written once und
 
 Printed per size: wall time of the process, its peak resident memory (``ru_maxrss`` of that child),
 the first query's time, and how long the users waited for their examples (``fedjax-users run``'s
-``summary.json``). ``--json FILE`` keeps the rows.
+``summary.json``). ``--json FILE`` keeps the rows. ``--reader`` instead times the reader alone
+(the case's cohort read through Grain's threads as ``aggregate`` reads it, nothing computed): the
+images a second the data path delivers on this machine, against what the computation consumes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import numpy as np
 
 CASE = "8_industry_scale_fl"
 PER_USER = 2
@@ -81,6 +85,25 @@ def run_size(workload: str, users: int, data: str) -> dict:
                 last_line=stdout.strip().splitlines()[-2] if stdout.strip() else "")
 
 
+def reader_rate(workload: str, users: int, data: str, threads: int = 2) -> dict:
+    """Images a second of the case's cohort read chunk by chunk in Grain's threads, nothing computed."""
+    import jax
+
+    from fedjax_users.data import catalog, construct_users, load_case
+    from fedjax_users.strategy import streaming
+
+    cfg_case = load_case(catalog.resolve(CASE), overrides(workload, users, data))
+    cohort = construct_users(cfg_case, jax.random.key(0), stream=True).data
+    plan = streaming.ChunkPlan(len(cohort), 1, len(cohort), 1)
+    reader = streaming._reader(cohort, plan, np.arange(1), 0, threads, 2)
+    start = time.perf_counter()
+    for _ in range(plan.chunks):
+        next(reader)
+    seconds = time.perf_counter() - start
+    return dict(workload=workload, users=users, threads=threads, seconds=round(seconds, 2),
+                images_per_s=round(users * PER_USER / seconds, 1))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", choices=("lenet-cifar", "resnet18-imagenet"), default="lenet-cifar")
@@ -88,7 +111,12 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "fedjax-users-imagenet-fake"),
                         help="where the generated ImageNet folder is written (kept between runs)")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--reader", action="store_true", help="time the reader alone (no computation)")
     args = parser.parse_args(argv)
+    if args.reader:
+        for users in args.users:
+            print(reader_rate(args.workload, users, args.data), flush=True)
+        return 0
     rows = []
     print(f"{CASE}, {args.workload}, {PER_USER} examples a user, {os.cpu_count()} CPUs")
     print(f"{'users':>7} {'wall s':>8} {'peak MiB':>9} {'query s':>8} {'stream s':>9} {'waited s':>9} {'share':>6}")
