@@ -57,3 +57,38 @@ def test_import_is_light_and_submodules_are_reachable():
         import fedjax_users as fu
 
         fu.nonexistent  # noqa: B018
+
+
+def _make_dry_run(tmp_path, *extra):
+    """``make -n run`` against a venv whose stamp files are newer than the lock (as after a first install)."""
+    venv = tmp_path / f"venv{len(list(tmp_path.iterdir()))}"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    (venv / "torchvision-src" / "torchvision" / "models").mkdir(parents=True)
+    (venv / "torchvision-src" / "torchvision" / "models" / "resnet.py").touch()
+    for stamp in (".run-installed", ".test-installed"):
+        (venv / stamp).touch()
+    done = subprocess.run(["make", "-n", "-C", REPO, f"VENV={venv}", *extra, "run"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_make_run_installs_only_when_the_lock_or_pyproject_changed(tmp_path):
+    # The second make run of the README: nothing to install, only the run.
+    unchanged = _make_dry_run(tmp_path)
+    assert "pip install" not in unchanged and "fedjax-users run" in unchanged
+    # A changed lock (make's -W: as if just modified) installs it again, breaching's case files too.
+    changed = _make_dry_run(tmp_path, "-W", "requirements/run.txt")
+    assert "pip install -q -r requirements/run.txt" in changed and "breaching==0.1.2" in changed
+
+
+def test_building_the_package_prints_no_setuptools_deprecation(tmp_path):
+    # setuptools warned three times per install about the license table; the metadata build shows it.
+    script = (
+        "import warnings, setuptools.build_meta as b\n"
+        "warnings.simplefilter('error')\n"
+        f"print(b.prepare_metadata_for_build_wheel({str(tmp_path)!r}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Deprecat" not in done.stderr and done.stdout.strip().endswith(".dist-info")
