@@ -254,15 +254,15 @@ def compute(
 
     Example::
 
-        >>> import jax, jax.numpy as jnp, flax.linen as nn
+        >>> import jax, jax.numpy as jnp
         >>> import fedjax_users as fu
-        >>> model = nn.Dense(3)
-        >>> x, y = jnp.ones((2, 4)), jnp.array([0, 2])
+        >>> model = fu.models.get("linear", num_classes=3, num_channels=1)
+        >>> x, y = jnp.ones((2, 4, 4, 1)), jnp.array([0, 2])
         >>> payload = fu.ServerPayload(params=model.init(jax.random.key(0), x)["params"])
         >>> cfg = fu.UserConfig.from_yaml("local_gradient", overrides=["num_data_points=2"])
         >>> shared, _, _ = fu.compute(model, payload, fu.UserData(x, y), cfg, jax.random.key(1))
-        >>> shared.gradients["kernel"].shape
-        (4, 3)
+        >>> shared.gradients["1"]["kernel"].shape
+        (16, 3)
     """
     if cfg.is_aggregate:
         shared, true = aggregate(model, payload, data, cfg, key, users_state=state, loss=loss, strategy=strategy,

@@ -92,3 +92,16 @@ def test_building_the_package_prints_no_setuptools_deprecation(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Deprecat" not in done.stderr and done.stdout.strip().endswith(".dist-info")
+
+
+def test_an_editable_install_prints_no_setuptools_banner(tmp_path):
+    # make run / make test install with pip install -e .: setuptools' import-hook strategy printed an
+    # "Editable installation" banner each time; the package-dir setting makes it a plain .pth file.
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--ignore-installed", "-e", REPO,
+         "--prefix", str(tmp_path)], capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Editable installation" not in done.stdout + done.stderr
+    (pth,) = tmp_path.glob("lib/python*/site-packages/__editable__.fedjax_users*.pth")
+    assert pth.read_text().strip() == REPO

@@ -267,7 +267,9 @@ def test_mask_reaches_every_batchnorm():
 def test_get_knows_breaching_names_and_rejects_others():
     assert set(CASES) <= set(models.names("vision"))
     assert isinstance(models.get("convnet"), type(models.get("ConvNet")))
-    with pytest.raises(ValueError, match="unknown vision model 'resnet19'.*ConvNet"):
+    # The close names, and where the whole table is (not all 71 names in one line).
+    with pytest.raises(ValueError, match=r"unknown vision model 'resnet19'; did you mean 'resnet18'.*"
+                                         r"vision models: fedjax_users.models.names\('vision'\)"):
         models.get("resnet19")
 
 
