@@ -121,27 +121,33 @@ def _case_name(cfg_case, case_path: Optional[str], overrides: Sequence[str]) -> 
 
 
 def _one_example(case):
-    """One user's first input ``[1, ...]``: what the model's shapes are traced with."""
-    data = case.data.first() if hasattr(case.data, "first") else case.data
-    inputs = data.inputs
+    """One user's first input ``[1, ...]``: what the model's shapes are traced with.
+
+    A streamed cohort reads its first user here (its examples are read once, not per question).
+    """
+    from fedjax_users.cohort import Cohort
+
+    inputs = case.data.first().inputs if isinstance(case.data, Cohort) else case.data.inputs
     return (inputs[0] if case.user_cfg.is_aggregate else inputs)[:1]
 
 
 def _data_shapes(case) -> tuple[tuple, tuple]:
-    """The users' inputs and labels shapes (a streamed cohort's from its first user and its size)."""
-    if hasattr(case.data, "first"):
+    """The users' inputs and labels shapes (a streamed cohort's from its size and first user)."""
+    from fedjax_users.cohort import Cohort
+
+    if isinstance(case.data, Cohort):
         first = case.data.first()
         return (len(case.data),) + first.inputs.shape[1:], (len(case.data),) + first.labels.shape[1:]
     return tuple(case.data.inputs.shape), tuple(case.data.labels.shape)
 
 
-def _batchnorm_mode(case) -> str:
+def _batchnorm_mode(case, example) -> str:
     """How the users run BatchNorm: with the server's buffers, their own statistics, or not at all."""
     import jax
 
     from fedjax_users.users import initial_batch_stats
 
-    stats = initial_batch_stats(case.model, _one_example(case))
+    stats = initial_batch_stats(case.model, example)
     if not stats:
         return "no BatchNorm"
     # Hugging Face models hold buffers (position ids) but no BatchNorm: name what the mode is about.
@@ -402,7 +408,8 @@ def _run_case(args, cfg_case, case_path, overrides, output) -> int:
     num_users = cfg.num_users if cfg.is_aggregate else 1
     kind = "parameter difference" if cfg.is_multi_step else "gradient"
     dtype = jax.tree_util.tree_leaves(case.payload.params)[0].dtype
-    batchnorm = _batchnorm_mode(case)
+    example = _one_example(case)
+    batchnorm = _batchnorm_mode(case, example)
     print(f"case        {_case_name(cfg_case, case_path, overrides)}")
     print(f"user type   {cfg.user_type} ({num_users} user{'s' if num_users > 1 else ''}, "
           f"{cfg.num_data_points} examples each, user index {', '.join(map(str, case.user_indices[:8]))}"
@@ -434,7 +441,7 @@ def _run_case(args, cfg_case, case_path, overrides, output) -> int:
               f"(first call {first:.2f} s) on {platform}")
     config = OmegaConf.to_container(cfg_case, resolve=True)
     # breaching's list order for the torch files, from the model alone (traced, nothing computed).
-    order = torch_order(case.model, _one_example(case))
+    order = torch_order(case.model, example)
     output.create()
     paths = output.update_paths(len(results))
     torch_files = []
