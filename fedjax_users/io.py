@@ -52,6 +52,7 @@ from fedjax_users.interop import naming
 from fedjax_users.interop.metadata import metadata_from_dict, metadata_to_dict
 from fedjax_users.interop.order import TorchOrder
 from fedjax_users.types import LocalHyperparams, Metadata, ServerPayload, SharedData
+from fedjax_users.validation.errors import first_line
 
 __all__ = [
     "SharedFileError",
@@ -116,11 +117,6 @@ def _metadata_from_state(state: dict) -> Metadata:
     )
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
-
-
 def _check_format(path: str, document: Any, name: str, version: int, what: str) -> None:
     """``document`` is a mapping of ``format`` ``name`` at ``version``, else one line naming ``path``."""
     if not isinstance(document, Mapping) or document.get("format") != name:
@@ -158,7 +154,7 @@ def save_shared(path: str | os.PathLike, shared: SharedData, config: Optional[di
     try:
         payload = flax.serialization.msgpack_serialize(state)
     except (TypeError, ValueError) as err:
-        raise SharedFileError(f"cannot write {path}: the update or config is not serialisable ({_first_line(err)})") from err
+        raise SharedFileError(f"cannot write {path}: the update or config is not serialisable ({first_line(err)})") from err
     envelope = msgpack.packb(
         {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload},
         use_bin_type=True,
@@ -171,14 +167,14 @@ def _write(path: str, data: bytes) -> None:
     try:
         handle = open(path, "wb")
     except OSError as err:
-        raise SharedFileError(f"cannot write {path}: {err.strerror or _first_line(err)}") from err
+        raise SharedFileError(f"cannot write {path}: {err.strerror or first_line(err)}") from err
     try:
         with handle:
             handle.write(data)
     except OSError as err:
         with contextlib.suppress(OSError):
             os.unlink(path)
-        raise SharedFileError(f"cannot write {path}: {err.strerror or _first_line(err)}") from err
+        raise SharedFileError(f"cannot write {path}: {err.strerror or first_line(err)}") from err
 
 
 def _read(path: str) -> bytes:
@@ -190,7 +186,7 @@ def _read(path: str) -> bytes:
     except IsADirectoryError:
         raise SharedFileError(f"{path} is a folder, not a shared-update file") from None
     except OSError as err:
-        raise SharedFileError(f"cannot read {path}: {err.strerror or _first_line(err)}") from None
+        raise SharedFileError(f"cannot read {path}: {err.strerror or first_line(err)}") from None
 
 
 def _payload(path: str, raw: bytes) -> bytes:
@@ -201,7 +197,7 @@ def _payload(path: str, raw: bytes) -> bytes:
         envelope = msgpack.unpackb(raw, raw=False)
     except Exception as err:  # noqa: BLE001  (msgpack raises several types for bad bytes)
         raise SharedFileError(
-            f"{path} is not a fedjax_users shared-update file, or is truncated ({_first_line(err)})"
+            f"{path} is not a fedjax_users shared-update file, or is truncated ({first_line(err)})"
         ) from None
     if isinstance(envelope, Mapping) and envelope.get("format") == FORMAT_V1:
         raise SharedFileError(
@@ -275,7 +271,7 @@ def load_shared(
         if config is not None and not isinstance(config, Mapping):
             raise TypeError("config is not a mapping")
     except Exception as err:  # noqa: BLE001  (a checksummed payload of the wrong structure)
-        raise SharedFileError(f"{path} is a malformed shared-update file ({_first_line(err)})") from None
+        raise SharedFileError(f"{path} is a malformed shared-update file ({first_line(err)})") from None
     shared = SharedData(gradients=state["gradients"], batch_stats=state.get("batch_stats"), metadata=metadata)
     _check_fits(path, shared, like)
     return shared, config
@@ -342,7 +338,7 @@ def _torch_tensors(path: str, tree: Any, paths: tuple, collection: str) -> tuple
             # The name must lead back to this leaf, as interop pairs a torch model with the tree.
             item = naming.link(name, tree, collection)
         except ValueError as err:
-            raise SharedFileError(f"cannot write {path}: {_first_line(err)}") from None
+            raise SharedFileError(f"cannot write {path}: {first_line(err)}") from None
         if item.flax_path != flax_path or name in tensors:
             raise SharedFileError(
                 f"cannot write {path}: Flax {collection}/{'/'.join(flax_path)} and another leaf share the "
@@ -427,7 +423,7 @@ def save_shared_safetensors(
     try:
         text = json.dumps(document, default=_json_plain) + "\n"
     except (TypeError, ValueError) as err:
-        raise SharedFileError(f"cannot write {meta_path}: the metadata or config is not JSON ({_first_line(err)})") from err
+        raise SharedFileError(f"cannot write {meta_path}: the metadata or config is not JSON ({first_line(err)})") from err
     _write(path, raw)
     try:
         _write(meta_path, text.encode())
@@ -447,9 +443,9 @@ def _read_metadata_file(path: str) -> dict:
     except FileNotFoundError:
         raise SharedFileError(f"{path} has no metadata file beside it: {meta_path} not found") from None
     except OSError as err:
-        raise SharedFileError(f"cannot read {meta_path}: {err.strerror or _first_line(err)}") from None
+        raise SharedFileError(f"cannot read {meta_path}: {err.strerror or first_line(err)}") from None
     except ValueError as err:
-        raise SharedFileError(f"{meta_path} is not a fedjax_users metadata file ({_first_line(err)})") from None
+        raise SharedFileError(f"{meta_path} is not a fedjax_users metadata file ({first_line(err)})") from None
     _check_format(meta_path, document, METADATA_FORMAT, SAFETENSORS_VERSION, "metadata")
     return dict(document)
 
@@ -461,7 +457,7 @@ def _safetensors_header(path: str, raw: bytes) -> dict:
         header = json.loads(raw[8 : 8 + length])
         return dict(header["__metadata__"])
     except Exception as err:  # noqa: BLE001  (struct, JSON and key errors for bytes that are not one)
-        raise SharedFileError(f"{path} is not a safetensors file, or is truncated ({_first_line(err)})") from None
+        raise SharedFileError(f"{path} is not a safetensors file, or is truncated ({first_line(err)})") from None
 
 
 def _load_safetensors(path: str) -> tuple[SharedData, Optional[dict]]:
@@ -500,5 +496,5 @@ def _load_safetensors(path: str) -> tuple[SharedData, Optional[dict]]:
         if config is not None and not isinstance(config, Mapping):
             raise TypeError("config is not a mapping")
     except Exception as err:  # noqa: BLE001  (a checksummed pair of the wrong structure)
-        raise SharedFileError(f"{path} is a malformed shared-update file ({_first_line(err)})") from None
+        raise SharedFileError(f"{path} is a malformed shared-update file ({first_line(err)})") from None
     return SharedData(gradients=trees[naming.PARAMS], batch_stats=trees[naming.BATCH_STATS], metadata=metadata), config
