@@ -1,5 +1,6 @@
 """Chunked sums over users and the automatic chunk size (``fedjax_users.strategy.chunking``)."""
 
+import functools
 import os
 
 import jax
@@ -9,7 +10,7 @@ import pytest
 from conftest import TinyBNNet, TinyDense, make_data, server_payload
 
 import fedjax_users as fu
-from fedjax_users.strategy import chunking
+from fedjax_users.strategy import chunking, sharding
 from fedjax_users.models import vision
 
 
@@ -22,10 +23,26 @@ def _users(num):
     return jnp.arange(1.0, num + 1.0), jnp.arange(num, dtype=jnp.int32)
 
 
+def _sum_users(fn, shared, users, size, valid=None, chunks_per_step=1, progress=None):
+    """The users' summed update and per-user outputs, the way ``aggregate`` runs them on one device:
+    a jitted step of ``scan_chunks`` over ``sharding.run_chunk`` of ``vmap_sum(fn)``, looped by ``sum_chunks``."""
+    num_users = jax.tree_util.tree_leaves(users)[0].shape[0]
+    valid = jnp.ones((num_users,), bool) if valid is None else valid
+    size = min(size, num_users)
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def step(first, count):
+        run_one = lambda chunk: sharding.run_chunk(chunking.vmap_sum(fn), shared, users, valid, chunk, size)  # noqa: E731
+        return chunking.scan_chunks(run_one, first, count)
+
+    return chunking.sum_chunks(step, num_users, size, num_users, progress, chunks_per_step)
+
+
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 50])
 def test_chunked_sum_equals_plain_sum_in_user_order(chunk):
     x, k = _users(7)
-    total, (plus_one, ids) = jax.jit(lambda x, k: chunking.chunked_sum(_user, 2.0, (x, k), chunk))(x, k)
+    # Under an outer jit, as aggregate runs inside a caller's jit: sum_chunks' loop runs at trace time.
+    total, (plus_one, ids) = jax.jit(lambda x, k: _sum_users(_user, 2.0, (x, k), chunk))(x, k)
     np.testing.assert_allclose(total["a"], 2.0 * x.sum())
     np.testing.assert_allclose(total["b"], [x.sum(), -x.sum()])
     np.testing.assert_array_equal(ids, np.arange(7))  # the shifted last chunk is put back in order
@@ -40,7 +57,7 @@ def test_chunks_scanned_in_one_step_give_the_same_sum(chunks_per_step, with_prog
     x, k = _users(25)
     calls = []
     progress = (lambda done, total: calls.append((done, total))) if with_progress else None
-    total, (plus_one, ids) = chunking.chunked_sum(_user, 2.0, (x, k), 2, None, chunks_per_step, progress)
+    total, (plus_one, ids) = _sum_users(_user, 2.0, (x, k), 2, None, chunks_per_step, progress)
     np.testing.assert_allclose(total["a"], 2.0 * x.sum())
     np.testing.assert_allclose(total["b"], [x.sum(), -x.sum()])
     np.testing.assert_array_equal(ids, np.arange(25))
@@ -54,7 +71,7 @@ def test_invalid_users_are_left_out_even_when_not_finite(chunk):
     x, k = _users(7)
     x = x.at[5].set(jnp.inf).at[2].set(jnp.nan)
     valid = jnp.ones(7, bool).at[5].set(False).at[2].set(False)
-    total, (_, ids) = chunking.chunked_sum(_user, 2.0, (x, k), chunk, valid)
+    total, (_, ids) = _sum_users(_user, 2.0, (x, k), chunk, valid)
     kept = np.asarray(x)[np.asarray(valid)]
     np.testing.assert_allclose(total["a"], 2.0 * kept.sum())
     np.testing.assert_array_equal(ids, np.arange(7))

@@ -16,7 +16,6 @@ keeps the program from growing with the number of chunks.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any, Callable, Hashable, Optional, Sequence
 
@@ -141,34 +140,6 @@ def sum_chunks(
         lambda *o: in_user_order(o, chunks, users_per_group, size, num_users), *outputs
     )
     return total, ordered
-
-
-def chunked_sum(
-    fn: UserFn,
-    shared: PyTree,
-    users: PyTree,
-    users_per_chunk: int,
-    valid: Optional[Array] = None,
-    chunks_per_step: int = 1,
-    progress: Optional[Callable[[int, int], None]] = None,
-) -> tuple[PyTree, PyTree]:
-    """On one device: ``sum_u fn(shared, *u)[0]`` over the users with ``valid[u]``, and ``fn(shared, *u)[1]`` stacked.
-
-    ``chunks_per_step`` and ``progress`` are those of ``sum_chunks``.
-    """
-    num_users = jax.tree_util.tree_leaves(users)[0].shape[0]
-    size = max(1, min(users_per_chunk, num_users))
-    valid = jnp.ones((num_users,), bool) if valid is None else valid
-
-    def run_one(chunk):
-        total, outputs = run_chunk(vmap_sum(fn), shared, users, valid, chunk, size)
-        return total, jax.tree_util.tree_map(lambda a: a[None], outputs)  # one group
-
-    @functools.partial(jax.jit, static_argnums=1)
-    def step(first, count):
-        return scan_chunks(run_one, first, count)
-
-    return sum_chunks(step, num_users, size, num_users, progress, chunks_per_step)
 
 
 @jax.jit
