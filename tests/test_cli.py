@@ -111,7 +111,7 @@ def _assert_one_line_error(code, captured, message, out):
         (["user=local_gradient", "+user.num_local_updates=4"], "a local_gradient user takes one gradient"),
         (["+user=5"], "user must be a mapping of user keys, got 5"),
         (["user.user_range=[0.5,3]"], "user_range"),
-        (["user.user_range=[0,"], "cannot parse override user.user_range=[0,: did not find expected node content"),
+        (["user.user_range=[0,"], "cannot parse override user.user_range=[0,: no viable alternative at input '[0,'"),
     ],
 )
 def test_bad_config_values_are_one_line(overrides, message, tmp_path, capsys):
