@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import fedjax_users as fu
 from fedjax_users import users
@@ -50,17 +51,28 @@ def test_memory_optimized_schedule_reuses_chunk_buffers():
     assert tuned < 2 * chunk_bytes
 
 
-def test_options_only_past_the_mmap_threshold():
+def _one_chunk(x):
+    """One chunk of ``_chunks``: a 12 MiB intermediate."""
+    return jnp.einsum("bik,bi->k", jnp.sin(x[:, :, None] * jnp.arange(100.0)), x)
+
+
+def test_options_only_past_the_mmap_threshold(monkeypatch):
     # Eight chunks (98 MiB of scratch by default) pass the threshold, one chunk (12 MiB) does not.
     big, small = jnp.ones((256, 1000)), jnp.ones((32, 1000))
-    step = fu.strategy.jit(_chunks)
-    np.testing.assert_allclose(step(big), jax.jit(_chunks)(big), rtol=1e-6)
-    small_step = fu.strategy.jit(lambda x: jnp.einsum("bik,bi->k", jnp.sin(x[:, :, None] * jnp.arange(100.0)), x))
-    np.testing.assert_allclose(small_step(small), jax.jit(small_step.__wrapped__)(small), rtol=1e-6)
-    assert list(step.decided.values()) == [True]
-    assert list(small_step.decided.values()) == [False]
-    step(big)  # decided once per signature
-    assert len(step.decided) == 1
+    np.testing.assert_allclose(fu.strategy.jit(_chunks)(big), jax.jit(_chunks)(big), rtol=1e-6)
+    np.testing.assert_allclose(fu.strategy.jit(_one_chunk)(small), jax.jit(_one_chunk)(small), rtol=1e-6)
+    # Which programs take the options, seen from outside: with an option XLA rejects, exactly those fail.
+    bad = {"xla_cpu_enable_fast_math": "not a bool"}
+    monkeypatch.setattr(compilation, "compiler_options", lambda platform=None: bad)
+    step, small_step = fu.strategy.jit(_chunks), fu.strategy.jit(_one_chunk)
+    with pytest.raises(Exception, match="xla_cpu_enable_fast_math"):
+        step(big)
+    np.testing.assert_allclose(small_step(small), jax.jit(_one_chunk)(small), rtol=1e-6)
+    # Decided once per signature: a threshold raised afterwards changes only arguments not seen yet.
+    monkeypatch.setattr(cpu, "MMAP_THRESHOLD_BYTES", 2**62)
+    with pytest.raises(Exception, match="xla_cpu_enable_fast_math"):
+        step(jnp.zeros((256, 1000)))  # same shapes: the decision already made
+    np.testing.assert_allclose(step(jnp.ones((264, 1000))), jax.jit(_chunks)(jnp.ones((264, 1000))), rtol=1e-6)
 
 
 def test_top_level_jit_inside_and_outside_a_trace():

@@ -87,5 +87,4 @@ def top_level_jit(fun: Callable, wants_options: Callable[..., bool], **jit_kwarg
             tuned[chosen] = jax.jit(fun, compiler_options={**options, **own}, **jit_kwargs)
         return tuned[chosen](*args, **kwargs)
 
-    call.decided = decided  # signature -> whether the options were taken, for tests and the curious
     return call
