@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 import numbers
 import os
+import re
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+from omegaconf import BooleanNode, DictConfig, FloatNode, IntegerNode, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 USER_TYPES = ("local_gradient", "local_update", "multiuser_aggregate")
 DISTRIBUTIONS = ("gaussian", "laplacian")
@@ -78,36 +82,69 @@ def _check_keys(given: Mapping[str, Any], cls: type, where: str) -> None:
         raise ConfigError(f"unknown key {unknown[0]!r} in {where}; known keys: {', '.join(sorted(known))}")
 
 
-KIND_NAMES = {bool: "a bool", int: "an int", float: "a number"}
+# How a message names the type OmegaConf checked a field against (its node in the structured config).
+KIND_NAMES = {BooleanNode: "a bool", IntegerNode: "an int", FloatNode: "a number"}
 
 
-def _check_type(name: str, value: Any, kind: type) -> None:
-    """Reject a value of the wrong type (YAML reads ``2.5``, ``abc`` and ``maybe`` happily).
+@functools.cache
+def _schema(cls: type) -> tuple[DictConfig, dict[str, type]]:
+    """OmegaConf's structured config of the dataclass ``cls`` and the node type of each field, built once.
 
-    Numbers must be finite: YAML's ``.nan`` and ``.inf`` would pass every ``>= 0`` test and turn a
-    defence off (``nan > 0`` is false) or every update into NaN.
+    A frozen dataclass gives a read-only config; it is opened because values are merged into it
+    (to be checked: the merged copy is thrown away, never stored).
     """
-    if value is None:
-        return
-    is_bool = isinstance(value, (bool, np.bool_))
-    if kind is bool:
-        ok = is_bool
-    elif kind is int:
-        ok = isinstance(value, numbers.Integral) and not is_bool
-    else:
-        ok = isinstance(value, numbers.Real) and not is_bool
-    if not ok:
-        raise ConfigError(f"{name} must be {KIND_NAMES[kind]}, got {value!r}")
-    if kind is float and not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    schema = OmegaConf.structured(cls, flags={"readonly": False})
+    return schema, {name: type(schema._get_node(name)) for name in schema}
 
 
 def _check_types(obj: Any, prefix: str = "") -> None:
-    """Check every bool/int/float field of the dataclass ``obj``; ``prefix`` names its YAML block."""
-    for field in dataclasses.fields(obj):
-        kind = {"int": int, "float": float, "bool": bool}.get(str(field.type).replace("Optional[", "").rstrip("]"))
-        if kind is not None:
-            _check_type(prefix + field.name, getattr(obj, field.name), kind)
+    """Check the fields of the dataclass ``obj`` against their annotations, by OmegaConf's structured config.
+
+    Args:
+      obj: a ``UserConfig`` or ``LocalDiffPrivacy``; a field that is itself a dataclass is left to
+        that dataclass's own check.
+      prefix: how messages name the YAML block (``"local_diff_privacy."``).
+
+    Raises:
+      ConfigError: a value OmegaConf refuses or would convert (``"5"`` or ``5`` for a bool: YAML
+        reads ``2.5``, ``abc`` and ``maybe`` happily), or a non-finite number (YAML's ``.nan`` and
+        ``.inf`` pass every ``>= 0`` test and would turn a defence off, ``nan > 0`` being false, or
+        every update into NaN). An int is a number.
+    """
+    items = tuple((f.name, type(value), value) for f in dataclasses.fields(obj)
+                  if not dataclasses.is_dataclass(value := getattr(obj, f.name)))
+    try:
+        hash(items)
+    except TypeError:  # a list where a number belongs, say: checked, not remembered
+        return _check_values.__wrapped__(type(obj), prefix, items)
+    # Remembered per class and typed values: a config built again (``replace``) costs no merge.
+    return _check_values(type(obj), prefix, items)
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_values(cls: type, prefix: str, items: tuple) -> None:
+    """``_check_types`` of the fields ``items`` (``(name, type, value)``) of a ``cls``."""
+    schema, nodes = _schema(cls)
+    # OmegaConf takes Python's primitives: NumPy scalars are checked as the Python values they hold.
+    plain = {name: value.item() if isinstance(value, np.generic) else value for name, _, value in items}
+    try:
+        checked = OmegaConf.merge(schema, plain)
+    except OmegaConfBaseException as err:  # the field is the first part of OmegaConf's key (user_range[0])
+        name = re.split(r"[.\[]", str(err.full_key))[0]
+        given = {field: value for field, _, value in items}
+        kind = KIND_NAMES.get(nodes.get(name))
+        raise ConfigError(f"{prefix}{name} must be {kind}, got {given.get(name)!r}" if kind
+                          else f"{prefix}{name}: {str(err).splitlines()[0]}") from None
+    for name, _, value in items:
+        kind = nodes[name]
+        if kind not in KIND_NAMES or value is None:
+            continue
+        # OmegaConf converts what it can ("5" to 5, 1 to True): a value it had to convert had the
+        # wrong type, except an int for a number.
+        if type(checked[name]) is not type(plain[name]) and not (kind is FloatNode and type(plain[name]) is int):
+            raise ConfigError(f"{prefix}{name} must be {KIND_NAMES[kind]}, got {value!r}")
+        if kind is FloatNode and not math.isfinite(checked[name]):
+            raise ConfigError(f"{prefix}{name} must be a finite number, got {value!r}")
 
 
 def _check_required(obj: Any, names: Sequence[str]) -> None:
@@ -141,11 +178,11 @@ class LocalDiffPrivacy:
     per_example_clipping: float = 0.0
 
     def __post_init__(self):
-        _check_types(self, "local_diff_privacy.")
         if self.distribution not in DISTRIBUTIONS:
             raise ConfigError(
                 f"unknown distribution {self.distribution!r}; expected one of {', '.join(DISTRIBUTIONS)}"
             )
+        _check_types(self, "local_diff_privacy.")
         for name in ("gradient_noise", "input_noise", "per_example_clipping"):
             _non_negative(f"local_diff_privacy.{name}", getattr(self, name))
 
@@ -179,9 +216,10 @@ class UserConfig:
         if not isinstance(self.local_diff_privacy, LocalDiffPrivacy):
             raise ConfigError(f"local_diff_privacy must be a mapping, got {self.local_diff_privacy!r}")
         _check_required(self, ("user_type", "num_data_points"))
+        if self.user_range is not None:  # as a tuple of two ints first: its own messages, and hashable
+            object.__setattr__(self, "user_range", _user_range(self.user_range))
         _check_types(self)
         if self.user_range is not None:
-            object.__setattr__(self, "user_range", _user_range(self.user_range))
             if self.user_range[1] <= self.user_range[0]:
                 raise ConfigError(f"user_range must be [start, stop) with stop > start, got {list(self.user_range)}")
         if self.num_data_points < 1:
