@@ -9,6 +9,7 @@ from fedjax_users.types import (
     TrueUserData,
     UserData,
 )
+from fedjax_users.user import User
 from fedjax_users.users import aggregate, choose_strategy, compute, local_gradient, local_update, step_slices
 from fedjax_users.validation import InputError, InputTypeError, NonFiniteError
 
@@ -45,6 +46,7 @@ __all__ = [
     "ServerPayload",
     "SharedData",
     "TrueUserData",
+    "User",
     "UserConfig",
     "UserData",
     "UserKind",

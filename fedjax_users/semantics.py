@@ -111,7 +111,8 @@ def clipped_mean_gradient(objective: Objective, params: PyTree, examples: PyTree
 
 def single_step_user(model, loss_fn: LossFn, cfg: UserConfig, params: PyTree, server_stats: Optional[PyTree],
                      user_stats: PyTree, inputs: Array, labels: Array, key: Array,
-                     clipped_mean: ClippedMean = clipped_mean_gradient) -> UserResult:
+                     clipped_mean: ClippedMean = clipped_mean_gradient,
+                     batch_loss: Optional[Callable[..., tuple[Array, tuple[PyTree, Array]]]] = None) -> UserResult:
     """breaching's ``UserSingleStep``: one gradient of the user's examples, clipped and noised.
 
     Server buffers sent (``server_stats``): eval mode with them. None sent: train mode with the
@@ -119,8 +120,8 @@ def single_step_user(model, loss_fn: LossFn, cfg: UserConfig, params: PyTree, se
     example is its own batch of one (train-mode BatchNorm normalises it with its own statistics),
     its gradient is clipped, and the mean over examples is shared; its batch statistics are
     folded into the running average in order, as the reference's loop over examples does.
-    ``clipped_mean`` is how the mean of clipped gradients is formed; any replacement must equal
-    ``clipped_mean_gradient``.
+    ``clipped_mean`` is how the mean of clipped gradients is formed, ``batch_loss`` (default
+    ``single_step_loss``) the loss an unclipped user differentiates; any replacement must equal them.
     """
     train = server_stats is None
     stats = user_stats if train else server_stats
@@ -139,7 +140,7 @@ def single_step_user(model, loss_fn: LossFn, cfg: UserConfig, params: PyTree, se
         new_stats = fold_batch_stats(stats, per_batch, SINGLE_STEP_MOMENTUM) if train and stats else stats
         recorded = inputs
     else:
-        grads, (new_stats, recorded) = jax.grad(single_step_loss, argnums=3, has_aux=True)(
+        grads, (new_stats, recorded) = jax.grad(batch_loss or single_step_loss, argnums=3, has_aux=True)(
             model, loss_fn, dp, params, stats, train, inputs, labels, input_key)
     grads = privacy.add_noise(grad_key, grads, dp.gradient_noise, dp.distribution)
     return UserResult(gradients=grads, batch_stats=new_stats, inputs=recorded)

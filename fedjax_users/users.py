@@ -4,28 +4,29 @@
 * ``local_update``: ``UserMultiStep`` (local SGD; shares the parameter difference).
 * ``aggregate``: ``MultiUserAggregate`` (per-user work under ``vmap``; shares the *mean*).
 
-Each public function validates its inputs (``fedjax_users.validation``), computes what
-``fedjax_users.semantics`` defines in one jitted core whose config, model, loss and execution
-strategy (``fedjax_users.strategy``) are static, and assembles the metadata the server sees. The BatchNorm mode follows the reference: server buffers sent -> eval mode
-with those buffers; none sent -> train mode with the user's own persistent statistics.
+Each public function validates its inputs (``fedjax_users.validation``), builds the user once
+(``fedjax_users.user.User``: model, loss, config and execution strategy bound, its ``run`` pure and
+compiled once), runs it, checks the result is finite, and assembles the metadata the server sees
+(``fedjax_users.semantics``). The BatchNorm mode follows the reference: server buffers sent -> eval
+mode with those buffers; none sent -> train mode with the user's own persistent statistics.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
+import dataclasses
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_users import privacy, semantics, validation
+from fedjax_users import semantics, validation
 from fedjax_users.cohort import Cohort
 from fedjax_users.config import ConfigError, UserConfig, UserKind
 from fedjax_users.losses import LossFn, softmax_cross_entropy
 from fedjax_users import strategy as strategy_lib
-from fedjax_users.strategy import Strategy, chunking, clipping, compilation, patches, sharding, streaming
+from fedjax_users.strategy import Strategy, chunking, examples, sharding, streaming
+from fedjax_users.user import User
 from fedjax_users.types import ServerPayload, SharedData, TrueUserData, UserData
 
 Array = jax.Array
@@ -53,104 +54,13 @@ def initial_batch_stats(model, example_inputs: Array) -> PyTree:
 
 
 # ----------------------------------------------------------------------------------------------
-# The user as the strategy runs it (the semantics: fedjax_users.semantics)
+# Public API
 
 step_slices = semantics.step_slices
 
 
-def _step_indices(cfg: UserConfig) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Static [steps, k] gather indices and a validity mask (``None`` when no step is short)."""
-    slices = step_slices(cfg.num_data_points, cfg.num_data_per_local_update_step, cfg.num_local_updates)
-    width = max(length for _, length in slices)
-    offsets = np.arange(width)
-    valid = np.stack([offsets < length for _, length in slices])
-    index = np.stack([np.where(offsets < length, start + offsets, start) for start, length in slices])
-    return index, None if valid.all() else valid
-
-
-
-
-def _multi_step(model, loss_fn, cfg, strategy, params, server_stats, user_stats, inputs, labels, key):
-    """``semantics.multi_step_user``, its steps unrolled or (past ``strategy.max_unrolled_steps``) a ``lax.scan``.
-
-    ``strategy.per_user_convs``: the caller ``vmap``s over users, so after the first step every user's
-    kernels differ; the steps then run their convolutions as im2col matmuls
-    (``fedjax_users.strategy.patches``) instead of the grouped convolutions ``vmap`` would make. The first
-    step too: it costs about the same, and leaves no convolution to slow a loop over chunks.
-    """
-    with patches.convolutions_as_matmuls() if strategy.per_user_convs else contextlib.nullcontext():
-        index, valid = _step_indices(cfg)
-        if cfg.num_local_updates <= strategy.max_unrolled_steps:
-            # A Python loop over static slices, each step exactly its examples (no padding or mask).
-            # Not ``lax.scan(unroll=True)``: it keeps a one-trip loop and gathers for a single step,
-            # which ran 4x slower than this on XLA:CPU.
-            return semantics.multi_step_user(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key)
-        train = server_stats is None
-
-        def step(state, xs):
-            idx, mask, step_key = xs
-            return semantics.local_step(model, loss_fn, cfg, train, state, inputs[idx], labels[idx], step_key, mask), None
-
-        state = semantics.initial_local_state(cfg, params, server_stats, user_stats)
-        masks = None if valid is None else jnp.asarray(valid)
-        steps = (jnp.asarray(index), masks, jax.random.split(key, cfg.num_local_updates))
-        state, _ = jax.lax.scan(step, state, steps)
-    return semantics.UserResult(
-        gradients=semantics.parameter_difference(state.params, params), batch_stats=state.batch_stats, inputs=inputs
-    )
-
-
-def _per_user_config(cfg: UserConfig, multi_step: bool) -> UserConfig:
-    """``cfg`` as one user of its kind runs it (an aggregate's users are local users)."""
-    return cfg.replace(user_type="local_update" if multi_step else "local_gradient", user_range=None)
-
-
-def compute_config(cfg: UserConfig) -> UserConfig:
-    """Only the keys the computation depends on: metadata-only keys are reset so they share a compile."""
-    return _per_user_config(cfg, cfg.is_multi_step).replace(
-        user_idx=None, provide_buffers=False, provide_labels=False, provide_num_data_points=True,
-        provide_local_hyperparams=False if cfg.is_multi_step else None,
-    )
-
-
-def _user_core(model, loss_fn, cfg, strategy, params, server_stats, user_stats, inputs, labels, key):
-    """``semantics.user`` with the strategy's fast paths: per-example kernel gradients for clipping,
-    and (see ``_multi_step``) im2col convolutions and scanned steps. Returns (gradients, stats, recorded inputs)."""
-    if cfg.is_multi_step:
-        result = _multi_step(model, loss_fn, cfg, strategy, params, server_stats, user_stats, inputs, labels, key)
-    else:
-        clipped_mean = functools.partial(
-            clipping.clipped_mean_gradient, fast=strategy.fast_clipping, examples_per_chunk=strategy.examples_per_chunk
-        )
-        result = semantics.single_step_user(
-            model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key, clipped_mean=clipped_mean
-        )
-    return result.gradients, result.batch_stats, result.inputs
-
-
-def _clips_examples(model, loss_fn, cfg: UserConfig, *args, **kwargs) -> bool:
-    """Whether the user clips per example, in chunks of examples (see ``fedjax_users.strategy.compilation``)."""
-    return not cfg.is_multi_step and cfg.local_diff_privacy.per_example_clipping > 0
-
-
-@functools.partial(
-    compilation.top_level_jit, wants_options=_clips_examples, static_argnames=("model", "loss_fn", "cfg", "strategy")
-)
-def _user_jit(model, loss_fn, cfg, params, server_stats, user_stats, inputs, labels, key, strategy):
-    return _user_core(model, loss_fn, cfg, strategy, params, server_stats, user_stats, inputs, labels, key)
-
-
-def _single_user_strategy(strategy: Optional[Strategy]) -> Strategy:
-    """What of ``strategy`` a single user (not ``vmap``ped over users) uses; the rest reset to share compiles."""
-    return (strategy or Strategy()).replace(devices=None, users_per_chunk=None, per_user_convs=False)
-
-
-# ----------------------------------------------------------------------------------------------
-# Public API
-
-
-def _run_user(model, payload, data, cfg, key, user_state, loss, expect_multi_step, check_finite, strategy):
-    function = "local_update" if expect_multi_step else "local_gradient"
+def _one_user(model, payload, data, cfg, key, user_state, loss, function, check_finite, strategy):
+    """``local_gradient`` / ``local_update``: checks, the user's ``run``, the finite check, metadata."""
     data = validation.validate_user(model, payload, data, cfg, key, user_state, loss, function, check_finite)
     validation.check_strategy(strategy)
     finite_mode = validation.finite_check_mode(check_finite, payload, data, key, user_state)
@@ -158,31 +68,34 @@ def _run_user(model, payload, data, cfg, key, user_state, loss, expect_multi_ste
     labels = jnp.asarray(data.labels)[: cfg.num_data_points]
     if payload.batch_stats is None and user_state is None:
         user_state = initial_batch_stats(model, inputs)
-    user_cfg = _per_user_config(cfg, expect_multi_step)
-    strategy = _single_user_strategy(strategy)
-    grads, new_stats, recorded = _user_jit(
-        model, loss, compute_config(user_cfg), payload.params, payload.batch_stats, user_state, inputs, labels, key,
-        strategy=strategy,
-    )
+    user = User(model, cfg, loss, strategy)
+    args = (payload.params, payload.batch_stats, user_state, inputs, labels, key)
+    # An eager call's finite check is decided in the user's own program (one reduction, one
+    # transfer); the diagnosis below runs only when it failed, or under a trace (checkify).
+    if finite_mode == "eager":
+        result, finite = user.run_checked(*args)
+        if bool(finite):
+            finite_mode = "off"
+    else:
+        result = user.run(*args)
 
     def first_steps(steps):  # the outputs after the first local steps: diagnoses a non-finite result only
-        g, s, _ = _user_jit(model, loss, compute_config(user_cfg.replace(num_local_updates=steps)), payload.params,
-                            payload.batch_stats, user_state, inputs, labels, key, strategy=strategy)
-        return {"gradients": g, "batch_stats": s}
+        fewer = user.replace(cfg=cfg.replace(num_local_updates=steps)).run(*args)
+        return {"gradients": fewer.gradients, "batch_stats": fewer.batch_stats}
 
-    validation.check_outputs(finite_mode, {"gradients": grads, "batch_stats": new_stats}, function, user_cfg,
-                             first_steps if expect_multi_step else None)
+    validation.check_outputs(finite_mode, {"gradients": result.gradients, "batch_stats": result.batch_stats},
+                             function, cfg, first_steps if user.multi_step else None)
     train = payload.batch_stats is None
     # As the reference: multi-step users always report their buffers (the server's in eval mode),
     # single-step users only in train mode; a model without BatchNorm reports an empty tree.
-    buffers = new_stats if (expect_multi_step or train) else None
+    buffers = result.batch_stats if (user.multi_step or train) else None
     shared = SharedData(
-        gradients=grads,
+        gradients=result.gradients,
         batch_stats=buffers if cfg.provide_buffers else None,
-        metadata=semantics.user_metadata(user_cfg, labels, data.data_key),
+        metadata=semantics.user_metadata(cfg, labels, data.data_key),
     )
-    true_data = TrueUserData(data=recorded, labels=labels, batch_stats=buffers, user_state=new_stats)
-    return shared, true_data, new_stats
+    true_data = TrueUserData(data=result.inputs, labels=labels, batch_stats=buffers, user_state=result.batch_stats)
+    return shared, true_data, result.batch_stats
 
 
 def local_gradient(
@@ -204,7 +117,7 @@ def local_gradient(
     ``False`` checks nothing, inputs included. See ``docs/validation.md``.
     ``strategy``: how to run it (``fedjax_users.strategy.Strategy``; the numbers do not depend on it).
     """
-    return _run_user(model, payload, data, cfg, key, user_state, loss, False, check_finite, strategy)
+    return _one_user(model, payload, data, cfg, key, user_state, loss, "local_gradient", check_finite, strategy)
 
 
 def local_update(
@@ -223,7 +136,7 @@ def local_update(
     ``check_finite`` as in ``local_gradient``; a non-finite result names the first local step
     that went non-finite (found by re-running fewer steps, only on that error path).
     """
-    return _run_user(model, payload, data, cfg, key, user_state, loss, True, check_finite, strategy)
+    return _one_user(model, payload, data, cfg, key, user_state, loss, "local_update", check_finite, strategy)
 
 
 def compute(
@@ -275,79 +188,27 @@ def compute(
                     strategy=strategy)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "loss_fn", "cfg", "strategy", "mesh", "count"))
-def _aggregate_chunks_jit(model, loss_fn, cfg, strategy, mesh, shared, users, valid, first, count):
-    """Chunks of users on every device: their summed update, and per user the stats and noised inputs.
-
-    ``users`` = (inputs, labels, keys, own stats) as placed by ``sharding.place_users``; each device
-    runs blocks ``first .. first + count - 1`` of ``strategy.users_per_chunk`` of its users, one
-    after another, so memory grows with the chunk, not with the number of users.
-    """
-    dp = cfg.local_diff_privacy
-    # Only a single-step user without clipping records noised inputs; otherwise they are the inputs
-    # themselves, which the caller already holds (returning them would copy every user's data).
-    records_noise = not cfg.is_multi_step and dp.per_example_clipping <= 0 and dp.input_noise > 0
-
-    def one_user(shared, user_inputs, user_labels, user_key, user_stats):
-        grads, stats, recorded = _user_core(
-            model, loss_fn, cfg, strategy, *shared, user_stats, user_inputs, user_labels, user_key
-        )
-        return grads, (stats, recorded if records_noise else None)
-
-    def single_step_chunk(shared, users, keep):
-        # The users' unclipped gradients are all taken at the server's parameters, so their sum is
-        # ONE gradient of the summed losses: one weight gradient over the chunk's examples instead
-        # of one per user (which vmap lowers to grouped convolutions). Each user's forward pass
-        # stays its own (vmap), so train-mode BatchNorm still uses that user's batch statistics.
-        # Each user's loss, keys and noise are semantics.single_step_user's own.
-        server_params, shared_stats = shared
-        user_inputs, user_labels, user_keys, user_stats = users
-
-        def user_loss(p, x, y, key, own_stats):
-            stats = own_stats if shared_stats is None else shared_stats
-            loss, (new_stats, noised) = semantics.single_step_loss(
-                model, loss_fn, dp, p, stats, shared_stats is None, x, y, semantics.single_step_keys(key)[0])
-            return loss, (new_stats, noised if records_noise else None)
-
-        def kept_loss(p):
-            losses, outputs = jax.vmap(user_loss, in_axes=(None, 0, 0, 0, 0))(p, *users)
-            return jnp.sum(jnp.where(keep, losses, jnp.zeros((), losses.dtype))), outputs
-
-        grads, outputs = jax.grad(kept_loss, has_aux=True)(server_params)
-
-        def user_noise(key):
-            grad_key = semantics.single_step_keys(key)[1]
-            zeros = jax.tree_util.tree_map(jnp.zeros_like, server_params)
-            return privacy.add_noise(grad_key, zeros, dp.gradient_noise, dp.distribution)
-
-        if dp.gradient_noise > 0:
-            noise = chunking.masked_sum(jax.vmap(user_noise)(user_keys), keep)
-            grads = jax.tree_util.tree_map(jnp.add, grads, noise)
-        return grads, outputs
-
-    per_user = cfg.is_multi_step or dp.per_example_clipping > 0
-    chunk_fn = chunking.vmap_sum(one_user) if per_user else single_step_chunk
-    return chunking.scan_chunks(
-        lambda chunk: sharding.run_chunk(chunk_fn, shared, users, valid, chunk, strategy.users_per_chunk, mesh),
-        first, count,
-    )
-
-
-def _choose(model, loss, user_cfg, payload, users, strategy: Optional[Strategy],
-            platform: Optional[str] = None) -> Strategy:
+def _choose(model, loss, cfg, payload, users, strategy: Optional[Strategy], platform: Optional[str] = None) -> Strategy:
     """``strategy`` with its open fields chosen for ``users`` = (own stats, inputs, labels, keys), all stacked."""
+    first = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), users)
+
+    def one_user(sizing: Strategy) -> tuple:
+        # What one user needs: XLA's memory estimate of this very computation for one user.
+        user = User(model, cfg, loss, sizing)
+        convs = bool(sizing.per_user_convs) and user.multi_step  # single-step users have no such path
+        fn = lambda shared, *rest: user._apply((*shared, *rest), convs)  # noqa: E731
+        return fn, ((payload.params, payload.batch_stats),) + first, (user, convs)
 
     def users_per_chunk_for(sizing: Strategy, per_device: int, platform: str) -> int:
-        # What one user needs: XLA's memory estimate of this very computation for one user.
-        cfg = compute_config(user_cfg)
-        one_user = functools.partial(_user_core, model, loss, cfg, sizing)
-        first = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), users)
-        return chunking.auto_users_per_chunk(
-            one_user, (payload.params, payload.batch_stats) + first, per_device, cache_key=(model, loss, cfg, sizing),
-            platform=platform,
-        )
+        fn, args, cache_key = one_user(sizing)
+        return chunking.auto_users_per_chunk(fn, args, per_device, cache_key=cache_key, platform=platform)
 
-    return strategy_lib.choose(strategy, users[1].shape[0], user_cfg.is_multi_step, users_per_chunk_for, platform)
+    def examples_per_chunk_for(sizing: Strategy) -> Optional[int]:
+        return examples.auto_examples_per_chunk(cfg.num_data_points, chunking.user_bytes(*one_user(sizing)))
+
+    chunkable = examples.chunkable(cfg.is_multi_step, cfg.local_diff_privacy, payload.batch_stats is not None)
+    return strategy_lib.choose(strategy, users[1].shape[0], cfg.is_multi_step, users_per_chunk_for, platform,
+                               examples_per_chunk_for if chunkable else None)
 
 
 def _stacked_users_spec(model, payload: ServerPayload, users_data: UserData, cfg: UserConfig,
@@ -384,8 +245,7 @@ def choose_strategy(model, payload: ServerPayload, users_data: UserData, cfg: Us
       The ``fedjax_users.strategy.Strategy`` with every field set.
     """
     users = _stacked_users_spec(model, payload, users_data, cfg)
-    return _choose(model, loss or softmax_cross_entropy, _per_user_config(cfg, cfg.is_multi_step), payload, users,
-                   strategy, platform)
+    return _choose(model, loss or softmax_cross_entropy, cfg, payload, users, strategy, platform)
 
 
 def _broadcast_users(stats: Optional[PyTree], count: int) -> Optional[PyTree]:
@@ -434,104 +294,147 @@ def aggregate(
         model, payload, users_data.first() if streamed else users_data, cfg, key, users_state, loss, check_finite,
         num_users=len(users_data) if streamed else None,
     )
-    users_data = users_data if streamed else sample
     validation.check_strategy(strategy)
     finite_mode = validation.finite_check_mode(check_finite, payload, sample, key, users_state)
-    num_users = len(users_data) if streamed else np.shape(users_data.inputs)[0]
-    n = cfg.num_data_points
-    user_cfg = _per_user_config(cfg, cfg.is_multi_step)
-    train = payload.batch_stats is None
-    example = jnp.asarray(sample.inputs)[0, :n]
-    fresh = initial_batch_stats(model, example) if train and users_state is None else None
-    keys = jax.random.split(key, num_users)
-    users_spec = _stacked_users_spec(model, payload, sample, cfg, num_users)
-    strategy = _choose(model, loss, user_cfg, payload, users_spec[:3] + (keys,), strategy)
-    mesh = sharding.users_mesh(strategy.devices)
-    per_device, size = sharding.users_per_device(num_users, mesh), strategy.users_per_chunk
-    shared_args = sharding.to_global((payload.params, payload.batch_stats), mesh)
-    run = functools.partial(_aggregate_chunks_jit, model, loss, compute_config(user_cfg), strategy, mesh, shared_args)
-
+    cohort = _Cohort.prepare(model, payload, users_data if streamed else sample, sample, cfg, key, users_state, loss,
+                             strategy)
     if streamed:
-        plan = streaming.ChunkPlan(num_users, 1 if mesh is None else mesh.size, per_device, size)
+        total, users_stats, recorded, labels = cohort.stream(progress, checkpoint, check_finite)
+    else:
+        total, users_stats, recorded, labels = cohort.in_memory(progress)
+    num_users = cohort.num_users
+    mean_grads = jax.tree_util.tree_map(lambda t: t / num_users, total)
+    validation.check_outputs(finite_mode, {"gradients": mean_grads, "batch_stats": users_stats}, "aggregate",
+                             cfg, users=(num_users, cohort.one_user_alone))
+    buffers = semantics.mean_over_users(users_stats, num_users) if cohort.train or cohort.user.multi_step else None
+    # Under an outer jit the labels are tracers and must stay JAX arrays.
+    traced = isinstance(labels, jax.core.Tracer)
+    metadata = semantics.aggregate_metadata(cfg, labels, to_host=(lambda a: a) if traced else np.asarray)
+    shared = SharedData(gradients=mean_grads, batch_stats=buffers if cfg.provide_buffers else None, metadata=metadata)
+    flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731
+    true_data = TrueUserData(
+        data=None if recorded is None else flat(recorded),
+        labels=flat(labels),
+        batch_stats=buffers,
+        user_state=users_stats if cohort.train else None,
+    )
+    return shared, true_data
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cohort:
+    """An aggregate's users as they run: the user, its strategy and mesh, keys and statistics."""
+
+    user: User
+    payload: ServerPayload
+    users_data: Any  # stacked ``UserData`` or a ``Cohort``
+    keys: Array
+    users_state: Optional[PyTree]  # the users' own statistics, stacked (train mode), or None
+    fresh: Optional[PyTree]  # fresh statistics for every user (train mode without ``users_state``)
+    mesh: Any
+    shared: tuple  # the server's (params, buffers), placed on the mesh
+
+    @classmethod
+    def prepare(cls, model, payload, users_data, sample, cfg, key, users_state, loss, strategy) -> "_Cohort":
+        """Keys, fresh statistics and the chosen strategy for these users; nothing computed."""
+        num_users = len(users_data) if isinstance(users_data, Cohort) else np.shape(users_data.inputs)[0]
+        train = payload.batch_stats is None
+        example = jnp.asarray(sample.inputs)[0, : cfg.num_data_points]
+        fresh = initial_batch_stats(model, example) if train and users_state is None else None
+        keys = jax.random.split(key, num_users)
+        users_spec = _stacked_users_spec(model, payload, sample, cfg, num_users)
+        strategy = _choose(model, loss, cfg, payload, users_spec[:3] + (keys,), strategy)
+        mesh = sharding.users_mesh(strategy.devices)
+        shared = sharding.to_global((payload.params, payload.batch_stats), mesh)
+        return cls(User(model, cfg, loss, strategy), payload, users_data, keys, users_state, fresh, mesh, shared)
+
+    @property
+    def num_users(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def train(self) -> bool:
+        return self.payload.batch_stats is None
+
+    @property
+    def n(self) -> int:
+        return self.user.cfg.num_data_points
+
+    def run(self, users: tuple, valid: Array, first: Any, count: int) -> tuple:
+        """Chunks of placed ``users`` through the user's compiled ``sum_chunks``."""
+        return self.user.sum_chunks(self.mesh, self.user.strategy.users_per_chunk, self.shared, users, valid, first,
+                                    count)
+
+    def stats_of(self, positions: Any) -> Optional[PyTree]:
+        """The own statistics of the users at ``positions`` (``None`` in eval mode)."""
+        if not self.train:
+            return None
+        if self.users_state is not None:
+            return jax.tree_util.tree_map(lambda s: s[positions], self.users_state)
+        return _broadcast_users(self.fresh, len(positions))
+
+    def in_memory(self, progress) -> tuple:
+        """Every user from stacked arrays: (summed update, stats, recorded inputs, labels)."""
+        n, strategy = self.n, self.user.strategy
+        inputs, labels = jnp.asarray(self.users_data.inputs)[:, :n], jnp.asarray(self.users_data.labels)[:, :n]
+        stats = self.stats_of(np.arange(self.num_users)) if self.users_state is None else self.users_state
+        users_args, valid = sharding.place_users((inputs, labels, self.keys, stats if self.train else None), self.mesh)
+        # Under an outer jit the loop below runs once, at trace time: no progress to report.
+        traced = isinstance(inputs, jax.core.Tracer) or isinstance(labels, jax.core.Tracer)
+        per_device = sharding.users_per_device(self.num_users, self.mesh)
+        # Users without convolutions run all chunks in one scan (see chunking); others one per call.
+        chunks_per_step = chunking.num_chunks(per_device, strategy.users_per_chunk) if strategy.per_user_convs else 1
+        total, (users_stats, recorded) = chunking.sum_chunks(
+            lambda first, count: self.run(users_args, valid, first, count), per_device, strategy.users_per_chunk,
+            self.num_users, None if traced else progress, chunks_per_step,
+        )
+        if recorded is None:
+            # The users' own inputs. Given as NumPy, they come back as a view of the caller's array
+            # rather than a second copy of the whole cohort's data (938 MiB for 10,000 CIFAR users of 8).
+            given = self.users_data.inputs
+            recorded = given[:, :n] if isinstance(given, np.ndarray) else inputs
+        return total, users_stats, recorded, labels
+
+    def stream(self, progress, checkpoint, check_finite) -> tuple:
+        """Every user read from the cohort a chunk at a time: (summed update, stats, None, labels)."""
+        n, mesh, size = self.n, self.mesh, self.user.strategy.users_per_chunk
+        plan = streaming.ChunkPlan(self.num_users, 1 if mesh is None else mesh.size,
+                                   sharding.users_per_device(self.num_users, mesh), size)
 
         def chunk_step(chunk, examples, positions, kept, local):
             x, y = examples["inputs"][:, :n], examples["labels"][:, :n]
-            if users_state is not None and train:
-                stats = jax.tree_util.tree_map(lambda s: s[positions], users_state)
-            else:
-                stats = _broadcast_users(fresh, len(positions))
-            placed, valid = sharding.place_chunk((x, y), (keys[positions], stats), kept, mesh)
-            chunk_total, (chunk_stats, _) = run(placed, valid, 0, 1)
+            placed, valid = sharding.place_chunk((x, y), (self.keys[positions], self.stats_of(positions)), kept, mesh)
+            chunk_total, (chunk_stats, _) = self.run(placed, valid, 0, 1)
             # The labels travel with the outputs (for the metadata, and saved with a checkpoint);
             # noised inputs do not: kept for every user, memory would grow with the cohort.
             chunk_labels = placed[1].reshape((1, plan.groups, size) + placed[1].shape[1:])
             return chunk_total, (chunk_stats, None, chunk_labels)
 
         def check_chunk(examples):
-            validation.check_chunk(model, payload, examples["inputs"][:, :n], examples["labels"][:, :n], loss,
-                                   check_finite)
+            validation.check_chunk(self.user.model, self.payload, examples["inputs"][:, :n],
+                                   examples["labels"][:, :n], self.user.loss, check_finite)
 
-        total, (users_stats, recorded, labels) = streaming.stream_chunks(
-            chunk_step, users_data, plan, strategy.devices if mesh is not None else None, progress, checkpoint,
-            on_load=check_chunk,
+        total, (users_stats, _, labels) = streaming.stream_chunks(
+            chunk_step, self.users_data, plan, self.user.strategy.devices if mesh is not None else None, progress,
+            checkpoint, on_load=check_chunk,
         )
-        traced = False
         if jax.process_count() > 1:  # each process read its own users: the metadata needs them all
             from jax.experimental import multihost_utils
 
             labels = jnp.asarray(multihost_utils.process_allgather(labels, tiled=True))
+        return total, users_stats, None, labels
 
-        def user_inputs(user):
-            x, y = users_data.load_user(user)
-            return jnp.asarray(x[:n]), jnp.asarray(y[:n])
-    else:
-        inputs, labels = jnp.asarray(users_data.inputs)[:, :n], jnp.asarray(users_data.labels)[:, :n]
-        users_stats_in = (users_state if users_state is not None else _broadcast_users(fresh, num_users)) if train else None
-        users_args, valid = sharding.place_users((inputs, labels, keys, users_stats_in), mesh)
-        # Under an outer jit the loop below runs once, at trace time: no progress to report.
-        traced = isinstance(inputs, jax.core.Tracer) or isinstance(labels, jax.core.Tracer)
-        # Users without convolutions run all chunks in one scan (see chunking); others one per call.
-        chunks_per_step = chunking.num_chunks(per_device, size) if strategy.per_user_convs else 1
-        total, (users_stats, recorded) = chunking.sum_chunks(
-            lambda first, count: run(users_args, valid, first, count), per_device, size, num_users,
-            None if traced else progress, chunks_per_step,
-        )
-        if recorded is None:
-            # The users' own inputs. Given as NumPy, they come back as a view of the caller's array
-            # rather than a second copy of the whole cohort's data (938 MiB for 10,000 CIFAR users of 8).
-            given = users_data.inputs
-            recorded = given[:, :n] if isinstance(given, np.ndarray) else inputs
-
-        def user_inputs(user):
-            return inputs[user], labels[user]
-
-    mean_grads = jax.tree_util.tree_map(lambda t: t / num_users, total)
-    mean_stats = semantics.mean_over_users(users_stats, num_users)
-
-    def one_user(user, steps):  # one user alone, after its first local steps: diagnoses a non-finite mean only
-        own_cfg = user_cfg.replace(num_local_updates=steps) if user_cfg.is_multi_step else user_cfg
-        own_stats = None
-        if train:
-            own_stats = fresh if users_state is None else jax.tree_util.tree_map(lambda s: s[user], users_state)
-        x, y = user_inputs(user)
-        g, s, _ = _user_jit(model, loss, compute_config(own_cfg), payload.params, payload.batch_stats, own_stats,
-                            x, y, keys[user], strategy=_single_user_strategy(strategy))
-        return {"gradients": g, "batch_stats": s}
-
-    validation.check_outputs(finite_mode, {"gradients": mean_grads, "batch_stats": users_stats}, "aggregate",
-                             user_cfg, users=(num_users, one_user))
-    users_share_buffers = train or user_cfg.is_multi_step
-    buffers = mean_stats if users_share_buffers else None
-    # Under an outer jit the labels are tracers and must stay JAX arrays.
-    metadata = semantics.aggregate_metadata(cfg, labels, to_host=(lambda a: a) if traced else np.asarray)
-    shared = SharedData(
-        gradients=mean_grads, batch_stats=buffers if cfg.provide_buffers else None, metadata=metadata
-    )
-    flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731
-    true_data = TrueUserData(
-        data=None if recorded is None else flat(recorded),
-        labels=flat(labels),
-        batch_stats=buffers,
-        user_state=users_stats if train else None,
-    )
-    return shared, true_data
+    def one_user_alone(self, user: int, steps: int) -> dict:
+        """One user alone, after its first local steps: diagnoses a non-finite mean only."""
+        if isinstance(self.users_data, Cohort):
+            x, y = self.users_data.load_user(user)
+        else:
+            x, y = self.users_data.inputs[user], self.users_data.labels[user]
+        # ``run`` is one user alone: the strategy's devices, chunks and per-user convolutions are not read.
+        alone = self.user.replace(cfg=self.user.cfg.replace(num_local_updates=steps)) if self.user.multi_step else self.user
+        own = None
+        if self.train:
+            own = self.fresh if self.users_state is None else jax.tree_util.tree_map(lambda s: s[user], self.users_state)
+        result = alone.run(self.payload.params, self.payload.batch_stats, own, jnp.asarray(x[: self.n]),
+                           jnp.asarray(y[: self.n]), self.keys[user])
+        return {"gradients": result.gradients, "batch_stats": result.batch_stats}

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import fedjax_users as fu
-from fedjax_users import users
 from fedjax_users.strategy import compilation, cpu
 from fedjax_users.models import vision
 
@@ -99,9 +98,9 @@ def test_only_clipping_users_take_the_options():
     multi = fu.UserConfig(user_type="local_update", num_data_points=4, num_local_updates=2,
                           num_data_per_local_update_step=2, local_learning_rate=0.1,
                           local_diff_privacy=clipped.local_diff_privacy)
-    assert users._clips_examples(None, None, clipped)
-    assert not users._clips_examples(None, None, cfg)
-    assert not users._clips_examples(None, None, multi)  # clips each step's batch gradient, no chunks
+    assert fu.User(None, clipped).clips_examples
+    assert not fu.User(None, cfg).clips_examples
+    assert not fu.User(None, multi).clips_examples  # clips each step's batch gradient, no chunks
 
 
 def test_local_gradient_inside_jit_with_closed_over_data():

@@ -77,7 +77,7 @@ def test_im2col_convolutions_equal_the_plain_multi_step_user():
     x, y = make_data(5)
     payload = server_payload(MODEL, x)
     cfg = _multi(3, 2, DEFENDED)
-    fast = _oracle(lambda m, l, c, *args: users._multi_step(m, l, c, fu.strategy.Strategy(per_user_convs=True), *args), cfg, payload, x, y)
+    fast = _oracle(lambda m, l, c, *args: fu.User(m, c, l)._multi_step(*args, convs_as_matmuls=True), cfg, payload, x, y)
     plain = _oracle(semantics.multi_step_user, cfg, payload, x, y)
     assert_trees_close(fast.gradients, plain.gradients, rtol=1e-4, atol=1e-6)
     assert_trees_close(fast.batch_stats, plain.batch_stats, rtol=1e-4, atol=1e-6)
@@ -117,9 +117,8 @@ def test_aggregate_equals_the_mean_of_plain_users(cfg, strategy, buffers):
     shared, true_data = fu.aggregate(MODEL, payload, fu.UserData(inputs=xs, labels=ys), cfg, KEY, strategy=strategy)
     fresh = users.initial_batch_stats(MODEL, xs[0])
     stats = None if buffers else jax.tree_util.tree_map(lambda s: jnp.broadcast_to(s, (5,) + s.shape), fresh)
-    user_cfg = users._per_user_config(cfg, cfg.is_multi_step)
     grads, mean_stats = semantics.aggregate_users(
-        MODEL, softmax_cross_entropy, user_cfg, payload.params, payload.batch_stats, stats, jnp.asarray(xs),
+        MODEL, softmax_cross_entropy, cfg, payload.params, payload.batch_stats, stats, jnp.asarray(xs),
         jnp.asarray(ys), KEY,
     )
     assert_trees_close(shared.gradients, grads, rtol=1e-4, atol=1e-6)

@@ -43,7 +43,10 @@ class Strategy:
     # Per-example clipping forms dense and convolution kernel gradients from the layer's inputs and
     # cotangents; False: a plain ``vmap`` of per-example gradients.
     fast_clipping: bool = True
-    # Examples per chunk of per-example clipping; None: ``clipping.auto_examples_per_chunk``.
+    # Examples a user runs at a time where its examples are independent: per-example clipping's
+    # chunks (None: ``clipping.auto_examples_per_chunk``), and an unclipped single-step user's in
+    # eval mode (None: the whole batch; an aggregate chooses chunks when one user would not fit,
+    # ``examples.auto_examples_per_chunk``).
     examples_per_chunk: Optional[int] = None
     # Local steps up to this many are unrolled; longer schedules run as a ``lax.scan``.
     max_unrolled_steps: int = cpu.MAX_UNROLLED_STEPS
@@ -78,6 +81,7 @@ def choose(
     multi_step: bool,
     users_per_chunk_for: Callable[[Strategy, int, str], int],
     platform: Optional[str] = None,
+    examples_per_chunk_for: Optional[Callable[[Strategy], Optional[int]]] = None,
 ) -> Strategy:
     """``strategy`` with its open fields filled in for an aggregate of ``num_users`` users.
 
@@ -93,6 +97,9 @@ def choose(
       users_per_chunk_for: ``(sizing strategy, users each device holds, platform)`` -> the most
         users a device should run at a time; called only when ``users_per_chunk`` is open.
       platform: ``"cpu"``, ``"gpu"`` or ``"tpu"``; default: that of the strategy's devices.
+      examples_per_chunk_for: for users whose examples may run in chunks (``strategy.examples``),
+        ``sizing strategy -> examples per chunk, or None for the whole batch``; called only when
+        ``examples_per_chunk`` is open, before the users are sized.
 
     Returns:
       A strategy with ``devices``, ``users_per_chunk`` and ``per_user_convs`` set.
@@ -113,6 +120,8 @@ def choose(
     per_user_convs = strategy.per_user_convs
     if per_user_convs is None:
         per_user_convs = platform == "cpu"  # measured only there
+    if strategy.examples_per_chunk is None and examples_per_chunk_for is not None:
+        strategy = strategy.replace(examples_per_chunk=examples_per_chunk_for(strategy))
     users_per_chunk = strategy.users_per_chunk
     if users_per_chunk is None:
         # Sized with the im2col steps when they may run: their patches take more memory.

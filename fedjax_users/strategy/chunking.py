@@ -206,6 +206,17 @@ def per_user_bytes(fn: UserFn, *one_user_args: Any) -> int:
 _BYTES_CACHE: dict[Hashable, int] = {}
 
 
+def user_bytes(fn: UserFn, one_user_args: Sequence[Any], cache_key: Optional[Hashable] = None) -> int:
+    """``per_user_bytes(fn, *one_user_args)``, measured once per ``cache_key`` and argument shapes
+    (``None``: every time): measuring means compiling one user."""
+    if cache_key is None:
+        return per_user_bytes(fn, *one_user_args)
+    key = (cache_key, compilation.signature(one_user_args))
+    if key not in _BYTES_CACHE:
+        _BYTES_CACHE[key] = per_user_bytes(fn, *one_user_args)
+    return _BYTES_CACHE[key]
+
+
 def auto_users_per_chunk(
     fn: UserFn,
     one_user_args: Sequence[Any],
@@ -226,13 +237,7 @@ def auto_users_per_chunk(
         budget_bytes = int(DEFAULT_MEMORY_FRACTION * available_memory_bytes())
         if (platform or cpu.platform_of()) == "cpu":
             budget_bytes = min(budget_bytes, cpu.USERS_CHUNK_BYTES)
-    if cache_key is None:
-        cost = per_user_bytes(fn, *one_user_args)
-    else:
-        key = (cache_key, compilation.signature(one_user_args))
-        if key not in _BYTES_CACHE:
-            _BYTES_CACHE[key] = per_user_bytes(fn, *one_user_args)
-        cost = _BYTES_CACHE[key]
+    cost = user_bytes(fn, one_user_args, cache_key)
     chunk = int(max(1, min(num_users, budget_bytes // max(cost, 1))))
     if jax.process_count() > 1:
         # Every process must compile the same program, and free memory differs between hosts.
