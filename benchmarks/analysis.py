@@ -18,6 +18,7 @@ RATIOS = {
     "breaching_over_fedjax": ("breaching", "fedjax_users"),
     "torch_func_over_floor_torch": ("torch_func", "floor_torch"),
     "eager_over_jit": ("fedjax_users_eager", "fedjax_users"),
+    "checks_over_unchecked": ("fedjax_users_eager", "fedjax_users_unchecked"),
 }
 
 

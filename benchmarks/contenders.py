@@ -3,7 +3,9 @@
 * ``fedjax_users``: the public function under an outer jit, as the README says to write it: clipped
   ``local_gradient`` under ``fu.strategy.jit`` (the compile options of ``fedjax_users.strategy.compilation``), the
   rest under ``jax.jit``;
-  ``fedjax_users_eager``: the same call without the outer jit (its Python-side validation included).
+  ``fedjax_users_eager``: the same call without the outer jit (its Python-side validation included);
+  ``fedjax_users_unchecked``: the eager call with ``check_finite=False``, so that the rows show what
+  the default checks of an eager call cost (``checks_over_unchecked``).
 * ``breaching``: breaching's own user classes, unmodified (``UserSingleStep`` loops over examples
   when clipping; ``MultiUserAggregate`` runs its users one after another; its mean is defective but
   its cost is that of the intended computation).
@@ -32,7 +34,7 @@ from benchmarks.problems import Data
 from benchmarks.timing import Contender
 
 
-def _fedjax_call(pair: ModelPair, workload: Workload) -> Callable:
+def _fedjax_call(pair: ModelPair, workload: Workload, check_finite: Optional[bool] = None) -> Callable:
     """The public fedjax_users function of the workload, as a function of arrays only."""
     model, cfg = pair.flax_model, problems.user_config(workload)
 
@@ -40,10 +42,10 @@ def _fedjax_call(pair: ModelPair, workload: Workload) -> Callable:
         payload = fu.ServerPayload(params=params, batch_stats=stats)
         data = fu.UserData(inputs=inputs, labels=labels)
         if workload.kind == "aggregate":
-            shared, _ = fu.aggregate(model, payload, data, cfg, key)
+            shared, _ = fu.aggregate(model, payload, data, cfg, key, check_finite=check_finite)
         else:
             compute = fu.local_gradient if workload.kind == "local_gradient" else fu.local_update
-            shared, _, _ = compute(model, payload, data, cfg, key)
+            shared, _, _ = compute(model, payload, data, cfg, key, check_finite=check_finite)
         return shared.gradients
 
     return call
@@ -64,6 +66,12 @@ def fedjax_jit(pair: ModelPair, workload: Workload, data: Data) -> Contender:
 def fedjax_eager(pair: ModelPair, workload: Workload, data: Data) -> Contender:
     """fedjax_users called as it is: Python-side validation, then its own jitted core."""
     call, args = _fedjax_call(pair, workload), _fedjax_args(pair, data)
+    return lambda: jax.block_until_ready(call(*args))
+
+
+def fedjax_unchecked(pair: ModelPair, workload: Workload, data: Data) -> Contender:
+    """The eager call with ``check_finite=False``: no input checks, no finite check."""
+    call, args = _fedjax_call(pair, workload, check_finite=False), _fedjax_args(pair, data)
     return lambda: jax.block_until_ready(call(*args))
 
 
@@ -148,6 +156,7 @@ def floor_torch(pair: ModelPair, workload: Workload, data: Data) -> Contender:
 BUILDERS: dict[str, Callable[[ModelPair, Workload, Data], Optional[Contender]]] = {
     "fedjax_users": fedjax_jit,
     "fedjax_users_eager": fedjax_eager,
+    "fedjax_users_unchecked": fedjax_unchecked,
     "torch_func": torch_vectorised,
     "breaching": breaching,
     "floor_jax": floor_jax,
@@ -165,7 +174,7 @@ def _wanted(name: str, workload: Workload, only: Optional[set]) -> bool:
         return False
     if only is not None:
         return name in only
-    return name != "fedjax_users_eager" or workload.model in EAGER_MODELS
+    return name not in ("fedjax_users_eager", "fedjax_users_unchecked") or workload.model in EAGER_MODELS
 
 
 def build(pair: ModelPair, workload: Workload, data: Data, only: Optional[set] = None) -> dict[str, Contender]:

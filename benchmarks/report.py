@@ -8,7 +8,7 @@ from typing import Optional
 
 from benchmarks.analysis import RATIOS
 
-COLUMNS = ("fedjax_users", "fedjax_users_eager", "torch_func", "breaching", "floor_jax", "floor_torch")
+COLUMNS = ("fedjax_users", "fedjax_users_eager", "fedjax_users_unchecked", "torch_func", "breaching", "floor_jax", "floor_torch")
 TITLES = {
     "local_gradient": "local_gradient, per-example clipping (time vs batch size)",
     "local_update": "local_update (time vs local steps)",
@@ -24,7 +24,8 @@ before the next calls; cells are median [interquartile range] of the rounds):
 - `fedjax_users`: the public function under an outer jit: `fu.strategy.jit` (`jax.jit` with the memory-optimized
   XLA:CPU scheduler, see fedjax_users/strategy/compilation.py) for clipped local_gradient, `jax.jit` for the
   rest; `compile` is its first call minus the median.
-  `fedjax_users_eager`: the same call without the outer jit (Python-side validation each call).
+  `fedjax_users_eager`: the same call without the outer jit (Python-side validation each call);
+  `fedjax_users_unchecked`: the eager call with `check_finite=False` (no input or finite checks).
 - `torch_func`: `benchmarks/torch_func.py`: `vmap(grad)` over `functional_call`, breaching's clipping
   rule; for aggregates `vmap` over users of their local SGD steps. None for `local_update`.
 - `breaching`: breaching 0.1.2's own classes (`UserSingleStep` clipping loops over examples in

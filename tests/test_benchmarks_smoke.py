@@ -38,7 +38,7 @@ def test_json_has_every_workload_and_contender(smoke_outputs):
     assert {kind for kind, _ in rows} == set(grid.KINDS)
     assert len(rows) == len(grid.grid("smoke"))
     for (kind, _), row in rows.items():
-        expected = {"fedjax_users", "fedjax_users_eager", "breaching", "floor_jax", "floor_torch"}
+        expected = {"fedjax_users", "fedjax_users_eager", "fedjax_users_unchecked", "breaching", "floor_jax", "floor_torch"}
         if kind != "local_update":
             expected.add("torch_func")
         assert set(row["contenders"]) == expected
