@@ -2,10 +2,13 @@
 
 ``python -m benchmarks.studies.cohort_scale --workload lenet-cifar --users 100 1000 10000``
 ``python -m benchmarks.studies.cohort_scale --workload resnet18-imagenet --users 100 1000``
+``python -m benchmarks.studies.cohort_scale --workload resnet18-imagenet --users 1 3 --per-user 1000``
+(the case's own 1,000 images a user: each user's examples then run a chunk at a time,
+``fedjax_users.strategy.examples``)
 
 Each size runs breaching's ``8_industry_scale_fl`` case file through ``fedjax-users run`` in a
 fresh process (so each has its own peak), with ``user.user_range=[0, USERS]``,
-``data.default_clients=USERS``, ``user.num_data_points=2`` and ``data.partition=random`` (the
+``data.default_clients=USERS``, ``user.num_data_points=2`` (``--per-user``) and ``data.partition=random`` (the
 case's ``balanced`` partition needs an example of every one of the 397 classes for every user: 397
 images a user). ``lenet-cifar``: lenet_zhu on breaching's synthetic images at CIFAR's 32x32;
 ``resnet18-imagenet``: the case's own ResNet18 on a generated ImageNet folder (``val/<wnid>/*.JPEG``,
@@ -56,18 +59,18 @@ def write_imagenet_folder(root: str, images: int, size: tuple[int, int] = (500, 
     return root
 
 
-def overrides(workload: str, users: int, data: str) -> list[str]:
-    common = [f"user.user_range=[0,{users}]", f"data.default_clients={users}", f"user.num_data_points={PER_USER}",
+def overrides(workload: str, users: int, data: str, per_user: int = PER_USER) -> list[str]:
+    common = [f"user.user_range=[0,{users}]", f"data.default_clients={users}", f"user.num_data_points={per_user}",
               "data.partition=random", "server.pretrained=False"]
     if workload == "lenet-cifar":
-        return common + ["data=synthetic", "data.like=CIFAR10", "data.shape=[3,32,32]", f"data.size={users * PER_USER}", "model=lenet_zhu"]
-    return common + [f"data.path={write_imagenet_folder(data, users * PER_USER)}"]
+        return common + ["data=synthetic", "data.like=CIFAR10", "data.shape=[3,32,32]", f"data.size={users * per_user}", "model=lenet_zhu"]
+    return common + [f"data.path={write_imagenet_folder(data, users * per_user)}"]
 
 
-def run_size(workload: str, users: int, data: str) -> dict:
+def run_size(workload: str, users: int, data: str, per_user: int = PER_USER) -> dict:
     """One ``fedjax-users run`` of the case at ``users`` users, in its own process."""
     with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, "-m", "fedjax_users.cli", "run", CASE, *overrides(workload, users, data),
+        command = [sys.executable, "-m", "fedjax_users.cli", "run", CASE, *overrides(workload, users, data, per_user),
                    "--out", os.path.join(out, "run"), "--quiet"]
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -78,7 +81,7 @@ def run_size(workload: str, users: int, data: str) -> dict:
             raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
         summary = json.load(open(os.path.join(out, "run", "summary.json")))
     seconds = summary["seconds"]
-    return dict(workload=workload, users=users, wall_s=round(wall, 1), peak_rss_mib=round(usage.ru_maxrss / 1024),
+    return dict(workload=workload, users=users, per_user=per_user, wall_s=round(wall, 1), peak_rss_mib=round(usage.ru_maxrss / 1024),
                 first_call_s=round(seconds["first_call"], 1), streaming_s=round(seconds["streaming"] or 0, 1),
                 waiting_for_data_s=round(seconds["waiting_for_data"] or 0, 2),
                 waiting_share=round((seconds["waiting_for_data"] or 0) / (seconds["streaming"] or 1), 3),
@@ -110,6 +113,7 @@ def main(argv=None) -> int:
     parser.add_argument("--users", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "fedjax-users-imagenet-fake"),
                         help="where the generated ImageNet folder is written (kept between runs)")
+    parser.add_argument("--per-user", type=int, default=PER_USER, help=f"examples a user (default {PER_USER})")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--reader", action="store_true", help="time the reader alone (no computation)")
     args = parser.parse_args(argv)
@@ -118,10 +122,10 @@ def main(argv=None) -> int:
             print(reader_rate(args.workload, users, args.data), flush=True)
         return 0
     rows = []
-    print(f"{CASE}, {args.workload}, {PER_USER} examples a user, {os.cpu_count()} CPUs")
+    print(f"{CASE}, {args.workload}, {args.per_user} examples a user, {os.cpu_count()} CPUs")
     print(f"{'users':>7} {'wall s':>8} {'peak MiB':>9} {'query s':>8} {'stream s':>9} {'waited s':>9} {'share':>6}")
     for users in args.users:
-        row = run_size(args.workload, users, args.data)
+        row = run_size(args.workload, users, args.data, args.per_user)
         rows.append(row)
         print(f"{users:>7} {row['wall_s']:>8} {row['peak_rss_mib']:>9} {row['first_call_s']:>8} "
               f"{row['streaming_s']:>9} {row['waiting_for_data_s']:>9} {row['waiting_share']:>6.1%}", flush=True)
