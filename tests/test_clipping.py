@@ -1,4 +1,4 @@
-"""The fast per-example clipping path equals plain ``vmap`` clipping (``fedjax_users.strategy.clipping``)."""
+"""The fast per-example clipping path equals ``semantics.clipped_mean_gradient`` (``fedjax_users.strategy.clipping``)."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_users import privacy
+from fedjax_users import privacy, semantics
 
 from fedjax_users.strategy import clipping, compilation, cpu
 from fedjax_users.batchnorm import BatchNorm
@@ -94,7 +94,7 @@ def _median_clip(objective, params, examples):
 
 def _assert_fast_equals_vmap(objective, params, examples, clip_value):
     fast, fast_aux = jax.jit(lambda p, e: clipping.clipped_mean_gradient(objective, p, e, clip_value))(params, examples)
-    slow, slow_aux = jax.jit(lambda p, e: clipping.clipped_mean_gradient_vmap(objective, p, e, clip_value))(
+    slow, slow_aux = jax.jit(lambda p, e: semantics.clipped_mean_gradient(objective, p, e, clip_value))(
         params, examples
     )
     assert jax.tree_util.tree_structure(fast) == jax.tree_util.tree_structure(slow)
@@ -180,11 +180,11 @@ def test_extreme_bounds(clip_value):
         assert float(privacy.global_norm(fast)) <= clip_value * (1 + 1e-5)
 
 
-def test_fast_false_is_the_vmap_path():
+def test_fast_false_is_the_semantics_rule():
     model = vision.LeNetZhu(num_classes=3)
     objective, params, examples = _setup(model, jax.random.normal(jax.random.key(8), (3, 8, 8, 3)))
     plain, _ = clipping.clipped_mean_gradient(objective, params, examples, 1.0, fast=False)
-    direct, _ = clipping.clipped_mean_gradient_vmap(objective, params, examples, 1.0)
+    direct, _ = semantics.clipped_mean_gradient(objective, params, examples, 1.0)
     jax.tree_util.tree_map(np.testing.assert_array_equal, plain, direct)
 
 

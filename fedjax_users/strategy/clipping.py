@@ -27,6 +27,7 @@ import dataclasses
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,18 +83,18 @@ def _supported(module: nn.Module, inputs: Array, kernel: Any) -> bool:
     )
 
 
-def _get(tree: PyTree, path: Path) -> Optional[Any]:
-    for name in path:
-        if not isinstance(tree, dict) or name not in tree:
-            return None
-        tree = tree[name]
-    return tree
+def _kernels(params: PyTree, paths: list[Path]) -> list[Optional[Any]]:
+    """The kernel of the module at each of ``paths`` in a Flax parameter dict (``None`` where it has none)."""
+    flat = traverse_util.flatten_dict(params)
+    return [flat.get(path + ("kernel",)) for path in paths]
 
 
-def _replace(tree: PyTree, path: Path, value: Any) -> PyTree:
-    if not path:
-        return value
-    return {**tree, path[0]: _replace(tree[path[0]], path[1:], value)}
+def _with_kernels(params: PyTree, layers: list[_Layer], kernels: list[Any]) -> PyTree:
+    """A copy of ``params`` with each of ``layers``' kernels replaced (``None`` drops that leaf)."""
+    # keep_empty_nodes: an empty sub-dict is part of the tree's structure and must come back.
+    flat = traverse_util.flatten_dict(params, keep_empty_nodes=True)
+    flat.update({layer.path + ("kernel",): kernel for layer, kernel in zip(layers, kernels)})
+    return traverse_util.unflatten_dict(flat)
 
 
 def _kernel_used_once(objective: Objective, params: PyTree, example: PyTree, layers: list[_Layer]) -> set:
@@ -104,12 +105,9 @@ def _kernel_used_once(objective: Objective, params: PyTree, example: PyTree, lay
     """
 
     def with_kernels(kernels, ex):
-        merged = params
-        for layer, kernel in zip(layers, kernels):
-            merged = _replace(merged, layer.path + ("kernel",), kernel)
-        return objective(merged, ex)
+        return objective(_with_kernels(params, layers, kernels), ex)
 
-    kernels = [_get(params, layer.path + ("kernel",)) for layer in layers]
+    kernels = _kernels(params, [layer.path for layer in layers])
     jaxpr = jax.make_jaxpr(with_kernels)(kernels, example).jaxpr
     kernel_vars = jaxpr.invars[: len(layers)]
     uses = {id(v): [] for v in kernel_vars}
@@ -142,8 +140,7 @@ def fast_layers(objective: Objective, params: PyTree, example: PyTree) -> list[_
     jax.eval_shape(traced, params, example)
     paths = [module.path for module, _, _ in calls]
     candidates = []
-    for module, inputs, out in calls:
-        kernel = _get(params, module.path + ("kernel",))
+    for (module, inputs, out), kernel in zip(calls, _kernels(params, paths)):
         if inputs is None or kernel is None or paths.count(module.path) != 1:
             continue
         if not _supported(module, inputs, kernel):
@@ -233,11 +230,9 @@ def _clipped_sum_fast(
     objective: Objective, params: PyTree, examples: PyTree, clip_value: float, divisor: int, layers: list[_Layer]
 ) -> tuple[PyTree, PyTree]:
     """The sum of the examples' clipped gradients over ``divisor``; ``layers``' kernels from inputs and cotangents."""
-    kernels = [_get(params, layer.path + ("kernel",)) for layer in layers]
-    others = params
-    for layer in layers:
-        # A placeholder keeps the tree's structure; the real kernel is put back below.
-        others = _replace(others, layer.path + ("kernel",), jnp.zeros((), kernels[0].dtype))
+    kernels = _kernels(params, [layer.path for layer in layers])
+    # A placeholder keeps the tree's structure; the real kernel is put back below.
+    others = _with_kernels(params, layers, [jnp.zeros((), kernels[0].dtype) for _ in layers])
     index = {layer.path: i for i, layer in enumerate(layers)}
 
     def one_example(other_params, perturbations, example):
@@ -251,9 +246,7 @@ def _clipped_sum_fast(
             # Adding a zero whose gradient we take exposes the cotangent of the layer's output.
             return next_fun(*args, **kwargs) + perturbations[position]
 
-        merged = other_params
-        for layer, kernel in zip(layers, kernels):
-            merged = _replace(merged, layer.path + ("kernel",), kernel)
+        merged = _with_kernels(other_params, layers, kernels)
         with nn.intercept_methods(intercept):
             loss, aux = objective(merged, example)
         return loss, (aux, captured)
@@ -262,8 +255,7 @@ def _clipped_sum_fast(
     zeros = [jnp.zeros((count,) + layer.output_shape, kernels[i].dtype) for i, layer in enumerate(layers)]
     grad_fn = jax.grad(one_example, argnums=(0, 1), has_aux=True)
     (other_grads, cotangents), (aux, inputs) = jax.vmap(grad_fn, in_axes=(None, 0, 0))(others, zeros, examples)
-    for layer in layers:
-        other_grads = _replace(other_grads, layer.path + ("kernel",), None)
+    other_grads = _with_kernels(other_grads, layers, [None] * len(layers))
 
     squares = _tree_squares(other_grads)
     kernel_sums = []
@@ -274,9 +266,7 @@ def _clipped_sum_fast(
     factors = privacy.clip_factor(jnp.sqrt(squares), clip_value) / divisor
 
     total = _weighted_sum(factors, other_grads)
-    for layer, weighted in zip(layers, kernel_sums):
-        total = _replace(total, layer.path + ("kernel",), weighted(factors))
-    return total, aux
+    return _with_kernels(total, layers, [weighted(factors) for weighted in kernel_sums]), aux
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,13 +309,6 @@ def auto_examples_per_chunk(count: int, per_example_bytes: int, budget_bytes: Op
 def chunk_bounds(count: int, size: int) -> list[tuple[int, int]]:
     """(start, stop) of consecutive chunks of ``size`` examples covering ``count`` (the last may be shorter)."""
     return [(start, min(start + size, count)) for start in range(0, count, size)]
-
-
-def clipped_mean_gradient_vmap(
-    objective: Objective, params: PyTree, examples: PyTree, clip_value: float
-) -> tuple[PyTree, PyTree]:
-    """The reference's rule done directly: ``vmap`` of per-example gradients, clipped, averaged."""
-    return _clipped_sum_vmap(objective, params, examples, clip_value, _count(examples))
 
 
 def clipped_mean_gradient(
