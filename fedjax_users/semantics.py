@@ -169,13 +169,25 @@ def single_step_keys(key: Array) -> tuple[Array, Array]:
 
 
 def clip_batch_gradient(clip_value: float) -> optax.GradientTransformation:
-    """breaching's clipping rule on the whole gradient: ``* C / (norm + 1e-6)`` only if ``norm > C``."""
+    """breaching's clipping rule on the whole gradient: ``* C / (norm + 1e-6)`` only if ``norm > C``.
 
-    def update(updates, state, params=None):
-        del params
-        return privacy.clip_by_global_norm(updates, clip_value), state
+    Not ``optax.clip_by_global_norm``: that scales by ``C / norm`` (no ``1e-6``), and breaching's
+    numbers are the contract.
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    Args:
+      clip_value: the bound ``C`` on the gradient's global L2 norm.
+
+    Returns:
+      A stateless ``optax.GradientTransformation`` that clips the updates it is given.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> clip = clip_batch_gradient(1.0)
+      >>> updates, _ = clip.update({"w": jnp.array([3.0, 4.0])}, clip.init(None))
+      >>> [round(float(v), 4) for v in updates["w"]]
+      [0.6, 0.8]
+    """
+    return optax.stateless(lambda updates, params: privacy.clip_by_global_norm(updates, clip_value))
 
 
 def add_gradient_noise(scale: float, distribution: str) -> optax.GradientTransformationExtraArgs:
