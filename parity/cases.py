@@ -23,9 +23,9 @@ FLOAT32_BOUND = 1e-5
 FLOAT64_BOUND = 1e-10
 # A float32 case that misses its bound still passes if our result is no further from the
 # reference's own float64 result than twice the reference's float32 result is (see
-# fedjax_users.interop.breaching.check_parity): several SGD steps amplify rounding in both frameworks alike.
+# fedjax_users.interop.parity_check.check_parity): several SGD steps amplify rounding in both frameworks alike.
 # Failing that, it passes if our distance is within twice the worst distance of the reference's
-# float32 runs on weights/inputs perturbed by 5e-7 (interop.breaching._reference_spread): ConvNet's gradient is
+# float32 runs on weights/inputs perturbed by 5e-7 (interop.parity_check.SPREAD_PERTURBATION): ConvNet's gradient is
 # discontinuous at float32 resolution (ReLU kinks of pre-activations within ~1e-6 of zero), so a
 # single float32 run of the reference lands 1.5e-6 or 1e-2 from float64 depending on chance.
 # ConvNetSmall's 15M parameters sit in wide convolutions (256 -> 512 -> 1024 channels) whose

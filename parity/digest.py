@@ -20,20 +20,13 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
+import jax
 import numpy as np
 import torch
 
-from fedjax_users.interop import breaching as parity_check
+from fedjax_users.interop import parity_check
 from parity import cases as grid
 from parity import harness
-
-
-class _Captured(Exception):
-    """Stops ``check_parity`` once our side has run: the comparison is not wanted here."""
-
-    def __init__(self, outputs: dict):
-        super().__init__("captured")
-        self.outputs = outputs
 
 
 def _flatten(value: Any, prefix: str, into: dict[str, str]) -> None:
@@ -54,28 +47,19 @@ def _flatten(value: Any, prefix: str, into: dict[str, str]) -> None:
 
 
 def case_digest(case: grid.Case) -> dict[str, str]:
-    """Digests of our outputs for ``case``: with its noise off and (if it has noise) on."""
-    original = parity_check._run_ours
+    """Digests of our outputs for ``case``: with its noise off and (if it has noise) on.
 
-    def ours_only(setting, model, users_data, cfg, key):
-        outputs = {"clean": original(setting, model, users_data, cfg, key)}
-        if parity_check._has_noise(setting.cfg):
-            outputs["noised"] = original(setting, model, users_data, setting.cfg, key)
-        raise _Captured(outputs)
-
-    parity_check._run_ours = ours_only
-    parity_check_reference = parity_check._run_reference
-    parity_check._run_reference = lambda *args: None
-    try:
-        harness.run_case(case)
-    except _Captured as captured:
-        digests: dict[str, str] = {}
-        _flatten(captured.outputs, "", digests)
-        return digests
-    finally:
-        parity_check._run_ours = original
-        parity_check._run_reference = parity_check_reference
-    raise RuntimeError(f"{case.name}: our side did not run")
+    Both runs take the noise-off run's key (``jax.random.key(case.seed)``), as the digests recorded
+    so far do: the noised digest pins our noise draws; it is not the comparison's noisy run.
+    """
+    setting, torch_model, users_data = harness.case_setting(case)
+    key = jax.random.key(case.seed)
+    outputs = {"clean": parity_check.run_drop_in(setting, torch_model, users_data, setting.clean_cfg, key)}
+    if setting.noisy:
+        outputs["noised"] = parity_check.run_drop_in(setting, torch_model, users_data, setting.cfg, key)
+    digests: dict[str, str] = {}
+    _flatten(outputs, "", digests)
+    return digests
 
 
 def compare(before: dict, after: dict) -> list[str]:

@@ -2,8 +2,8 @@
 
 A case (``parity/cases.py``) names a model, user type, BatchNorm mode, defence and precision; this
 module builds its torch model, Flax model, data and user config, and hands them to
-:func:`fedjax_users.interop.breaching.check_parity`, the one implementation of the comparison (the
-function a downstream project calls for its own models). The reference is breaching 0.1.2's
+:func:`fedjax_users.interop.parity_check.compare`, the one implementation of the comparison (behind
+``check_parity``, the function a downstream project calls for its own models). The reference is breaching 0.1.2's
 ``UserSingleStep`` / ``UserMultiStep`` loaded by ``parity.reference`` and run unmodified; an
 aggregate is compared with the mean of the reference's single users (its own ``MultiUserAggregate``
 is defective, see ``tests/parity``).
@@ -21,7 +21,7 @@ import torch
 
 import fedjax_users as fu
 from fedjax_users import interop, models
-from fedjax_users.interop import breaching as parity_check
+from fedjax_users.interop import parity_check
 from fedjax_users.models.text import get_text_model
 from parity import reference
 from parity.cases import HF_TEXT_MODELS, Case
@@ -31,12 +31,8 @@ NOISE_SCALE = 0.05
 # The parity grid names breaching's text ``linear`` apart from its vision ``linear``.
 TEXT_NAMES = {"linear-text": "linear"}
 
-# One row of the table is the comparison's report; its pieces are the comparison's own.
+# One row of the table is the comparison's report.
 Result = parity_check.ParityReport
-_Errors = parity_check._Errors
-_jitter = parity_check._jitter
-SPREAD_PERTURBATION = parity_check.SPREAD_PERTURBATION
-spread_perturbation = parity_check.spread_perturbation
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,16 +177,20 @@ def case_config(case: Case, torch_model, users_data) -> fu.UserConfig:
     return cfg.replace(local_diff_privacy=ldp)
 
 
+def case_setting(case: Case) -> tuple[parity_check.Setting, torch.nn.Module, list[dict]]:
+    """What ``case`` compares: its :class:`~fedjax_users.interop.parity_check.Setting`, torch model and users' data."""
+    torch_model, flax_model, _ = build_models(case)
+    users_data = build_data(case, case.num_users if case.user == "aggregate" else 1)
+    cfg = case_config(case, torch_model, users_data)
+    setting = parity_check.Setting(reference_class(cfg), torch_loss(case), cfg, buffers_sent=case.buffers_sent,
+                                   queries=case.queries, flax_model=flax_model)
+    return setting, torch_model, users_data
+
+
 def run_case(case: Case, bound: Optional[float] = None) -> Result:
     """Run ``case`` on both sides and compare everything the server and the attacker see.
 
     ``bound``: instead of the case's own (``bound=0`` sends every run to the yardsticks of a miss)."""
-    torch_model, flax_model, _ = build_models(case)
-    users_data = build_data(case, case.num_users if case.user == "aggregate" else 1)
-    cfg = case_config(case, torch_model, users_data)
-    return parity_check.check_parity(
-        reference_class(cfg), torch_model, torch_loss(case), users_data, cfg, flax_model=flax_model,
-        buffers_sent=case.buffers_sent, queries=case.queries,
-        bound=case.bound if bound is None else bound, seed=case.seed, name=case.name,
-        check=False,
-    )
+    setting, torch_model, users_data = case_setting(case)
+    return parity_check.compare(setting, torch_model, users_data, bound=case.bound if bound is None else bound,
+                                seed=case.seed, name=case.name, check=False)

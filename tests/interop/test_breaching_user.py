@@ -1,7 +1,7 @@
 """The drop-in user (``fedjax_users.interop.breaching``) against breaching 0.1.2's own user classes.
 
-Each comparison goes through ``check_parity`` (the public parity function a downstream project
-calls): gradients or parameter differences, buffers, metadata and true data of breaching's
+Each comparison goes through ``parity_check.check_parity`` (the public parity function a
+downstream project calls): gradients or parameter differences, buffers, metadata and true data of breaching's
 ``UserSingleStep`` / ``UserMultiStep`` (and the mean of its single users for an aggregate) against
 the drop-in user on the same weights and data. lenet_zhu finds its Flax model by ``model.name`` and
 breaching's CIFAR10 data config; a small BatchNorm model of the test's own passes ``flax_model=``.
@@ -21,6 +21,7 @@ omegaconf = pytest.importorskip("omegaconf")
 from fedjax_users import InputError, InputTypeError  # noqa: E402
 from fedjax_users.batchnorm import BatchNorm  # noqa: E402
 from fedjax_users.interop import breaching as drop_in  # noqa: E402
+from fedjax_users.interop import parity_check  # noqa: E402
 
 SETUP = dict(device=torch.device("cpu"), dtype=torch.float32)
 CLASSES = 3
@@ -96,13 +97,13 @@ def test_drop_in_user_matches_breachings_user(kind, buffers_sent, user_type):
     model, options = make_model(kind)
     users = 2 if user_type == "multiuser_aggregate" else 1
     # A scripted loss, as breaching's construct_model returns it.
-    report = drop_in.check_parity(reference.users_module().MultiUserAggregate if users > 1 else
-                                  getattr(reference.users_module(),
-                                          "UserSingleStep" if user_type == "local_gradient" else "UserMultiStep"),
-                                  model, torch.jit.script(torch.nn.CrossEntropyLoss()), make_data(kind, users),
-                                  user_cfg(user_type), buffers_sent=buffers_sent, name=f"{kind}/{user_type}",
-                                  **options)
-    assert report.passed and report.max_rel <= drop_in.FLOAT32_BOUND and not report.detail
+    report = parity_check.check_parity(reference.users_module().MultiUserAggregate if users > 1 else
+                                       getattr(reference.users_module(),
+                                               "UserSingleStep" if user_type == "local_gradient" else "UserMultiStep"),
+                                       model, torch.jit.script(torch.nn.CrossEntropyLoss()), make_data(kind, users),
+                                       user_cfg(user_type), buffers_sent=buffers_sent, name=f"{kind}/{user_type}",
+                                       **options)
+    assert report.passed and report.max_rel <= parity_check.FLOAT32_BOUND and not report.detail
     assert report.worst.startswith("gradients[")
 
 
@@ -198,19 +199,19 @@ def test_a_float64_miss_is_judged_by_the_references_own_float64_spread():
     model = model.double()
     data = [{k: v.double() if v.is_floating_point() else v for k, v in d.items()} for d in make_data("bn")]
     with jax.enable_x64(True):
-        judged = drop_in.check_parity(reference.users_module().UserMultiStep, model,
-                                      torch.nn.CrossEntropyLoss(), data, user_cfg("local_update"), bound=0.0,
-                                      **options)
-        with pytest.raises(drop_in.ParityError):
-            drop_in.check_parity(reference.users_module().UserMultiStep, model, torch.nn.CrossEntropyLoss(), data,
-                                 user_cfg("local_update"), bound=0.0, adjudicate=False, **options)
+        judged = parity_check.check_parity(reference.users_module().UserMultiStep, model,
+                                           torch.nn.CrossEntropyLoss(), data, user_cfg("local_update"), bound=0.0,
+                                           **options)
+        with pytest.raises(parity_check.ParityError):
+            parity_check.check_parity(reference.users_module().UserMultiStep, model, torch.nn.CrossEntropyLoss(),
+                                      data, user_cfg("local_update"), bound=0.0, adjudicate=False, **options)
     assert judged.passed and 0 < judged.max_rel <= 2 * judged.reference_spread
     assert judged.reference_spread < 1e-12 and judged.ours_vs_float64 is None
 
 
 def test_check_parity_raises_with_the_worst_entry_over_the_bound():
     model, options = make_model("bn")
-    with pytest.raises(drop_in.ParityError, match=r"at (gradients|buffers)\[\d\] (conv|bn|fc)\.") as caught:
-        drop_in.check_parity(reference.users_module().UserMultiStep, model, torch.nn.CrossEntropyLoss(),
-                             make_data("bn"), user_cfg("local_update"), bound=0.0, adjudicate=False, **options)
+    with pytest.raises(parity_check.ParityError, match=r"at (gradients|buffers)\[\d\] (conv|bn|fc)\.") as caught:
+        parity_check.check_parity(reference.users_module().UserMultiStep, model, torch.nn.CrossEntropyLoss(),
+                                  make_data("bn"), user_cfg("local_update"), bound=0.0, adjudicate=False, **options)
     assert caught.value.report.max_rel > 0 and not caught.value.report.passed

@@ -126,9 +126,9 @@ def assert_float64_stats_match(flax_model, before: torch.nn.Module, after: torch
 def reference_spread(torch_model: torch.nn.Module, images: torch.Tensor, exact: torch.Tensor, train: bool,
                      seed: int = 0) -> float:
     """Worst distance to ``exact`` of the reference's float32 logits over runs on weights, statistics
-    and images perturbed as the parity suite perturbs them (``interop.breaching._jitter``): how far
+    and images perturbed as the parity suite perturbs them (``interop.parity_check.jitter``): how far
     float32 rounding alone moves the reference's own result."""
-    from fedjax_users.interop.breaching import SPREAD_DRAWS, _jitter
+    from fedjax_users.interop.parity_check import SPREAD_DRAWS, jitter
 
     generator = torch.Generator().manual_seed(seed + 31)
     worst = 0.0
@@ -137,9 +137,9 @@ def reference_spread(torch_model: torch.nn.Module, images: torch.Tensor, exact: 
         with torch.no_grad():
             for tensor in list(moved.parameters()) + list(moved.buffers()):
                 if tensor.is_floating_point():
-                    tensor.copy_(_jitter(tensor, generator))
+                    tensor.copy_(jitter(tensor, generator))
             torch.manual_seed(seed)
-            logits = moved(_jitter(images.float(), generator))
+            logits = moved(jitter(images.float(), generator))
         worst = max(worst, float(torch.max(torch.abs(logits.double() - exact.double()))))
     return worst
 
@@ -151,7 +151,7 @@ def assert_close_to_reference(actual, expected, exact, rtol: float, what: str,
     alike, is no further from the reference's own float64 result ``exact`` than twice the reference's
     float32 result is, or (given ``spread``, the reference's worst distance over perturbed runs, see
     ``reference_spread``) than twice that spread: the parity suite's rule
-    (``fedjax_users.interop.breaching.check_parity``)."""
+    (``fedjax_users.interop.parity_check.check_parity``)."""
     actual, expected, exact = (np.asarray(a, np.float64) for a in (actual, expected, exact))
     assert actual.shape == expected.shape == exact.shape, what
     scale = np.max(np.abs(expected), initial=0.0)
