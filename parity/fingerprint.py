@@ -7,12 +7,12 @@ anything (``python -m parity --stale RESULTS.json``).
 
 The sources of a case are found from the imports, not listed by hand: the static import closure
 (every ``import`` statement, including those inside functions) of the modules a case runs
-(``fedjax_users.interop.breaching``, the comparison and the users it drives, and the module that
-defines its Flax model), plus the harness that builds it. The model registry
-(``fedjax_users/models/__init__.py``) imports every model family; its own file counts, but the
-families it imports do not, so a change to ``models/vgg.py`` leaves the ResNet rows proven. A
-hand-kept list would drift; a run-time trace (``sys.setprofile``) would slow the tracing that
-dominates a case several times over.
+(``fedjax_users.interop.parity_check``, the comparison; ``fedjax_users.interop.breaching``, the
+drop-in users it drives; and the module that defines its Flax model), plus the harness that builds
+it. The model registry (``fedjax_users/models/__init__.py``) imports every model family; its own
+file counts, but the families it imports do not, so a change to ``models/vgg.py`` leaves the
+ResNet rows proven. A hand-kept list would drift; a run-time trace (``sys.setprofile``) would slow
+the tracing that dominates a case several times over.
 
 Example::
 
@@ -39,9 +39,11 @@ from parity.cases import HF_TEXT_MODELS, Case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "fedjax_users"
-# What every case runs: the comparison (which drives the users, the config, the interop) and the
-# harness that builds models, data and configs on both sides.
-CORE_MODULES = ("fedjax_users.interop.breaching", "fedjax_users.models")
+# What every case runs: the comparison, the drop-in users it drives (and through them the config,
+# the interop, the users' computation), the model registry; and the harness that builds models,
+# data and configs on both sides. The comparison imports the users, but both are named: a case
+# runs both, whatever either comes to import.
+CORE_MODULES = ("fedjax_users.interop.parity_check", "fedjax_users.interop.breaching", "fedjax_users.models")
 HARNESS_FILES = ("parity/harness.py", "parity/reference.py", "parity/cases.py")
 # A registry imports every family; following it would make every row depend on every model.
 REGISTRIES = ("fedjax_users.models",)

@@ -35,7 +35,8 @@ def _touch(path, text="\n# changed\n"):
 def test_sources_follow_the_imports_but_not_the_registry():
     lenet, vgg, text = (set(fingerprint.case_sources(c)) for c in (LENET, VGG, TEXT))
     core = {"fedjax_users/semantics.py", "fedjax_users/users.py", "fedjax_users/strategy/clipping.py",
-            "fedjax_users/interop/breaching.py", "fedjax_users/models/__init__.py", "parity/harness.py"}
+            "fedjax_users/interop/breaching.py", "fedjax_users/interop/parity_check.py",
+            "fedjax_users/models/__init__.py", "parity/harness.py"}
     assert core <= lenet and core <= vgg and core <= text
     assert "fedjax_users/models/vgg.py" in vgg and "fedjax_users/models/vgg.py" not in lenet
     assert "fedjax_users/models/text.py" in text and "fedjax_users/models/vision.py" not in text
@@ -54,6 +55,11 @@ def test_a_core_change_makes_every_row_stale_and_a_model_change_only_its_own(tre
     _touch(tree / "fedjax_users" / "semantics.py")
     after_core = {c: fingerprint.fingerprint(c) for c in cases}
     assert all(after_core[c] != after_vgg[c] for c in cases)
+
+    # The comparison itself is code every row ran: a change to it makes every row stale.
+    _touch(tree / "fedjax_users" / "interop" / "parity_check.py")
+    after_checker = {c: fingerprint.fingerprint(c) for c in cases}
+    assert all(after_checker[c] != after_core[c] for c in cases)
 
 
 def test_a_new_library_version_makes_rows_stale():
