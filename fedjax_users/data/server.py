@@ -32,6 +32,7 @@ import numpy as np
 from flax import traverse_util
 
 from fedjax_users.data.errors import CaseConfigError, DataError
+from fedjax_users.interop.state_dict import read_state_dict
 
 HONEST = "honest_but_curious"
 MODEL_STATES = ("default", "trained", "untrained", "orthogonal", "linearized")
@@ -64,35 +65,14 @@ def reads_pretrained(model_name: str, data_name: str, modality: str) -> bool:
 # Pretrained weights from a local torchvision state dict
 
 
-def _read_state_dict(path: str) -> dict:
-    try:
-        import torch
-    except ImportError:
-        raise DataError(
-            "server.pretrained=True reads a torch state dict and needs torch installed "
-            "(pip install torch), or pass server.pretrained=False"
-        ) from None
-    if not os.path.isfile(path):
-        raise DataError(f"weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # an untrusted file can fail in any number of ways
-        raise DataError(f"cannot read weights file {path} as tensors only: {type(err).__name__}: {err}".split("\n")[0]) from None
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DataError(f"weights file {path} is not a state dict (a mapping of names to tensors)")
-    return dict(state)
-
-
 def load_pretrained(path: str, template: Variables, classes: int, model_name: str) -> dict:
     """Variables shaped like ``template`` from the torchvision state dict at ``path``.
 
     As breaching: ``fc.weight`` / ``fc.bias`` keep their first ``classes`` rows.
     """
+    state = read_state_dict(path, DataError)  # first: without torch, its one line says so
     from fedjax_users.interop.torch_flax import tree_from_torch
 
-    state = _read_state_dict(path)
     for name in ("fc.weight", "fc.bias"):
         if name in state:
             state[name] = state[name][:classes]

@@ -236,23 +236,6 @@ def weights_file(name: str, environ: Optional[Mapping[str, str]] = None) -> str:
     )
 
 
-def read_state_dict(path: str) -> dict:
-    """The tensors of a safetensors or torch file (``torch.load(weights_only=True)``: no code runs)."""
-    import torch
-
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return dict(load_file(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # an untrusted file can fail in many ways
-        raise UnavailableModelError(f"cannot read weights file {path}: {type(err).__name__}: {err}".split("\n")[0]) from None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UnavailableModelError(f"weights file {path} is not a state dict (a mapping of names to tensors)")
-    return dict(state)
-
-
 def resize_rows(values: np.ndarray, rows: int) -> np.ndarray:
     """``values`` with ``rows`` leading rows, as ``resize_token_embeddings`` resizes (new rows: the old rows' mean)."""
     if rows <= values.shape[0]:
@@ -297,6 +280,7 @@ def pretrained_variables(
     from flax import traverse_util
 
     from fedjax_users.interop.naming import PARAMS, layout_from_torch, link
+    from fedjax_users.interop.state_dict import read_state_dict
     from fedjax_users.interop.tensors import to_numpy
 
     path = weights_file(name, environ)
@@ -308,7 +292,8 @@ def pretrained_variables(
     params = template[PARAMS]
     flat = traverse_util.flatten_dict(dict(params))
     out = dict(flat)
-    for torch_name, tensor in _torch_names(read_state_dict(path), model_type, params).items():
+    state = read_state_dict(path, UnavailableModelError)
+    for torch_name, tensor in _torch_names(state, model_type, params).items():
         item = link(torch_name, params, PARAMS)
         expected = flat[item.flax_path].shape
         value = layout_from_torch(to_numpy(tensor), item)
