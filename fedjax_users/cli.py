@@ -91,12 +91,6 @@ def list_cases() -> int:
     return 0
 
 
-def _parameter_count(tree) -> int:
-    import jax
-
-    return sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(tree))
-
-
 def _describe_metadata(metadata) -> str:
     parts = []
     if metadata.num_data_points is not None:
@@ -385,7 +379,7 @@ def _run_case(args, cfg_case, case_path, overrides, output) -> int:
     import jax
     from omegaconf import OmegaConf
 
-    from fedjax_users import io, privacy, runs
+    from fedjax_users import accounting, io, privacy, runs
     from fedjax_users.data import construct_users
     from fedjax_users.interop.order import torch_order
 
@@ -415,7 +409,7 @@ def _run_case(args, cfg_case, case_path, overrides, output) -> int:
           f"{cfg.num_data_points} examples each, user index {', '.join(map(str, case.user_indices[:8]))}"
           f"{'...' if len(case.user_indices) > 8 else ''})")
     print(f"data        {case.data_cfg.name}, {examples} examples held, inputs {inputs_shape}")
-    print(f"model       {cfg_case.model}, {_parameter_count(case.payload.params):,} parameters, {dtype}, "
+    print(f"model       {cfg_case.model}, {accounting.count_params(case.payload.params):,} parameters, {dtype}, "
           f"{batchnorm}")
     print(_server_line(cfg_case, case))
     norms = [float(privacy.global_norm(r.gradients)) for r in results]
@@ -452,7 +446,7 @@ def _run_case(args, cfg_case, case_path, overrides, output) -> int:
         case=_case_name(cfg_case, case_path, overrides), user_type=cfg.user_type, users=num_users,
         examples_per_user=cfg.num_data_points, user_indices=[int(i) for i in case.user_indices],
         data=dict(name=case.data_cfg.name, inputs=list(inputs_shape)),
-        model=dict(name=cfg_case.model, parameters=_parameter_count(case.payload.params), dtype=str(dtype),
+        model=dict(name=cfg_case.model, parameters=accounting.count_params(case.payload.params), dtype=str(dtype),
                    batchnorm=batchnorm),
         update=dict(kind=kind, shapes=_shapes(shared.gradients), global_norms=norms),
         server_sees=server_sees, privacy=privacy_line.split(None, 1)[1],
