@@ -38,7 +38,10 @@ LoadUser = Callable[[int], tuple[np.ndarray, np.ndarray]]
 
 
 class Cohort(abc.ABC):
-    """The users of an aggregate, numbered 0 to ``len(cohort) - 1``, each read when needed."""
+    """The users of an aggregate, numbered 0 to ``len(cohort) - 1``, each read when needed.
+
+    A subclass says how many users there are (``__len__``) and how to read one (``load_user``).
+    """
 
     @abc.abstractmethod
     def __len__(self) -> int:
@@ -46,22 +49,52 @@ class Cohort(abc.ABC):
 
     @abc.abstractmethod
     def load_user(self, position: int) -> tuple[np.ndarray, np.ndarray]:
-        """User ``position``'s (inputs, labels), each with a leading examples axis."""
+        """One user's examples.
+
+        Args:
+          position: the user, ``0 <= position < len(self)``.
+
+        Returns:
+          ``(inputs, labels)`` as NumPy arrays, each with a leading examples axis.
+        """
 
     def load(self, positions: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """The users at ``positions``, stacked on a leading users axis (repeats allowed)."""
+        """Several users' examples, stacked.
+
+        Args:
+          positions: the users, in order (repeats allowed).
+
+        Returns:
+          ``(inputs, labels)`` with a leading users axis, then the examples axis.
+
+        Example::
+
+            >>> import numpy as np
+            >>> cohort = ArrayCohort(np.arange(12.0).reshape(3, 2, 2), np.zeros((3, 2), np.int64))
+            >>> cohort.load([2, 0])[0][:, 0, 0].tolist()
+            [8.0, 0.0]
+        """
         users = [self.load_user(int(p)) for p in positions]
         return np.stack([x for x, _ in users]), np.stack([y for _, y in users])
 
     def first(self) -> UserData:
-        """User 0 alone, with a users axis of one: what shapes and dtypes are checked on."""
+        """User 0 alone, with a users axis of one: what shapes and dtypes are checked on.
+
+        Returns:
+          A ``UserData`` whose ``inputs`` and ``labels`` are ``[1, examples, ...]``.
+        """
         inputs, labels = self.load([0])
         return UserData(inputs=inputs, labels=labels)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ArrayCohort(Cohort):
-    """Users already in memory: ``inputs`` and ``labels`` with a leading users axis."""
+    """Users already in memory.
+
+    Attributes:
+      inputs: every user's inputs, ``[users, examples, ...]``.
+      labels: their labels, ``[users, examples, ...]``.
+    """
 
     inputs: np.ndarray
     labels: np.ndarray
@@ -75,7 +108,13 @@ class ArrayCohort(Cohort):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FunctionCohort(Cohort):
-    """``num_users`` users, user ``i`` read by ``load_one(i)`` (called from background threads)."""
+    """Users read by a function, one at a time.
+
+    Attributes:
+      num_users: the number of users.
+      load_one: ``load_one(i)`` reads user ``i``'s ``(inputs, labels)``; called from background
+        threads, so it must be safe to call concurrently.
+    """
 
     num_users: int
     load_one: LoadUser

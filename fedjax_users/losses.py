@@ -6,6 +6,14 @@ either one loss per example, shape ``[B]``, when torch averages over the example
 of its own, as over the counted tokens of a masked-LM batch. ``mean_loss`` forms the batch loss
 from either, over the examples a mask keeps; since each example's terms stay its own, a padded
 step (masked rows) and a single example (per-example clipping) get the loss torch gives them.
+
+Example::
+
+    >>> import jax.numpy as jnp
+    >>> from fedjax_users import losses
+    >>> per_example = losses.softmax_cross_entropy(jnp.zeros((3, 4)), jnp.array([0, 1, 2]))
+    >>> float(losses.mean_loss(per_example)) == float(jnp.log(4.0))
+    True
 """
 
 from __future__ import annotations
@@ -20,10 +28,25 @@ import optax
 
 Array = jax.Array
 
+__all__ = [
+    "IGNORE_INDEX",
+    "LossFn",
+    "SummedLosses",
+    "causal_lm_loss",
+    "masked_lm_loss",
+    "mean_loss",
+    "softmax_cross_entropy",
+]
+
 
 @flax.struct.dataclass
 class SummedLosses:
-    """Each example's summed loss terms (``total [B]``) and how many terms it sums (``count [B]``)."""
+    """Each example's summed loss terms and how many terms it sums: a loss torch averages over its own count.
+
+    Attributes:
+      total: ``[B]``, each example's summed loss terms.
+      count: ``[B]``, how many terms each sums (counted tokens), in ``total``'s dtype.
+    """
 
     total: Array
     count: Array
@@ -37,6 +60,21 @@ def mean_loss(losses: Union[Array, SummedLosses], mask: Optional[Array] = None) 
 
     Per-example losses ``[B]`` are averaged over the kept examples; ``SummedLosses`` give the kept
     totals over the kept counts (NaN when no term is counted, as torch's loss).
+
+    Args:
+      losses: a loss function's output: per-example losses ``[B]`` or ``SummedLosses``.
+      mask: ``[B]`` booleans, the examples that count (a padded step's real rows), or ``None``.
+
+    Returns:
+      The scalar batch loss.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> float(mean_loss(jnp.array([1.0, 3.0]))), float(mean_loss(jnp.array([1.0, 3.0]), jnp.array([True, False])))
+        (2.0, 1.0)
+        >>> float(mean_loss(SummedLosses(total=jnp.array([6.0, 2.0]), count=jnp.array([3.0, 1.0]))))
+        2.0
     """
     if isinstance(losses, SummedLosses):
         total, count = losses.total, losses.count
@@ -50,14 +88,44 @@ def mean_loss(losses: Union[Array, SummedLosses], mask: Optional[Array] = None) 
 
 
 def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
-    """Cross-entropy of ``logits [B, C]`` against integer ``labels [B]``, as torch's CrossEntropyLoss."""
+    """Cross-entropy of ``logits [B, C]`` against integer ``labels [B]``, as torch's CrossEntropyLoss.
+
+    Args:
+      logits: ``[B, C]`` unnormalised scores.
+      labels: ``[B]`` class indices.
+
+    Returns:
+      ``[B]``, each example's loss (``mean_loss`` of it is torch's ``reduction="mean"``).
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> softmax_cross_entropy(jnp.array([[0.0, 0.0], [10.0, -10.0]]), jnp.array([0, 0])).round(3)
+        Array([0.693, 0.   ], dtype=float32)
+    """
     chex.assert_rank(logits, 2)
     chex.assert_shape(labels, logits.shape[:1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
 def causal_lm_loss(logits: Array, labels: Array) -> Array:
-    """Next-token cross-entropy of ``logits [B, T, V]`` vs ``labels [B, T]``, averaged per sequence."""
+    """Next-token cross-entropy of ``logits [B, T, V]`` vs ``labels [B, T]``, averaged per sequence.
+
+    As breaching's causal-LM loss: position ``t`` predicts token ``t + 1``.
+
+    Args:
+      logits: ``[B, T, V]`` scores over the vocabulary at every position.
+      labels: ``[B, T]`` token ids (the inputs themselves, for breaching's text data).
+
+    Returns:
+      ``[B]``, each sequence's mean over its ``T - 1`` predicted tokens.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> causal_lm_loss(jnp.zeros((2, 3, 4)), jnp.array([[1, 2, 3], [0, 1, 1]])).shape
+        (2,)
+    """
     chex.assert_rank(logits, 3)
     chex.assert_shape(labels, logits.shape[:2])
     # Position t predicts token t + 1, so the last logit and the first label have no partner.
@@ -76,6 +144,20 @@ def masked_lm_loss(logits: Array, labels: Array) -> SummedLosses:
     torch's ``CrossEntropyLoss`` (``ignore_index=-100``) averages over the batch's counted tokens,
     not over its sequences, so each sequence gives its summed token losses and its number of
     counted tokens; ``mean_loss`` of these is torch's loss (NaN with no counted token, as torch's).
+
+    Args:
+      logits: ``[B, T, V]`` scores over the vocabulary at every position.
+      labels: ``[B, T]`` the original ids at the masked positions, ``IGNORE_INDEX`` elsewhere.
+
+    Returns:
+      ``SummedLosses``: each sequence's summed token losses and its number of counted tokens.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> summed = masked_lm_loss(jnp.zeros((2, 3, 4)), jnp.array([[1, 2, 3], [0, -100, -100]]))
+        >>> summed.count.tolist()
+        [3.0, 1.0]
     """
     chex.assert_rank(logits, 3)
     chex.assert_shape(labels, logits.shape[:2])

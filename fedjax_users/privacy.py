@@ -1,4 +1,17 @@
-"""Local defences: the reference's clipping rule, and Gaussian/Laplace noise from explicit keys."""
+"""Local defences: the reference's clipping rule, and Gaussian/Laplace noise from explicit keys.
+
+Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from fedjax_users import privacy
+    >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([12.0])}
+    >>> float(privacy.global_norm(grads))
+    13.0
+    >>> clipped = privacy.clip_by_global_norm(grads, 1.0)
+    >>> noised = privacy.add_noise(jax.random.key(0), clipped, 0.01, "gaussian")
+    >>> jax.tree_util.tree_map(jnp.shape, noised)
+    {'a': (2,), 'b': (1,)}
+"""
 
 from __future__ import annotations
 
@@ -11,29 +24,93 @@ import numpy as np
 Array = jax.Array
 PyTree = Any
 
+__all__ = ["CLIP_EPSILON", "add_noise", "clip_by_global_norm", "clip_factor", "global_norm", "sample"]
+
 # breaching adds this to the norm before dividing; it makes the clipped norm slightly below the bound.
 CLIP_EPSILON = 1e-6
 
 
 def global_norm(tree: PyTree) -> Array:
-    """L2 norm of the per-leaf L2 norms, as breaching stacks ``torch.norm`` of each gradient."""
+    """L2 norm of the per-leaf L2 norms, as breaching stacks ``torch.norm`` of each gradient.
+
+    Args:
+      tree: a pytree of arrays (a gradient).
+
+    Returns:
+      The scalar norm, in the leaves' dtype.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> float(global_norm({"a": jnp.array([3.0, 4.0]), "b": jnp.array([12.0])}))
+        13.0
+    """
     norms = jnp.stack([jnp.linalg.norm(jnp.ravel(leaf)) for leaf in jax.tree_util.tree_leaves(tree)])
     return jnp.linalg.norm(norms)
 
 
 def clip_factor(norm: Array, clip_value: float) -> Array:
-    """Scale that clips a gradient of this norm: ``C / (norm + 1e-6)`` only if ``norm > C`` (strict)."""
+    """Scale that clips a gradient of this norm: ``C / (norm + 1e-6)`` only if ``norm > C`` (strict).
+
+    Args:
+      norm: the gradient's norm (``global_norm``), any shape (one per example, say).
+      clip_value: the bound ``C``.
+
+    Returns:
+      The factor to multiply the gradient by, shaped like ``norm``: 1 where ``norm <= C``.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> clip_factor(jnp.array([0.5, 1.0, 4.0]), 1.0).round(3).tolist()
+        [1.0, 1.0, 0.25]
+    """
     return jnp.where(norm > clip_value, clip_value / (norm + CLIP_EPSILON), jnp.ones_like(norm))
 
 
 def clip_by_global_norm(tree: PyTree, clip_value: float) -> PyTree:
-    """breaching's ``_clip_list_of_grad_`` without mutation."""
+    """breaching's ``_clip_list_of_grad_`` without mutation: the tree scaled by ``clip_factor`` of its norm.
+
+    Args:
+      tree: a pytree of arrays (one gradient).
+      clip_value: the bound ``C``.
+
+    Returns:
+      A new tree of the same structure and dtypes whose global norm is at most ``C``.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> clipped = clip_by_global_norm({"w": jnp.array([3.0, 4.0])}, 1.0)
+        >>> print(clipped["w"].round(3))
+        [0.6 0.8]
+    """
     factor = clip_factor(global_norm(tree), clip_value)
     return jax.tree_util.tree_map(lambda leaf: leaf * factor.astype(leaf.dtype), tree)
 
 
 def sample(key: Array, shape: tuple[int, ...], dtype: Any, scale: float, distribution: str) -> Array:
-    """Zero-centred noise: Normal with std ``scale`` or Laplace with scale ``b = scale``."""
+    """Zero-centred noise: Normal with std ``scale`` or Laplace with scale ``b = scale``.
+
+    Args:
+      key: a ``jax.random`` key.
+      shape: the shape of the draw.
+      dtype: its floating dtype.
+      scale: the standard deviation (Gaussian) or ``b`` (Laplace).
+      distribution: ``"gaussian"`` or ``"laplacian"`` (breaching's names).
+
+    Returns:
+      The noise, ``shape`` in ``dtype``.
+
+    Raises:
+      ValueError: another distribution.
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp
+        >>> sample(jax.random.key(0), (2, 3), jnp.float32, 0.1, "laplacian").shape
+        (2, 3)
+    """
     if distribution == "gaussian":
         return scale * jax.random.normal(key, shape, dtype)
     if distribution == "laplacian":
@@ -46,6 +123,24 @@ def add_noise(key: Array, tree: PyTree, scale: float, distribution: str) -> PyTr
 
     One flat draw split into the leaves: the same distribution as a draw per leaf, and one random
     op instead of one per leaf (a noisy user compiles several times faster).
+
+    Args:
+      key: a ``jax.random`` key.
+      tree: a pytree of floating arrays.
+      scale: as in ``sample``; ``<= 0`` returns ``tree`` itself.
+      distribution: ``"gaussian"`` or ``"laplacian"``.
+
+    Returns:
+      ``tree`` plus the noise, leaf by leaf in each leaf's dtype.
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp
+        >>> tree = {"w": jnp.zeros(3), "b": jnp.zeros(1)}
+        >>> add_noise(jax.random.key(0), tree, 0.0, "gaussian") is tree
+        True
+        >>> jax.tree_util.tree_map(jnp.shape, add_noise(jax.random.key(0), tree, 0.1, "gaussian"))
+        {'b': (1,), 'w': (3,)}
     """
     if scale <= 0:
         return tree

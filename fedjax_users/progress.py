@@ -73,7 +73,16 @@ class Progress:
 
     @contextlib.contextmanager
     def stage(self, description: str) -> Iterator[None]:
-        """A step of unknown length (loading data, compiling): its name and the time it has taken."""
+        """A step of unknown length (loading data, compiling): its name and the time it has taken.
+
+        Args:
+          description: what the step does, drawn while the ``with`` block runs.
+
+        Example::
+
+            >>> with Progress(quiet=True) as progress, progress.stage("building the users"):
+            ...     pass
+        """
         task = self._bars.add_task(description, total=None, rate="")
         try:
             yield
@@ -81,7 +90,22 @@ class Progress:
             self._bars.remove_task(task)
 
     def counter(self, description: str, unit: str = "users") -> ProgressFn:
-        """A ``(done, total)`` callback (``aggregate``'s ``progress=``) drawn as a bar with rate and ETA."""
+        """A ``(done, total)`` callback (``aggregate``'s ``progress=``) drawn as a bar with rate and ETA.
+
+        Args:
+          description: the bar's name.
+          unit: what is counted, in the rate (``"users/s"``).
+
+        Returns:
+          ``report(done, total)``; the bar is removed once ``done`` reaches ``total``.
+
+        Example::
+
+            >>> with Progress(quiet=True) as progress:
+            ...     report = progress.counter("users")
+            ...     report(5, 10)
+            ...     report(10, 10)
+        """
         task: Optional[TaskID] = None
 
         def report(done: int, total: int) -> None:

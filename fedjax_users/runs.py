@@ -14,8 +14,8 @@ Example::
 
     >>> import tempfile, os
     >>> from fedjax_users import runs
-    >>> root = tempfile.mkdtemp()
-    >>> out = runs.prepare(None, "default_digits", force=False, root=root)
+    >>> with tempfile.TemporaryDirectory() as root:
+    ...     out = runs.prepare(None, "default_digits", force=False, root=root)
     >>> os.path.basename(out.folder).startswith("default_digits-"), out.update_paths(1)[0].endswith("shared_update.msgpack")
     (True, True)
 """
@@ -40,7 +40,12 @@ __all__ = ["RunOutput", "prepare", "run_id", "versions"]
 
 @dataclasses.dataclass(frozen=True)
 class RunOutput:
-    """Where one run writes: a run folder, or (``--out FILE.msgpack``) a single update file."""
+    """Where one run writes: a run folder, or (``--out FILE.msgpack``) a single update file.
+
+    Attributes:
+      folder: the run folder (made by ``create``), or ``None`` for a single update file.
+      update_file: the ``.msgpack`` file of ``--out FILE.msgpack``, else ``None``.
+    """
 
     folder: Optional[str]
     update_file: Optional[str] = None
@@ -51,7 +56,20 @@ class RunOutput:
             os.makedirs(self.folder, exist_ok=True)
 
     def update_paths(self, queries: int) -> list[str]:
-        """The update file of each query."""
+        """The update file of each query.
+
+        Args:
+          queries: the number of queries.
+
+        Returns:
+          One path per query: ``shared_update.msgpack`` for one query, else
+          ``shared_update.query<N>.msgpack`` (the stem of ``update_file`` for a single file).
+
+        Example::
+
+            >>> RunOutput(folder="runs/x").update_paths(2)
+            ['runs/x/shared_update.query0.msgpack', 'runs/x/shared_update.query1.msgpack']
+        """
         single = self.update_file if self.update_file is not None else os.path.join(self.folder, UPDATE_FILE)
         stem, ext = os.path.splitext(single)
         return [single] if queries == 1 else [f"{stem}.query{q}{ext}" for q in range(queries)]
@@ -61,13 +79,39 @@ class RunOutput:
 
         ``fedjax_users.io.save_shared_safetensors`` writes its metadata JSON beside it
         (``fedjax_users.io.metadata_path``).
+
+        Args:
+          queries: the number of queries.
+
+        Returns:
+          One ``.safetensors`` path per query.
+
+        Example::
+
+            >>> RunOutput(folder=None, update_file="out/update.msgpack").safetensors_paths(1)
+            ['out/update.safetensors']
         """
         from fedjax_users import io
 
         return [os.path.splitext(path)[0] + io.SAFETENSORS_SUFFIX for path in self.update_paths(queries)]
 
     def write(self, config: dict, summary: dict) -> list[str]:
-        """``config.yaml`` and ``summary.json`` into the run folder (nothing for a single update file)."""
+        """Write ``config.yaml`` and ``summary.json`` into the run folder (nothing for a single update file).
+
+        Args:
+          config: the fully composed case, as plain containers.
+          summary: what was computed (NumPy scalars and arrays are written as JSON numbers and lists).
+
+        Returns:
+          The paths written.
+
+        Example::
+
+            >>> import os, tempfile
+            >>> with tempfile.TemporaryDirectory() as folder:
+            ...     [os.path.basename(p) for p in RunOutput(folder=folder).write({"model": "lenet_zhu"}, {"norm": 1.5})]
+            ['config.yaml', 'summary.json']
+        """
         if self.folder is None:
             return []
         from omegaconf import OmegaConf
@@ -143,15 +187,39 @@ def prepare(out: Optional[str], case_name: str, force: bool, root: str = ".") ->
 
 
 def run_id(config_yaml: str, seed: int) -> str:
-    """What identifies a run's computation: its composed config and seed (a checkpoint of another is refused)."""
+    """What identifies a run's computation: its composed config and seed (a checkpoint of another is refused).
+
+    Args:
+      config_yaml: the composed case as YAML text.
+      seed: the run's seed.
+
+    Returns:
+      16 hexadecimal digits of the SHA-256 of both.
+
+    Example::
+
+        >>> run_id("model: lenet_zhu", 0) == run_id("model: lenet_zhu", 0) != run_id("model: lenet_zhu", 1)
+        True
+    """
     import hashlib
 
     return hashlib.sha256(f"{config_yaml}\nseed={seed}".encode()).hexdigest()[:16]
 
 
 def versions(names: Sequence[str] = VERSIONED) -> dict[str, str]:
-    """Installed versions of the packages ``names`` (default: those a run's numbers depend on);
-    ``"-"`` for one that is not installed."""
+    """Installed versions of packages.
+
+    Args:
+      names: distribution names (default: those a run's numbers depend on).
+
+    Returns:
+      Name -> its installed version, ``"-"`` for one that is not installed.
+
+    Example::
+
+        >>> versions(["numpy", "no-such-package"])["no-such-package"]
+        '-'
+    """
     found = {}
     for name in names:
         try:
