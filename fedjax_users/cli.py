@@ -376,13 +376,12 @@ def _shapes(tree) -> dict[str, list[int]]:
 
 
 def _run_case(args, cfg_case, case_path, overrides, output) -> int:
+    """``fedjax-users run``: build the case's users, compute every query, print and save the results."""
     import jax
     from omegaconf import OmegaConf
 
-    from fedjax_users import accounting, io, privacy, runs
+    from fedjax_users import runs
     from fedjax_users.data import construct_users
-    from fedjax_users.interop.order import torch_order
-
     from fedjax_users.progress import Progress
 
     key = jax.random.key(args.seed)
@@ -395,28 +394,39 @@ def _run_case(args, cfg_case, case_path, overrides, output) -> int:
         if args.checkpoint:
             checkpoints = (args.checkpoint, runs.run_id(OmegaConf.to_yaml(cfg_case), args.seed))
         results, first, steady = _compute(case, key, progress, steady_state=args.time, checkpoints=checkpoints)
-    cfg = case.user_cfg
-    shared = results[-1]
+    example = _one_example(case)
+    summary = _report(cfg_case, _case_name(cfg_case, case_path, overrides), case, example, results, waits, first,
+                      steady)
+    summary.update(seed=args.seed, versions=runs.versions())
+    _save_run(output, cfg_case, case, example, results, summary)
+    return 0
+
+
+def _report(cfg_case, name: str, case, example, results, waits, first: float, steady: Optional[float]) -> dict:
+    """Print what the run computed, line by line; returns the same facts for ``summary.json``."""
+    import jax
+
+    from fedjax_users import accounting, privacy
+
+    cfg, shared = case.user_cfg, results[-1]
     inputs_shape, labels_shape = _data_shapes(case)
     examples = int(labels_shape[0] * (labels_shape[1] if cfg.is_aggregate else 1))
     num_users = cfg.num_users if cfg.is_aggregate else 1
     kind = "parameter difference" if cfg.is_multi_step else "gradient"
     dtype = jax.tree_util.tree_leaves(case.payload.params)[0].dtype
-    example = _one_example(case)
+    parameters = accounting.count_params(case.payload.params)
     batchnorm = _batchnorm_mode(case, example)
-    print(f"case        {_case_name(cfg_case, case_path, overrides)}")
+    print(f"case        {name}")
     print(f"user type   {cfg.user_type} ({num_users} user{'s' if num_users > 1 else ''}, "
           f"{cfg.num_data_points} examples each, user index {', '.join(map(str, case.user_indices[:8]))}"
           f"{'...' if len(case.user_indices) > 8 else ''})")
     print(f"data        {case.data_cfg.name}, {examples} examples held, inputs {inputs_shape}")
-    print(f"model       {cfg_case.model}, {accounting.count_params(case.payload.params):,} parameters, {dtype}, "
-          f"{batchnorm}")
+    print(f"model       {cfg_case.model}, {parameters:,} parameters, {dtype}, {batchnorm}")
     print(_server_line(cfg_case, case))
     norms = [float(privacy.global_norm(r.gradients)) for r in results]
     print(f"update      {kind}, global norm {', '.join(f'{n:.6g}' for n in norms)}")
     server_sees = _describe_metadata(shared.metadata)
-    print(f"server sees {server_sees}"
-          f"{', buffers' if shared.batch_stats is not None else ''}")
+    print(f"server sees {server_sees}{', buffers' if shared.batch_stats is not None else ''}")
     privacy_line = _privacy_line(cfg_case, cfg, case.payload.params)
     print(privacy_line)
     if case.not_applicable:
@@ -424,6 +434,21 @@ def _run_case(args, cfg_case, case_path, overrides, output) -> int:
     if case.not_read:
         print(f"not read    {', '.join(case.not_read)}")
     platform = jax.devices()[0].platform
+    _print_times(waits, first, steady, platform)
+    return dict(
+        case=name, user_type=cfg.user_type, users=num_users, examples_per_user=cfg.num_data_points,
+        user_indices=[int(i) for i in case.user_indices],
+        data=dict(name=case.data_cfg.name, inputs=list(inputs_shape)),
+        model=dict(name=cfg_case.model, parameters=parameters, dtype=str(dtype), batchnorm=batchnorm),
+        update=dict(kind=kind, shapes=_shapes(shared.gradients), global_norms=norms),
+        server_sees=server_sees, privacy=privacy_line.split(None, 1)[1],
+        seconds=dict(first_call=first, steady_state=steady, streaming=waits.seconds or None,
+                     waiting_for_data=waits.waited if waits.seconds else None), platform=platform,
+    )
+
+
+def _print_times(waits, first: float, steady: Optional[float], platform: str) -> None:
+    """The streaming and wall-time lines of ``fedjax-users run``."""
     if waits.seconds:
         print(f"streaming   waited {waits.waited:.2f} s for examples in {waits.seconds:.2f} s of streaming users "
               f"({100 * waits.waited / waits.seconds:.1f}%)")
@@ -433,6 +458,15 @@ def _run_case(args, cfg_case, case_path, overrides, output) -> int:
     else:
         print(f"wall time   {steady * 1e3:.1f} ms steady state, {max(first - steady, 0.0):.2f} s compile "
               f"(first call {first:.2f} s) on {platform}")
+
+
+def _save_run(output, cfg_case, case, example, results, summary: dict) -> None:
+    """Each query's update (msgpack and safetensors, in breaching's order) and the run's files."""
+    from omegaconf import OmegaConf
+
+    from fedjax_users import io
+    from fedjax_users.interop.order import torch_order
+
     config = OmegaConf.to_container(cfg_case, resolve=True)
     # breaching's list order for the torch files, from the model alone (traced, nothing computed).
     order = torch_order(case.model, example)
@@ -442,22 +476,10 @@ def _run_case(args, cfg_case, case_path, overrides, output) -> int:
     for path, tensors_path, result in zip(paths, output.safetensors_paths(len(results)), results):
         io.save_shared(path, result, config)
         torch_files += io.save_shared_safetensors(tensors_path, result, order, config)
-    summary = dict(
-        case=_case_name(cfg_case, case_path, overrides), user_type=cfg.user_type, users=num_users,
-        examples_per_user=cfg.num_data_points, user_indices=[int(i) for i in case.user_indices],
-        data=dict(name=case.data_cfg.name, inputs=list(inputs_shape)),
-        model=dict(name=cfg_case.model, parameters=accounting.count_params(case.payload.params), dtype=str(dtype),
-                   batchnorm=batchnorm),
-        update=dict(kind=kind, shapes=_shapes(shared.gradients), global_norms=norms),
-        server_sees=server_sees, privacy=privacy_line.split(None, 1)[1],
-        seconds=dict(first_call=first, steady_state=steady, streaming=waits.seconds or None,
-                     waiting_for_data=waits.waited if waits.seconds else None), platform=platform,
-        seed=args.seed, versions=runs.versions(), files=[os.path.basename(p) for p in paths + torch_files],
-    )
+    summary["files"] = [os.path.basename(p) for p in paths + torch_files]
     written = output.write(config, summary)
     print(f"saved       {', '.join(paths + torch_files + written)} (load the update with fedjax_users.io.load_shared; "
           f"torch reads the .safetensors with safetensors.torch.load_file)")
-    return 0
 
 
 # The parity suite and the benchmarks need torch and breaching and are not part of the wheel:
