@@ -317,6 +317,33 @@ def _query_data(examples, cfg_data, user_cfg, impl, user_ids, partition_key, ord
     return UserData(inputs=jnp.asarray(inputs), labels=jnp.asarray(labels))
 
 
+def _server_payloads(cfg_case: DictConfig, cfg_server: DictConfig, model, one_input, init_key: jax.Array,
+                     queries: int, examples, pretrained: bool, hugging_face: bool) -> tuple[list, dict]:
+    """The server's payload of each query (breaching's ``model_state`` between queries), and the
+    variables it started from (initialised, or its pretrained weights)."""
+    init_jit = jax.jit(model.init)  # compiled once for every query that re-initialises
+
+    def init(k):
+        return init_jit(k, one_input)
+
+    built = dict(init(init_key))
+    model_name = str(cfg_case.model)
+    if pretrained and hugging_face:
+        built = huggingface.pretrained_variables(model_name, built)
+    elif pretrained:
+        built = case_server.pretrained_variables(cfg_server, built, examples.num_classes, model_name)
+    state = cfg_server.get("model_state", "default")
+    sends_buffers = bool(cfg_server.get("provide_public_buffers", True))
+    payloads, previous = [], None
+    for q in range(queries):
+        previous = case_server.query_variables(state, built, previous, init, init_key, q)
+        # A model without buffers still sends an (empty) set, as breaching's server sends an empty list.
+        payloads.append(ServerPayload(
+            params=previous["params"], batch_stats=previous.get("batch_stats", {}) if sends_buffers else None
+        ))
+    return payloads, built
+
+
 def construct_users(cfg_case: DictConfig, key: Optional[jax.Array] = None, stream: bool = False) -> UsersCase:
     """Build the case's model, server payloads and users' data (``key`` seeds the model and any draws).
 
@@ -361,26 +388,9 @@ def construct_users(cfg_case: DictConfig, key: Optional[jax.Array] = None, strea
     ]
     first = datas[0].first() if isinstance(datas[0], FunctionCohort) else datas[0]
     one_input = (first.inputs[0] if user_cfg.is_aggregate else first.inputs)[:1]
-
-    init_jit = jax.jit(model.init)  # compiled once for every query that re-initialises
-
-    def init(k):
-        return init_jit(k, one_input)
-
-    built = dict(init(init_key))
-    if pretrained and hugging_face:
-        built = huggingface.pretrained_variables(model_name, built)
-    elif pretrained:
-        built = case_server.pretrained_variables(cfg_server, built, examples.num_classes, str(cfg_case.model))
-    state = cfg_server.get("model_state", "default")
-    sends_buffers = bool(cfg_server.get("provide_public_buffers", True))
-    payloads, previous = [], None
-    for q in range(queries):
-        previous = case_server.query_variables(state, built, previous, init, init_key, q)
-        # A model without buffers still sends an (empty) set, as breaching's server sends an empty list.
-        payloads.append(ServerPayload(
-            params=previous["params"], batch_stats=previous.get("batch_stats", {}) if sends_buffers else None
-        ))
+    payloads, built = _server_payloads(cfg_case, cfg_server, model, one_input, init_key, queries, examples,
+                                       pretrained, hugging_face)
+    sends_buffers = payloads[0].batch_stats is not None
     all_queries = tuple(Query(payload=p, data=datas[min(q, len(datas) - 1)]) for q, p in enumerate(payloads))
     user_state = None
     if not sends_buffers and built.get("batch_stats"):
