@@ -191,7 +191,12 @@ def clip_batch_gradient(clip_value: float) -> optax.GradientTransformation:
 
 
 def add_gradient_noise(scale: float, distribution: str) -> optax.GradientTransformationExtraArgs:
-    """i.i.d. noise on every gradient entry, drawn from the ``noise_key`` passed to ``update``."""
+    """i.i.d. noise on every gradient entry, drawn from the ``noise_key`` passed to ``update``.
+
+    Written out rather than ``optax.stateless`` (which passes no extra arguments) or
+    ``optax.add_noise`` (its own key schedule and decay): each step's noise comes from the step's
+    key, as the randomness convention above says.
+    """
 
     def update(updates, state, params=None, *, noise_key: Array, **extra_args):
         del params, extra_args
