@@ -98,7 +98,23 @@ def _check_cross_entropy(loss: Any, where: str) -> None:
 
 
 def jax_loss(loss: Any) -> Callable:
-    """The per-example JAX loss whose batch mean is the torch ``loss``; other losses are an error."""
+    """The per-example JAX loss whose batch mean is the torch ``loss``; other losses are an error.
+
+    Args:
+      loss: torch's ``CrossEntropyLoss`` (default settings) or breaching's ``CausalLoss`` /
+        ``MLMLoss``, ``torch.jit.script``-ed or not (recognised by class name).
+
+    Returns:
+      The loss of :mod:`fedjax_users.losses` it stands for (``SUPPORTED_LOSSES``).
+
+    Raises:
+      InputTypeError: a loss with no JAX counterpart.
+      InputError: a cross-entropy with settings the JAX losses do not compute.
+
+    Example:
+      >>> jax_loss(torch.nn.CrossEntropyLoss()) is SUPPORTED_LOSSES["CrossEntropyLoss"]
+      True
+    """
     name = _class_name(loss)
     if name not in SUPPORTED_LOSSES:
         raise InputTypeError(
@@ -131,6 +147,22 @@ def flax_model_for(torch_model: torch.nn.Module, cfg_data: Optional[Mapping] = N
     The data config (breaching's ``cfg_case.data``) gives the dataset, modality, classes (or
     vocabulary) and channels; without one, the classes are the last parameter's length (as
     breaching's label recovery reads them), the channels those of ``example``, the table CIFAR's.
+
+    Args:
+      torch_model: the torch model, named by breaching's ``construct_model`` (``.name``).
+      cfg_data: breaching's data config, or ``None``.
+      example: a user's data, for the modality and channels when there is no data config.
+      setup: breaching's ``setup``; a float64 ``dtype`` gives float64 parameters.
+
+    Returns:
+      The Flax module (not initialised).
+
+    Raises:
+      InputError: the torch model has no ``.name``.
+
+    Example::
+
+      flax_model = flax_model_for(construct_model(cfg_case.model, cfg_case.data)[0], cfg_case.data)
     """
     from fedjax_users import models
 
@@ -162,6 +194,19 @@ def load_user_data(dataloader, num_data_points: int, device) -> dict:
 
     Blocks are read until more than ``num_data_points`` examples are in (or the loader ends),
     concatenated per key and truncated; fewer examples is a ``ValueError`` with breaching's message.
+
+    Args:
+      dataloader: an iterable of breaching data dicts (blocks of examples).
+      num_data_points: how many examples the user holds.
+      device: the torch device the tensors are moved to.
+
+    Returns:
+      One data dict of ``num_data_points`` examples.
+
+    Example:
+      >>> blocks = [{"inputs": torch.zeros(2, 3, 4, 4), "labels": torch.arange(2)}] * 2
+      >>> load_user_data(blocks, 3, "cpu")["labels"].tolist()
+      [0, 1, 0]
     """
     blocks, count = [], 0
     for block in dataloader:
@@ -193,7 +238,18 @@ def data_key_of(data: TorchData) -> str:
 
 
 def user_data_from_torch(data: TorchData) -> UserData:
-    """A breaching data dict (``inputs`` NCHW or ``input_ids``, ``labels``) as :class:`UserData`."""
+    """A breaching data dict (``inputs`` NCHW or ``input_ids``, ``labels``) as :class:`UserData`.
+
+    Args:
+      data: the dict; any key besides the inputs and ``labels`` is an ``InputError``.
+
+    Returns:
+      The :class:`~fedjax_users.types.UserData`: images NHWC, token ids as they are.
+
+    Example:
+      >>> user_data_from_torch({"inputs": torch.zeros(2, 3, 4, 4), "labels": torch.arange(2)}).inputs.shape
+      (2, 4, 4, 3)
+    """
     key = data_key_of(data)
     extra = sorted(set(data) - {key, "labels"})
     if extra:
@@ -372,7 +428,16 @@ class _JaxUser(torch.nn.Module):
     # -- the query
 
     def compute_local_updates(self, server_payload, custom_data=None):
-        """breaching's ``compute_local_updates``: ``(shared_data, true_user_data)`` as torch dicts."""
+        """breaching's ``compute_local_updates``: ``(shared_data, true_user_data)`` as torch dicts.
+
+        Args:
+          server_payload: breaching's payload (``parameters``, ``buffers`` or ``None``, ``metadata``).
+          custom_data: a data dict to use instead of the dataloader's (breaching's argument).
+
+        Returns:
+          ``(shared_data, true_user_data)``: gradients (or parameter differences), buffers and
+          metadata as breaching's user shares them; the data the user computed on.
+        """
         self.counted_queries += 1
         data = self._load_data() if custom_data is None else custom_data
         self.data_key = data_key_of(data)
@@ -395,13 +460,27 @@ class _JaxUser(torch.nn.Module):
 class UserSingleStep(_JaxUser):
     """breaching's ``UserSingleStep`` computed by :func:`fedjax_users.local_gradient`.
 
-    ``flax_model``: the Flax counterpart of ``model`` (default: by ``model.name``, see
-    :func:`flax_model_for`; ``cfg_data`` is breaching's data config). ``key``: the noise key.
+    Args:
+      model: the torch model (copied; the copy holds the user's own BatchNorm state).
+      loss: the torch loss (see :func:`jax_loss`).
+      dataloader: the user's dataloader (breaching data dicts).
+      setup: breaching's ``setup`` (``device``, ``dtype``).
+      idx: the user's index.
+      cfg_user: breaching's user config (see :func:`user_config`).
+      flax_model: the Flax counterpart of ``model`` (default: by ``model.name``, see :func:`flax_model_for`).
+      cfg_data: breaching's data config, which names the Flax model.
+      key: the noise key (one ``fold_in`` per query); default a seed from torch's generator.
+      strategy: how the computation runs (:mod:`fedjax_users.strategy`); default chosen per call.
     """
 
 
 class UserMultiStep(_JaxUser):
-    """breaching's ``UserMultiStep`` computed by :func:`fedjax_users.local_update`."""
+    """breaching's ``UserMultiStep`` computed by :func:`fedjax_users.local_update`.
+
+    Args:
+      model, loss, dataloader, setup, idx, cfg_user: as :class:`UserSingleStep`'s.
+      **options: :class:`UserSingleStep`'s keyword arguments (``flax_model``, ``cfg_data``, ``key``, ``strategy``).
+    """
 
     _user_type = "local_update"
 
@@ -429,12 +508,23 @@ class UserMultiStep(_JaxUser):
         )
 
     def compute_local_updates(self, server_payload):
-        """breaching's ``UserMultiStep.compute_local_updates`` (no ``custom_data``, as breaching's)."""
+        """breaching's ``UserMultiStep.compute_local_updates`` (no ``custom_data``, as breaching's).
+
+        Args:
+          server_payload: breaching's payload.
+
+        Returns:
+          ``(shared_data, true_user_data)``; the shared "gradients" are the parameter differences.
+        """
         return super().compute_local_updates(server_payload)
 
 
 class ChainedDataloader:
-    """The users' dataloaders one after the other (breaching's ``ChainedDataloader``)."""
+    """The users' dataloaders one after the other (breaching's ``ChainedDataloader``).
+
+    Args:
+      dataloaders: the users' dataloaders; other attributes (``name``) are the first one's.
+    """
 
     def __init__(self, dataloaders):
         self.dataloaders = dataloaders
@@ -454,6 +544,12 @@ class MultiUserAggregate(UserMultiStep):
 
     Each user is a drop-in ``UserMultiStep`` (``num_local_updates > 1``) or ``UserSingleStep``,
     holding its own data and BatchNorm state; ``dataloaders`` and ``user_indices`` pair by position.
+
+    Args:
+      model, loss, setup, cfg_user: as :class:`UserSingleStep`'s.
+      dataloaders: one dataloader per user.
+      user_indices: the users' indices, in the order of ``dataloaders``.
+      **options: :class:`UserSingleStep`'s keyword arguments, given to every user.
     """
 
     _user_type = "multiuser_aggregate"
@@ -473,8 +569,15 @@ class MultiUserAggregate(UserMultiStep):
         return self.users[0].__repr__() + "\n" + f"""    Number of aggregated users: {self.num_users}"""
 
     def compute_local_updates(self, server_payload, return_true_user_data=False):
-        """The mean of the users' updates as breaching's ``shared_data``; with
-        ``return_true_user_data`` all users' data, else (as breaching's loop leaves it) the last user's."""
+        """The mean of the users' updates as breaching's ``shared_data``, and the users' true data.
+
+        Args:
+          server_payload: breaching's payload.
+          return_true_user_data: all users' data; else (as breaching's loop leaves it) the last user's.
+
+        Returns:
+          ``(shared_data, true_user_data)``.
+        """
         self.counted_queries += 1
         users_data = [user._load_data(self.setup) for user in self.users]
         self.data_key = self.users[0].data_key
@@ -513,9 +616,27 @@ def construct_user(model, loss_fn, cfg_case, setup, *, dataloaders=None, **optio
     """breaching's ``construct_user``: the drop-in user ``cfg_case.user`` describes.
 
     breaching builds each user's dataloader from ``cfg_case.data`` (its ``construct_dataloader``);
-    here they are given: ``dataloaders`` maps a user index to its dataloader (a list or a dict).
-    ``options`` go to the user (``flax_model``, ``key``, ``strategy``); ``cfg_case.data`` names the
-    Flax model unless ``flax_model`` is given.
+    here they are given.
+
+    Args:
+      model: the torch model.
+      loss_fn: the torch loss.
+      cfg_case: breaching's case config (``user``, and ``data``, which names the Flax model unless
+        ``flax_model`` is given).
+      setup: breaching's ``setup``.
+      dataloaders: a user index's dataloader by index (a list or a dict).
+      **options: the user's keyword arguments (``flax_model``, ``key``, ``strategy``).
+
+    Returns:
+      A :class:`UserSingleStep`, :class:`UserMultiStep` or :class:`MultiUserAggregate`.
+
+    Raises:
+      InputError: no ``dataloaders``.
+
+    Example::
+
+      user = construct_user(model, loss_fn, cfg_case, setup, dataloaders=loaders)
+      shared_data, true_user_data = user.compute_local_updates(server_payload)
     """
     if dataloaders is None:
         raise InputError("construct_user needs dataloaders= (one per user index): breaching's "

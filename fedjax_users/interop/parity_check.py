@@ -89,6 +89,20 @@ NOISE_SEED_OFFSET = 7
 class ParityReport:
     """Outcome of one comparison: worst errors over everything compared, and the bound they must meet.
 
+    Attributes:
+      name: the comparison's name (the grid's case name).
+      max_abs: the largest absolute error of any tensor.
+      max_rel: the largest error relative to its list's largest reference entry.
+      bound: the relative error allowed.
+      passed: whether the comparison passed (within the bound, or on a yardstick of a miss).
+      detail: the first mismatches and the yardsticks' and noise checks' lines.
+      ours_vs_float64: our distance to the reference's float64 result; set when a float32 run
+        missed the bound and the float64 reference was the yardstick.
+      reference_vs_float64: the reference's own float32 distance to it, set with it.
+      reference_spread: set when that was missed too (or a float64 run missed the bound): the
+        reference's worst distance over its runs on inputs perturbed by a few ulp.
+      worst: the entry of ``max_rel`` (``"gradients[3] conv1.weight"``).
+
     Example:
       >>> report = ParityReport("lenet/local_gradient", 1e-7, 2e-6, 1e-5, True)
       >>> report.as_dict()["max_rel"], report.passed
@@ -101,13 +115,9 @@ class ParityReport:
     bound: float
     passed: bool
     detail: str = ""
-    # Set when the float32 bound was missed and the float64 reference was the yardstick.
     ours_vs_float64: Optional[float] = None
     reference_vs_float64: Optional[float] = None
-    # Set when that was missed too: the worst distance to float64 of the reference's float32 runs
-    # on inputs perturbed far below float32 resolution of the result (``_reference_spread``).
     reference_spread: Optional[float] = None
-    # The entry with the largest relative error (``gradients[3] conv1.weight``).
     worst: str = ""
 
     def as_dict(self) -> dict[str, Any]:
