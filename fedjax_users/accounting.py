@@ -14,6 +14,15 @@ hand-written accountant. The derivations are in ``docs/privacy.md``.
 The accountants always see a release as a shift of exactly one sensitivity (noise multiplier =
 noise / sensitivity, ``ADD_OR_REMOVE_ONE``); the neighbouring relation enters only through the
 sensitivity, computed here. For Gaussian and Laplace noise without subsampling that is exact.
+
+Example::
+
+    >>> from fedjax_users import accounting
+    >>> from fedjax_users.config import LocalDiffPrivacy, UserConfig
+    >>> dp = LocalDiffPrivacy(gradient_noise=1.0, per_example_clipping=1.0, distribution="gaussian")
+    >>> cfg = UserConfig(user_type="local_gradient", num_data_points=4, local_diff_privacy=dp)
+    >>> round(accounting.guarantee(cfg, delta=1e-5, num_queries=10).epsilon, 2)
+    7.51
 """
 
 from __future__ import annotations
@@ -26,6 +35,19 @@ import numpy as np
 
 from fedjax_users.config import UserConfig
 from fedjax_users.users import step_slices
+
+__all__ = [
+    "DEFAULT_DELTA",
+    "Guarantee",
+    "MECHANISMS",
+    "RELATIONS",
+    "UNITS",
+    "calibrate",
+    "count_params",
+    "data_input_bounds",
+    "guarantee",
+    "model_num_params",
+]
 
 UNITS = ("example", "user")
 RELATIONS = ("replace_one", "add_remove")
@@ -60,13 +82,24 @@ _GENERATOR_NOTE = (
 class Guarantee:
     """The (epsilon, delta)-DP guarantee of a user config for the worst-case unit.
 
-    ``epsilon`` comes from the PLD accountant, ``epsilon_rdp`` from the RDP accountant (looser);
-    both are ``inf`` when there is no guarantee, and ``reason`` says why. ``sensitivity`` (L2 for
-    Gaussian, L1 for Laplace noise), ``noise_scale`` (std or Laplace ``b`` as the server sees it)
-    and ``noise_multiplier`` (their ratio) describe one release, the worst one where releases
-    differ; ``releases`` is how many releases the worst unit is in, over all ``num_queries``.
-    ``covers`` says what the neighbouring datasets differ in; ``unprotected`` lists what else the
-    server sees of the data without noise; ``notes`` state the assumptions.
+    Attributes:
+      epsilon: from the PLD accountant (the tight one); ``inf`` when there is no guarantee.
+      epsilon_rdp: from the RDP accountant (looser); ``inf`` when there is no guarantee.
+      delta: the delta both are at.
+      unit: ``"example"`` or ``"user"``: what the neighbouring datasets differ by.
+      relation: ``"replace_one"`` or ``"add_remove"``.
+      num_queries: the queries composed.
+      defence: ``"gradient noise"``, ``"input noise"`` or ``"none"``.
+      distribution: ``"gaussian"``, ``"laplacian"``, or ``None`` without a guarantee.
+      sensitivity: of one release (L2 for Gaussian, L1 for Laplace noise), the worst one where
+        releases differ.
+      noise_scale: the std or Laplace ``b`` of that release as the server sees it.
+      noise_multiplier: ``noise_scale / sensitivity``.
+      releases: how many releases the worst unit is in, over all ``num_queries``.
+      covers: what the neighbouring datasets differ in.
+      reason: why there is no guarantee, else ``None``.
+      notes: the assumptions the guarantee rests on.
+      unprotected: what else the server sees of the data without noise.
     """
 
     epsilon: float
@@ -92,7 +125,21 @@ class Guarantee:
         return math.isfinite(self.epsilon)
 
     def summary(self) -> str:
-        """One line: epsilon at delta, unit, relation (or ``no DP guarantee: <reason>``)."""
+        """One line: epsilon at delta, unit, relation (or ``no DP guarantee: <reason>``).
+
+        Returns:
+          The line, for a person to read.
+
+        Example::
+
+            >>> from fedjax_users.config import LocalDiffPrivacy, UserConfig
+            >>> dp = LocalDiffPrivacy(gradient_noise=1.0, per_example_clipping=1.0, distribution="gaussian")
+            >>> print(guarantee(UserConfig(user_type="local_gradient", num_data_points=4, local_diff_privacy=dp),
+            ...                 1e-5).summary())
+            epsilon 1.993 at delta 1e-05 (PLD; RDP 2.166) per example, replace_one, 1 query: gaussian gradient noise, ...
+            >>> print(guarantee(UserConfig(user_type="local_gradient", num_data_points=4), 1e-5).summary())
+            no DP guarantee: no clipping (per_example_clipping=0): nothing bounds each example's gradient, ...
+        """
         if not self.finite:
             return f"no DP guarantee: {self.reason}"
         source = f"PLD; RDP {self.epsilon_rdp:.4g}" if self.epsilon_rdp <= PLD_MAX_EPSILON else "RDP; PLD not run"
@@ -501,15 +548,36 @@ def guarantee(
 ) -> Guarantee:
     """The (epsilon, delta)-DP guarantee of ``cfg``'s shared update over ``num_queries`` queries.
 
-    ``unit``: ``"example"`` or ``"user"`` (one user's whole data). ``relation``: ``"replace_one"``
-    or ``"add_remove"`` (the unit's contribution replaced by zero, with the divisors ``B`` and
-    ``U`` public and fixed). ``num_params``: the model's parameter count, needed for Laplace
-    gradient noise. ``input_bounds=(lo, hi)`` and ``input_size`` (entries per example): the range
-    of each input entry in the units noise is added in, needed to account input noise.
-    ``server_sends_buffers``: whether users run in eval mode (if not and ``provide_buffers``, their
-    BatchNorm statistics are listed as unprotected). ``mechanism``: ``"gradient"``, ``"input"``, or
-    ``"auto"`` (the gradient noise's guarantee where it has one, as it covers labels too, else the
-    input noise's).
+    Args:
+      cfg: the user config (its ``local_diff_privacy`` and the user's shape: examples, steps, users).
+      delta: the delta, in (0, 1).
+      num_queries: how many queries the server makes of the same data (composed adaptively).
+      unit: ``"example"`` or ``"user"`` (one user's whole data).
+      relation: ``"replace_one"`` or ``"add_remove"`` (the unit's contribution replaced by zero,
+        with the divisors ``B`` and ``U`` public and fixed).
+      num_params: the model's parameter count (``count_params``), needed for Laplace gradient noise.
+      input_bounds: ``(lo, hi)``, the range of each input entry in the units noise is added in
+        (``data_input_bounds``), needed to account input noise.
+      input_size: the input entries per example, needed to account input noise.
+      server_sends_buffers: whether users run in eval mode (if not and ``provide_buffers``, their
+        BatchNorm statistics are listed as unprotected).
+      mechanism: ``"gradient"``, ``"input"``, or ``"auto"`` (the gradient noise's guarantee where it
+        has one, as it covers labels too, else the input noise's).
+
+    Returns:
+      The :class:`Guarantee`; its ``epsilon`` is ``inf`` (and ``reason`` says why) where the
+      defences give none.
+
+    Raises:
+      ValueError: an argument out of its range, or Laplace gradient noise without ``num_params``.
+
+    Example::
+
+        >>> from fedjax_users.config import LocalDiffPrivacy, UserConfig
+        >>> dp = LocalDiffPrivacy(gradient_noise=1.0, per_example_clipping=1.0, distribution="gaussian")
+        >>> found = guarantee(UserConfig(user_type="local_gradient", num_data_points=4, local_diff_privacy=dp), 1e-5)
+        >>> round(found.epsilon, 2), found.sensitivity, found.noise_multiplier  # replacing one of 4: 2C/4
+        (1.99, 0.5, 2.0)
     """
     _check(delta, num_queries, unit, relation, mechanism)
     _check_inputs(num_params, input_bounds, input_size)
@@ -552,6 +620,31 @@ def calibrate(
     Keeps the distribution and clipping bound of ``cfg`` (clipping must be on). A bisection over
     the noise in log space through :func:`guarantee`, bracketed by the RDP calibration (RDP's
     epsilon is never below PLD's, so its noise suffices).
+
+    Args:
+      cfg: the user config; its ``per_example_clipping`` must be positive.
+      target_epsilon: the epsilon to reach, positive and finite.
+      delta: as in :func:`guarantee`.
+      num_queries: as in :func:`guarantee`.
+      unit: as in :func:`guarantee`.
+      relation: as in :func:`guarantee`.
+      num_params: as in :func:`guarantee` (needed for Laplace noise).
+      rtol: the relative precision of the noise found, in (0, 1).
+
+    Returns:
+      ``cfg`` with ``local_diff_privacy.gradient_noise`` set to the noise found.
+
+    Raises:
+      ValueError: an argument out of its range, or clipping off.
+
+    Example::
+
+        >>> from fedjax_users.config import LocalDiffPrivacy, UserConfig
+        >>> dp = LocalDiffPrivacy(per_example_clipping=1.0, distribution="gaussian")
+        >>> noisy = calibrate(UserConfig(user_type="local_gradient", num_data_points=4, local_diff_privacy=dp),
+        ...                   target_epsilon=2.0, delta=1e-5, rtol=0.01)
+        >>> round(noisy.local_diff_privacy.gradient_noise, 2), guarantee(noisy, 1e-5).epsilon <= 2.0
+        (1.0, True)
     """
     _check(delta, num_queries, unit, relation)
     _check_inputs(num_params, None, None)
@@ -606,16 +699,43 @@ def calibrate(
 
 
 def count_params(tree: Any) -> int:
-    """Number of scalar parameters in a pytree of arrays (or of ``jax.ShapeDtypeStruct``)."""
+    """Number of scalar parameters in a pytree of arrays.
+
+    Args:
+      tree: a pytree of arrays or of ``jax.ShapeDtypeStruct`` (the model's ``params``).
+
+    Returns:
+      The total number of entries.
+
+    Example::
+
+        >>> import numpy as np
+        >>> count_params({"fc": {"kernel": np.zeros((3, 2)), "bias": np.zeros(2)}})
+        8
+    """
     import jax
 
     return sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def model_num_params(model: Any, input_shape: Sequence[int], dtype: Any = "float32") -> int:
-    """The parameter count of ``model`` for inputs of ``input_shape`` (with batch axis), without computing.
+    """The parameter count of ``model`` for inputs of a shape, without computing.
 
     Uses ``jax.eval_shape`` of ``model.init``: only shapes are traced, no weights are made.
+
+    Args:
+      model: a Flax module.
+      input_shape: the inputs' shape, batch axis included.
+      dtype: the inputs' dtype.
+
+    Returns:
+      The number of entries of the model's ``params``.
+
+    Example::
+
+        >>> import flax.linen as nn
+        >>> model_num_params(nn.Dense(3), (1, 4))  # a 4 x 3 kernel and 3 biases
+        15
     """
     import jax
 
@@ -631,6 +751,19 @@ def data_input_bounds(cfg_data: Mapping[str, Any]) -> tuple[Optional[tuple[float
     Images are decoded to [0, 1] and, with ``normalize``, become ``(x - mean_c) / std_c``: every
     entry lies in ``[min_c -mean_c/std_c, max_c (1 - mean_c)/std_c]`` (one box for all channels,
     which is conservative when channels differ).
+
+    Args:
+      cfg_data: the case's data config (``modality``, ``shape`` [C, H, W], ``normalize``,
+        ``mean``, ``std``).
+
+    Returns:
+      ``((lo, hi), entries per example)`` for :func:`guarantee`'s ``input_bounds`` and
+      ``input_size``, widened by a few float32 ulps when normalised; ``(None, None)`` for text.
+
+    Example::
+
+        >>> data_input_bounds({"modality": "vision", "shape": [3, 32, 32], "normalize": False})
+        ((0.0, 1.0), 3072)
     """
     if cfg_data.get("modality") != "vision":
         return None, None

@@ -22,12 +22,13 @@ Example::
     >>> from fedjax_users.interop.order import TorchOrder
     >>> shared = fu.SharedData(gradients={"fc": {"kernel": np.ones((3, 2), np.float32), "bias": np.zeros(2, np.float32)}},
     ...                        batch_stats=None, metadata=fu.Metadata(num_data_points=1, labels=np.array([1])))
-    >>> path = os.path.join(tempfile.mkdtemp(), "update.safetensors")
     >>> order = TorchOrder(params=(("fc", "kernel"), ("fc", "bias")))  # torch's: weight, then bias
-    >>> [os.path.basename(p) for p in io.save_shared_safetensors(path, shared, order)]
-    ['update.safetensors', 'update.metadata.json']
-    >>> io.load_shared(path)[0].gradients["fc"]["kernel"].shape
-    (3, 2)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = os.path.join(folder, "update.safetensors")
+    ...     written = [os.path.basename(p) for p in io.save_shared_safetensors(path, shared, order)]
+    ...     loaded, config = io.load_shared(path)
+    >>> written, loaded.gradients["fc"]["kernel"].shape
+    (['update.safetensors', 'update.metadata.json'], (3, 2))
 """
 
 from __future__ import annotations
@@ -128,7 +129,21 @@ def _check_format(path: str, document: Any, name: str, version: int, what: str) 
 
 
 def check_writable(path: str | os.PathLike) -> None:
-    """Raise ``SharedFileError`` unless a file can be written at ``path`` (its folder exists and is writable)."""
+    """Raise ``SharedFileError`` unless a file can be written at ``path`` (its folder exists and is writable).
+
+    Args:
+      path: the file to be written (it need not exist).
+
+    Raises:
+      SharedFileError: ``path`` is a folder, or its folder is missing or not writable.
+
+    Example::
+
+        >>> check_writable("/no/such/folder/update.msgpack")
+        Traceback (most recent call last):
+        ...
+        fedjax_users.io.SharedFileError: cannot write the shared update to ...: folder /no/such/folder does not exist
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
@@ -140,7 +155,29 @@ def check_writable(path: str | os.PathLike) -> None:
 
 
 def save_shared(path: str | os.PathLike, shared: SharedData, config: Optional[dict] = None) -> None:
-    """Write ``shared`` and the (plain, YAML-like) ``config`` that produced it, with a checksum."""
+    """Write ``shared`` and the config that produced it to one file, with a checksum.
+
+    Args:
+      path: the file (conventionally ``.msgpack``); written over if it exists.
+      shared: what a user shared.
+      config: the plain (YAML-like) config that produced ``shared``, or ``None``.
+
+    Raises:
+      SharedFileError: ``shared`` is not a ``SharedData``, the path cannot be written, or the
+        update or config cannot be serialised.
+
+    Example::
+
+        >>> import os, tempfile, numpy as np
+        >>> from fedjax_users.types import Metadata, SharedData
+        >>> shared = SharedData(gradients={"fc": {"bias": np.ones(2, np.float32)}}, batch_stats=None,
+        ...                     metadata=Metadata(num_data_points=1))
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     save_shared(os.path.join(folder, "update.msgpack"), shared, {"user": {"num_data_points": 1}})
+        ...     loaded, config = load_shared(os.path.join(folder, "update.msgpack"))
+        >>> loaded.gradients["fc"]["bias"].tolist(), config
+        ([1.0, 1.0], {'user': {'num_data_points': 1}})
+    """
     path = os.fspath(path)
     if not isinstance(shared, SharedData):
         raise SharedFileError(f"cannot write {path}: shared must be a fedjax_users.SharedData, got {type(shared).__name__}")
@@ -252,7 +289,17 @@ def load_shared(
 
     Example::
 
-      shared, config = io.load_shared("runs/default_digits-20250101-120000/shared_update.msgpack")
+        >>> import os, tempfile, numpy as np
+        >>> from fedjax_users.types import Metadata, ServerPayload, SharedData
+        >>> shared = SharedData(gradients={"fc": {"bias": np.ones(2, np.float32)}}, batch_stats=None,
+        ...                     metadata=Metadata(num_data_points=1))
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     save_shared(os.path.join(folder, "update.msgpack"), shared)
+        ...     model = ServerPayload(params={"fc": {"bias": np.ones(3)}})
+        ...     load_shared(os.path.join(folder, "update.msgpack"), like=model)
+        Traceback (most recent call last):
+        ...
+        fedjax_users.io.SharedFileError: ... does not fit the model: gradients['fc']['bias'] has shape (2,), ...
     """
     path = os.fspath(path)
     if like is not None and not isinstance(like, ServerPayload):
@@ -298,6 +345,11 @@ def metadata_path(path: str | os.PathLike) -> str:
 
     Returns:
       The path of its metadata JSON, in the same folder.
+
+    Example::
+
+        >>> metadata_path("runs/x/shared_update.safetensors")
+        'runs/x/shared_update.metadata.json'
     """
     path = os.fspath(path)
     stem = path[: -len(SAFETENSORS_SUFFIX)] if path.endswith(SAFETENSORS_SUFFIX) else path
@@ -385,9 +437,18 @@ def save_shared_safetensors(
 
     Example::
 
-      order = torch_order(model, inputs[:1])
-      io.save_shared_safetensors("update.safetensors", shared, order)
-      # torch alone: safetensors.torch.load_file("update.safetensors")["conv0.weight"]
+        >>> import os, tempfile, numpy as np
+        >>> import safetensors.numpy
+        >>> from fedjax_users.interop.order import TorchOrder
+        >>> from fedjax_users.types import Metadata, SharedData
+        >>> fc = {"kernel": np.ones((3, 2), np.float32), "bias": np.zeros(2, np.float32)}
+        >>> shared = SharedData(gradients={"fc": fc}, batch_stats=None, metadata=Metadata(num_data_points=1))
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = os.path.join(folder, "update.safetensors")
+        ...     _ = save_shared_safetensors(path, shared, TorchOrder(params=(("fc", "kernel"), ("fc", "bias"))))
+        ...     tensors = safetensors.numpy.load_file(path)  # what safetensors.torch.load_file reads
+        >>> {name: value.shape for name, value in sorted(tensors.items())}  # torch's names and [out, in] layout
+        {'fc.bias': (2,), 'fc.weight': (2, 3)}
     """
     path = os.fspath(path)
     if not isinstance(shared, SharedData):

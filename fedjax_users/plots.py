@@ -12,11 +12,13 @@ Example::
     >>> import os, tempfile
     >>> import numpy as np
     >>> from fedjax_users import plots
-    >>> path = os.path.join(tempfile.mkdtemp(), "grid.png")
     >>> ramp = np.linspace(0.0, 1.0, 64).reshape(8, 8)
-    >>> figure = plots.image_grid([[ramp, 1.0 - ramp]], path, titles=[["ramp", "inverted"]],
-    ...                           row_labels=["user 0"], column_labels=["original", "reconstruction"])
-    >>> os.path.exists(path), len(figure.axes)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = os.path.join(folder, "grid.png")
+    ...     figure = plots.image_grid([[ramp, 1.0 - ramp]], path, titles=[["ramp", "inverted"]],
+    ...                               row_labels=["user 0"], column_labels=["original", "reconstruction"])
+    ...     written = os.path.exists(path)
+    >>> written, len(figure.axes)
     (True, 2)
 """
 
@@ -58,6 +60,13 @@ def check_picture_path(path: str | os.PathLike, force: bool = False) -> str:
     Raises:
       ValueError: an extension matplotlib cannot write, a folder at ``path``, a missing or
         read-only folder, or (without ``force``) an existing file.
+
+    Example::
+
+        >>> check_picture_path("epsilon.txt")
+        Traceback (most recent call last):
+        ...
+        ValueError: cannot write a picture to epsilon.txt: name a file ending in one of ... (e.g. .png)
     """
     path = os.fspath(path)
     extension = os.path.splitext(path)[1].lstrip(".").lower()
@@ -134,10 +143,14 @@ def image_grid(
 
     Example::
 
-        originals = [digit, digit]                        # [H, W, 3] in [0, 1]
-        image_grid([[o, r] for o, r in zip(originals, reconstructions)], "grid.png",
-                   titles=[["", "25.9 dB"], ["", "8.6 dB"]], row_labels=["true", "wrong"],
-                   column_labels=["original", "reconstruction"])
+        >>> import os, tempfile, numpy as np
+        >>> original = np.random.default_rng(0).random((8, 8, 3))   # [H, W, 3] in [0, 1]
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     figure = image_grid([[original, original * 0.5], [original, None]], os.path.join(folder, "grid.png"),
+        ...                         titles=[["", "25.9 dB"], ["", ""]], row_labels=["true", "wrong"],
+        ...                         column_labels=["original", "reconstruction"], panel_inches=0.5)
+        >>> figure.get_size_inches().tolist()  # 2 columns, 2 rows of 0.5 inches
+        [1.0, 1.0]
     """
     grid = [list(row) for row in images]
     rows, columns = len(grid), len(grid[0]) if grid else 0
@@ -187,8 +200,12 @@ def image_grid(
 class EpsilonSeries:
     """A config's epsilon at each delta and number of queries: what ``epsilon_plot`` draws.
 
-    ``pld[i][j]`` and ``rdp[i][j]`` are ``accounting.guarantee(cfg, deltas[i], queries[j], ...)``'s
-    ``epsilon`` and ``epsilon_rdp`` (``inf`` without a guarantee).
+    Attributes:
+      queries: the numbers of queries, increasing.
+      deltas: the deltas, one line each.
+      pld: ``pld[i][j]`` is ``accounting.guarantee(cfg, deltas[i], queries[j], ...).epsilon``
+        (``inf`` without a guarantee).
+      rdp: the same guarantees' ``epsilon_rdp``.
     """
 
     queries: tuple[int, ...]
@@ -236,6 +253,15 @@ def epsilon_series(cfg: UserConfig, deltas: Sequence[float], queries: Sequence[i
 
     Returns:
       The :class:`EpsilonSeries`.
+
+    Example::
+
+        >>> from fedjax_users.config import LocalDiffPrivacy, UserConfig
+        >>> dp = LocalDiffPrivacy(gradient_noise=1.0, per_example_clipping=1.0, distribution="gaussian")
+        >>> series = epsilon_series(UserConfig(user_type="local_gradient", num_data_points=4, local_diff_privacy=dp),
+        ...                         [1e-5], [1, 10])
+        >>> [round(e, 2) for e in series.pld[0]]  # epsilon grows with the queries
+        [1.99, 7.51]
     """
     pld, rdp = [], []
     for delta in deltas:
@@ -267,8 +293,13 @@ def epsilon_plot(series: EpsilonSeries, path: str | os.PathLike, *, title: str,
 
     Example::
 
-        series = epsilon_series(cfg, [1e-5, 1e-8], query_grid([1, 1000]), unit="example")
-        epsilon_plot(series, "epsilon.png", title="default_digits: gaussian gradient noise")
+        >>> import os, tempfile
+        >>> series = EpsilonSeries(queries=(1, 10), deltas=(1e-5,), pld=((2.0, 7.5),), rdp=((2.2, 8.1),))
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     figure = epsilon_plot(series, os.path.join(folder, "epsilon.png"), title="gaussian gradient noise",
+        ...                           size_inches=(3.0, 2.0), dpi=50)
+        >>> [line.get_label() for line in figure.axes[0].get_lines()]
+        ['delta 1e-05 (PLD)', 'delta 1e-05 (RDP)']
     """
     finite = [[e if math.isfinite(e) else math.nan for e in row] for row in series.pld + series.rdp]
     if all(math.isnan(e) for row in finite for e in row):

@@ -16,12 +16,20 @@ import pytest
 import fedjax_users as fu
 
 CURATED = (
+    "fedjax_users.accounting",
     "fedjax_users.batchnorm",
     "fedjax_users.cohort",
+    "fedjax_users.io",
     "fedjax_users.losses",
+    "fedjax_users.models",
+    "fedjax_users.plots",
     "fedjax_users.privacy",
     "fedjax_users.progress",
     "fedjax_users.runs",
+    "fedjax_users.strategy.cpu",
+    "fedjax_users.strategy.patches",
+    "fedjax_users.strategy.sharding",
+    "fedjax_users.strategy.streaming",
     "fedjax_users.suggestions",
     "fedjax_users.types",
 )
@@ -58,7 +66,8 @@ def _takes_arguments(function, bound: bool = False) -> bool:
 
 
 def function_problems(function, name: str, method: bool = False) -> list[str]:
-    """What the docstring of ``function`` lacks: a summary, ``Args:`` (if it takes any), ``Returns:`` (if it returns)."""
+    """What the docstring of ``function`` lacks: a summary, ``Args:`` (if it takes any), ``Returns:`` (if it
+    returns something)."""
     doc = inspect.getdoc(function) or ""
     problems = []
     if not doc.strip():

@@ -3,6 +3,13 @@
 Measured on the 2-core CPU machine of the committed benchmark results (JAX 0.10.2). None of
 these changes what a user computes, only how fast and in how much memory; on other platforms
 the strategy does not use them unless stated.
+
+Example::
+
+    >>> import jax
+    >>> from fedjax_users.strategy import cpu
+    >>> cpu.platform_of(jax.devices("cpu")), cpu.is_cpu(jax.devices("cpu"))
+    ('cpu', True)
 """
 
 from __future__ import annotations
@@ -11,14 +18,52 @@ from typing import Any, Optional, Sequence
 
 import jax
 
+__all__ = [
+    "CLIP_CHUNK_BYTES",
+    "COMPILER_OPTIONS",
+    "MAX_UNROLLED_CHUNKS",
+    "MAX_UNROLLED_STEPS",
+    "MIN_EXAMPLES_PER_CHUNK",
+    "MMAP_THRESHOLD_BYTES",
+    "USERS_CHUNK_BYTES",
+    "is_cpu",
+    "platform_of",
+]
+
 
 def platform_of(devices: Optional[Sequence[jax.Device]] = None) -> str:
-    """The platform of ``devices`` (default ``jax.devices()``): the one place the platform is decided."""
+    """The platform the users run on: the one place the platform is decided.
+
+    Args:
+      devices: the devices the users run on; ``None`` (or empty) for ``jax.devices()``.
+
+    Returns:
+      The first device's platform: ``"cpu"``, ``"gpu"`` or ``"tpu"``.
+
+    Example::
+
+        >>> import jax
+        >>> platform_of(jax.devices("cpu"))
+        'cpu'
+    """
     return (tuple(devices) if devices else jax.devices())[0].platform
 
 
 def is_cpu(devices: Optional[Sequence[jax.Device]] = None) -> bool:
-    """Whether the constants below apply: the users run on XLA:CPU."""
+    """Whether the constants below apply: the users run on XLA:CPU.
+
+    Args:
+      devices: as in :func:`platform_of`.
+
+    Returns:
+      ``platform_of(devices) == "cpu"``.
+
+    Example::
+
+        >>> import jax
+        >>> is_cpu(jax.devices("cpu"))
+        True
+    """
     return platform_of(devices) == "cpu"
 
 

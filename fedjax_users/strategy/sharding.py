@@ -39,11 +39,29 @@ from fedjax_users.strategy import chunking
 Array = jax.Array
 PyTree = Any
 
+__all__ = ["USERS_AXIS", "place_chunk", "place_users", "run_chunk", "to_global", "users_mesh", "users_per_device"]
+
 USERS_AXIS = "users"
 
 
 def users_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Optional[Mesh]:
-    """A one-axis mesh over ``devices`` (default ``jax.devices()``); ``None`` for a single device."""
+    """A one-axis mesh (axis ``USERS_AXIS``) over the devices the users are split over.
+
+    Args:
+      devices: the devices, in order; ``None`` for ``jax.devices()`` (every device of every host).
+
+    Returns:
+      The mesh, or ``None`` for a single device (the users then run without ``shard_map``).
+
+    Raises:
+      ValueError: no device.
+
+    Example::
+
+        >>> import jax
+        >>> users_mesh(jax.devices()[:1]) is None
+        True
+    """
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("devices must name at least one device")
@@ -53,7 +71,20 @@ def users_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Optional[Mesh]
 
 
 def users_per_device(num_users: int, mesh: Optional[Mesh]) -> int:
-    """How many users (padding included) each device of ``mesh`` computes."""
+    """How many users (padding included) each device of ``mesh`` computes.
+
+    Args:
+      num_users: the users of the aggregate.
+      mesh: ``users_mesh``'s mesh, or ``None`` for one device.
+
+    Returns:
+      ``ceil(num_users / devices)``.
+
+    Example::
+
+        >>> users_per_device(10, None)
+        10
+    """
     devices = 1 if mesh is None else mesh.size
     return -(-num_users // devices)
 
@@ -72,6 +103,21 @@ def place_users(users: PyTree, mesh: Optional[Mesh]) -> tuple[PyTree, Array]:
     """Users padded to a multiple of the devices and split over them, and which users are real.
 
     Device ``d`` holds the ``d``-th block of ``users_per_device`` consecutive users.
+
+    Args:
+      users: a pytree of arrays with a leading users axis (inputs, labels, keys, statistics).
+      mesh: ``users_mesh``'s mesh, or ``None`` for one device.
+
+    Returns:
+      ``(users, valid)``: the users padded with copies of the last one (sharded along the users
+      axis over ``mesh``), and ``[padded users]`` booleans, ``False`` for the padding.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> users, valid = place_users((jnp.arange(5.0),), None)
+        >>> users[0].shape, valid.tolist()
+        ((5,), [True, True, True, True, True])
     """
     num_users = jax.tree_util.tree_leaves(users)[0].shape[0]
     padded = users_per_device(num_users, mesh) * (1 if mesh is None else mesh.size)
@@ -85,10 +131,23 @@ def place_users(users: PyTree, mesh: Optional[Mesh]) -> tuple[PyTree, Array]:
 def place_chunk(examples: PyTree, rest: PyTree, kept: np.ndarray, mesh: Optional[Mesh]) -> tuple[PyTree, Array]:
     """One streamed chunk placed as ``place_users`` places a cohort of exactly its users.
 
-    ``examples`` (inputs, labels) hold only this process's users (its devices' blocks, in mesh
-    order): on several processes each builds its part of the global array from them, so no
-    process reads another's users. ``rest`` (keys, statistics) and ``kept`` hold every user of
-    the chunk. Returns ``(examples + rest, kept)`` as ``run_chunk`` takes them.
+    Args:
+      examples: ``(inputs, labels)`` of this process's users only (its devices' blocks, in mesh
+        order): on several processes each builds its part of the global array from them, so no
+        process reads another's users.
+      rest: the other per-user arrays (keys, statistics), of every user of the chunk.
+      kept: ``[users]`` booleans, the chunk's users that count (``ChunkPlan.positions``).
+      mesh: ``users_mesh``'s mesh, or ``None`` for one device.
+
+    Returns:
+      ``(examples + rest, kept)``, placed as ``run_chunk`` takes its ``users`` and ``valid``.
+
+    Example::
+
+        >>> import numpy as np
+        >>> users, kept = place_chunk((np.ones((2, 3)), np.zeros(2)), (np.arange(2),), np.array([True, False]), None)
+        >>> len(users), kept.tolist()
+        (3, [True, False])
     """
     users = tuple(examples) + tuple(rest)
     if mesh is None:
@@ -116,8 +175,29 @@ def run_chunk(
 ) -> tuple[PyTree, PyTree]:
     """``chunking.run_chunk`` on every device's own users; outputs ``[devices, size, ...]``.
 
-    ``users`` and ``valid`` come from ``place_users``; ``shared`` (the server's parameters) is
-    replicated. The devices' summed updates are added with a ``psum``.
+    Args:
+      chunk_fn: one chunk of users -> their kept summed update and per-user outputs
+        (``chunking.vmap_sum`` of a user).
+      shared: what every user reads (the server's parameters), replicated.
+      users: ``place_users``'s users.
+      valid: ``place_users``'s ``valid``.
+      chunk: which block of ``size`` users each device runs (a traced integer).
+      size: users a device runs at a time.
+      mesh: ``users_mesh``'s mesh, or ``None`` for one device.
+
+    Returns:
+      ``(total, outputs)``: the kept users' summed update over every device (a ``psum``) and the
+      per-user outputs ``[devices, size, ...]``.
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp
+        >>> from fedjax_users.strategy import chunking
+        >>> users, valid = place_users((jnp.arange(5.0),), None)
+        >>> scaled = chunking.vmap_sum(lambda shared, x: (shared * x, x))
+        >>> total, outputs = jax.jit(lambda chunk: run_chunk(scaled, 2.0, users, valid, chunk, size=3))(1)
+        >>> float(total), outputs.tolist()  # the last chunk is users 2..4; user 2 was summed by chunk 0
+        (14.0, [[2.0, 3.0, 4.0]])
     """
     if mesh is None:
         total, outputs = chunking.run_chunk(chunk_fn, shared, users, valid, chunk, size)
@@ -146,6 +226,20 @@ def to_global(tree: PyTree, mesh: Optional[Mesh]) -> PyTree:
 
     On one host ``jit`` places the arguments itself. On several, each process passes the same
     values and this builds global arrays from them (each process fills only its own devices).
+
+    Args:
+      tree: a pytree of arrays, the same on every process.
+      mesh: ``users_mesh``'s mesh, or ``None`` for one device.
+
+    Returns:
+      ``tree`` itself on one process, else its leaves as global arrays replicated over ``mesh``.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> tree = {"w": jnp.ones(2)}
+        >>> to_global(tree, None) is tree
+        True
     """
     if mesh is None or jax.process_count() == 1:
         return tree

@@ -47,6 +47,12 @@ class ChunkPlan:
       groups: devices the users are split over.
       per_device: users each device holds (padding included).
       size: users a device runs at a time.
+
+    Example::
+
+        >>> plan = ChunkPlan(num_users=5, groups=1, per_device=5, size=2)
+        >>> plan.chunks
+        3
     """
 
     num_users: int
@@ -56,13 +62,27 @@ class ChunkPlan:
 
     @property
     def chunks(self) -> int:
+        """How many chunks cover a device's users."""
         return chunking.num_chunks(self.per_device, self.size)
 
     def positions(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-        """Chunk ``chunk``'s users ``[groups * size]`` (padding repeats the last user) and which are kept.
+        """Chunk ``chunk``'s users and which of them are kept.
 
         A user is kept when it is real (not padding) and not already summed by the chunk before
         (the shifted last chunk repeats some).
+
+        Args:
+          chunk: the chunk, ``0 <= chunk < self.chunks``.
+
+        Returns:
+          ``(positions, kept)``, both ``[groups * size]``: the users each device runs, group by
+          group (padding repeats the last user), and whether each counts.
+
+        Example::
+
+            >>> positions, kept = ChunkPlan(num_users=5, groups=1, per_device=5, size=2).positions(2)
+            >>> positions.tolist(), kept.tolist()  # the last chunk, shifted back: user 3 was chunk 1's
+            ([3, 4], [False, True])
         """
         start = min(chunk * self.size, self.per_device - self.size)
         offsets = start + np.arange(self.size)
@@ -71,6 +91,11 @@ class ChunkPlan:
         return np.minimum(stacked, self.num_users - 1), kept
 
     def fingerprint(self) -> dict:
+        """What a checkpoint records of the plan, to refuse resuming another one.
+
+        Returns:
+          The fields as a plain dict.
+        """
         return dataclasses.asdict(self)
 
 
@@ -213,6 +238,18 @@ def stream_chunks(
 
     Returns:
       The summed update and the outputs ``[num_users, ...]`` (as ``chunking.sum_chunks``).
+
+    Example::
+
+        >>> import numpy as np
+        >>> from fedjax_users.cohort import FunctionCohort
+        >>> cohort = FunctionCohort(5, lambda i: (np.full((1,), float(i)), np.zeros(1)))
+        >>> def step(chunk, examples, positions, kept, local):  # each user's update is its one input
+        ...     x = examples["inputs"][:, 0]
+        ...     return np.sum(x * kept), x[None, None]
+        >>> total, outputs = stream_chunks(step, cohort, ChunkPlan(num_users=5, groups=1, per_device=5, size=2))
+        >>> float(total), outputs.tolist()
+        (10.0, [0.0, 1.0, 2.0, 3.0, 4.0])
     """
     saver = None if checkpoint is None else _Saver(checkpoint, plan)
     found = None if saver is None else saver.restore()
