@@ -1,10 +1,12 @@
-"""Hugging Face's torch ``BertForMaskedLM`` and ``BertForPreTraining`` (``transformers`` 5) in Flax.
+"""Hugging Face's torch ``BertForMaskedLM``, ``BertForPreTraining`` and ``BertForSequenceClassification``
+(``transformers`` 5) in Flax.
 
 Submodules and parameters carry the torch names, so ``fedjax_users.interop`` converts HF state
 dicts both ways: ``bert/embeddings/{word,position,token_type}_embeddings``, ``bert/embeddings/LayerNorm``,
 ``bert/encoder/layer/<i>/attention/self/{query,key,value}``, ``.../attention/output/{dense,LayerNorm}``,
-``.../intermediate/dense``, ``.../output/{dense,LayerNorm}``, ``cls/predictions/transform/{dense,LayerNorm}``
-and ``cls/predictions/bias``. The decoder is tied to the word embeddings and its bias *is*
+``.../intermediate/dense``, ``.../output/{dense,LayerNorm}``, ``bert/pooler/dense``,
+``cls/predictions/transform/{dense,LayerNorm}``, ``cls/predictions/bias`` and the sequence
+classifier's ``classifier``. The decoder is tied to the word embeddings and its bias *is*
 ``cls.predictions.bias``, as HF ties them (``named_parameters()`` lists each shared tensor once),
 so neither appears twice here. The torch buffers ``position_ids`` (``arange``) and
 ``token_type_ids`` (zeros) are ``batch_stats`` entries of ``bert/embeddings``: breaching's server
@@ -13,14 +15,16 @@ sends them with the other buffers; nothing changes them.
 The forward is the one breaching's ``HuggingFaceContainer`` runs, ``model(input_ids=...)``: no
 attention mask (every token attends to every token), token types from the zero buffer, positions
 ``0 .. T-1``. ``BertForPreTraining`` adds the pooler and the next-sentence head, whose output
-breaching's container drops (it returns ``prediction_logits``). Dropout (embeddings, attention
-probabilities, hidden states) draws from the ``dropout`` RNG stream in train mode only.
+breaching's container drops (it returns ``prediction_logits``). ``BertForSequenceClassification``
+classifies the pooled first token; on CoLA breaching hands it the tokenizer's padding mask too,
+which it rebuilds from the padding token (see the class). Dropout (embeddings, attention
+probabilities, hidden states, the classifier's input) draws from the ``dropout`` RNG stream in
+train mode only.
 """
-
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -53,6 +57,26 @@ class BertArchitecture(hf_layers.Architecture):
     pad_token_id: Optional[int] = 0
     is_decoder: bool = False
     tie_word_embeddings: bool = True
+    # BertForSequenceClassification's head: its classes, and its dropout (None: hidden_dropout_prob).
+    num_labels: int = 2
+    classifier_dropout: Optional[float] = None
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> "BertArchitecture":
+        """The architecture a ``config.json`` describes; ``num_labels`` as ``PretrainedConfig`` sets it.
+
+        A saved config names its classes in ``id2label``; an explicit ``num_labels`` wins over it
+        (transformers warns, and keeps ``num_labels``); neither leaves the default of 2.
+
+        Example::
+
+            >>> BertArchitecture.from_dict({"id2label": {"0": "no", "1": "maybe", "2": "yes"}}).num_labels
+            3
+        """
+        labels = config.get("id2label")
+        if "num_labels" not in config and isinstance(labels, Mapping):
+            config = {**config, "num_labels": len(labels)}
+        return super().from_dict(config)
 
     def check(self) -> "BertArchitecture":
         """This architecture, if the port computes it; a ``ValueError`` naming what it lacks otherwise."""
@@ -65,6 +89,8 @@ class BertArchitecture(hf_layers.Architecture):
             raise ValueError("a BERT decoder (is_decoder=True) is not ported; breaching builds encoders")
         if not self.tie_word_embeddings:
             raise ValueError("an untied BERT decoder (tie_word_embeddings=False) is not ported")
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be at least 1, got {self.num_labels}")
         return self
 
 
@@ -109,7 +135,7 @@ class BertSelfAttention(hf_layers.ConfiguredModule):
 
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
+    def __call__(self, x: Array, train: bool, key_mask: Optional[Array] = None) -> Array:
         cfg, dtypes = self.config, self.dtypes
         heads = cfg.num_attention_heads
         q, k, v = (
@@ -117,7 +143,8 @@ class BertSelfAttention(hf_layers.ConfiguredModule):
             for name in ("query", "key", "value")
         )
         scaling = (cfg.hidden_size // heads) ** -0.5
-        return hf_layers.Attention(scaling, False, cfg.attention_probs_dropout_prob, name="attend")(q, k, v, train)
+        attend = hf_layers.Attention(scaling, False, cfg.attention_probs_dropout_prob, name="attend")
+        return attend(q, k, v, train, key_mask)
 
 
 class BertResidualOutput(hf_layers.ConfiguredModule):
@@ -137,9 +164,9 @@ class BertAttention(hf_layers.ConfiguredModule):
 
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
+    def __call__(self, x: Array, train: bool, key_mask: Optional[Array] = None) -> Array:
         dtypes = self.dtypes
-        attended = BertSelfAttention(self.config, name="self", **dtypes)(x, train)
+        attended = BertSelfAttention(self.config, name="self", **dtypes)(x, train, key_mask)
         return BertResidualOutput(self.config, name="output", **dtypes)(attended, x, train)
 
 
@@ -161,9 +188,9 @@ class BertLayer(hf_layers.ConfiguredModule):
 
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
+    def __call__(self, x: Array, train: bool, key_mask: Optional[Array] = None) -> Array:
         dtypes = self.dtypes
-        x = BertAttention(self.config, name="attention", **dtypes)(x, train)
+        x = BertAttention(self.config, name="attention", **dtypes)(x, train, key_mask)
         hidden = BertIntermediate(self.config, name="intermediate", **dtypes)(x)
         return BertResidualOutput(self.config, name="output", **dtypes)(hidden, x, train)
 
@@ -173,10 +200,10 @@ class BertLayers(hf_layers.ConfiguredModule):
 
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
+    def __call__(self, x: Array, train: bool, key_mask: Optional[Array] = None) -> Array:
         dtypes = self.dtypes
         for index in range(self.config.num_hidden_layers):
-            x = BertLayer(self.config, name=str(index), **dtypes)(x, train)
+            x = BertLayer(self.config, name=str(index), **dtypes)(x, train, key_mask)
         return x
 
 
@@ -185,8 +212,8 @@ class BertEncoder(hf_layers.ConfiguredModule):
 
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
-        return BertLayers(self.config, name="layer", **self.dtypes)(x, train)
+    def __call__(self, x: Array, train: bool, key_mask: Optional[Array] = None) -> Array:
+        return BertLayers(self.config, name="layer", **self.dtypes)(x, train, key_mask)
 
 
 class BertModel(hf_layers.ConfiguredModule):
@@ -195,11 +222,17 @@ class BertModel(hf_layers.ConfiguredModule):
     add_pooling_layer: bool = False
 
     @nn.compact
-    def __call__(self, input_ids: Array, train: bool) -> tuple[Array, Optional[Array], Array]:
-        """The sequence output ``[B, T, E]``, the pooled output (or ``None``), and the word embedding table."""
+    def __call__(
+        self, input_ids: Array, train: bool, attention_mask: Optional[Array] = None
+    ) -> tuple[Array, Optional[Array], Array]:
+        """The sequence output ``[B, T, E]``, the pooled output (or ``None``), and the word embedding table.
+
+        ``attention_mask [B, T]`` (true: attended to) hides the keys it marks false; ``None``, as
+        ``model(input_ids=...)``, attends everywhere.
+        """
         cfg, dtypes = self.config, self.dtypes
         embeddings, table = BertEmbeddings(cfg, name="embeddings", **dtypes)(input_ids, train)
-        sequence = BertEncoder(cfg, name="encoder", **dtypes)(embeddings, train)
+        sequence = BertEncoder(cfg, name="encoder", **dtypes)(embeddings, train, attention_mask)
         pooled = None
         if self.add_pooling_layer:
             pooler = BertPooler(cfg, name="pooler", **dtypes)
@@ -289,3 +322,51 @@ class BertForPreTraining(BertForMaskedLM):
     """
 
     pre_training: ClassVar[bool] = True
+
+
+def padding_mask(input_ids: Array, pad_token_id: Optional[int]) -> Optional[Array]:
+    """The ``attention_mask`` a tokenizer padding with ``pad_token_id`` returns: true except at the padding.
+
+    Args:
+      input_ids: token ids ``[B, T]``, padded at the end with ``pad_token_id``.
+      pad_token_id: the padding token, or ``None`` (nothing is padding: no mask).
+
+    Returns:
+      A boolean ``[B, T]``, or ``None`` when ``pad_token_id`` is ``None``.
+
+    Example::
+
+        >>> padding_mask(jnp.array([[101, 7, 102, 0, 0]]), 0).tolist()
+        [[True, True, True, False, False]]
+    """
+    return None if pad_token_id is None else input_ids != pad_token_id
+
+
+class BertForSequenceClassification(hf_layers.ConfiguredModule):
+    """``BertForSequenceClassification`` as breaching runs it on CoLA: ``input_ids [B, T] -> logits [B, num_labels]``.
+
+    ``BertModel`` with its pooler, dropout (``classifier_dropout``, or ``hidden_dropout_prob``
+    when unset) and the linear ``classifier``. breaching's users call ``model(**data)`` with the
+    whole tokenizer output, so this model gets the tokenizer's ``attention_mask`` and
+    ``token_type_ids`` too (``HuggingFaceContainer`` passes them on). Only the ids reach the Flax
+    model, so both are rebuilt from them: the mask is false exactly at the padding token
+    (:func:`padding_mask` with the config's ``pad_token_id``, ``[PAD]`` = 0 in BERT's tokenizer
+    and config), and a single sentence's token types are zeros, the zero buffer's. A sentence
+    whose text spells the padding token itself (``"[PAD]"``, which the tokenizer reads as that
+    special token but marks attended) is the one input where the rebuilt mask differs.
+
+    Follows the package's model contract ``(x, train, mask, momentum)``; there is no BatchNorm, so
+    ``mask`` and ``momentum`` are ignored.
+    """
+
+    @nn.compact
+    def __call__(
+        self, x: Array, train: bool = False, mask: Optional[Array] = None, momentum: Optional[float] = 0.1
+    ) -> Array:
+        del mask, momentum  # no BatchNorm
+        cfg, dtypes = self.config.check(), self.dtypes
+        bert = BertModel(cfg, add_pooling_layer=True, name="bert", **dtypes)
+        _, pooled, _ = bert(x, train, padding_mask(x, cfg.pad_token_id))
+        rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+        pooled = Dropout(rate, name="dropout")(pooled, train)
+        return hf_layers.dense(cfg.num_labels, cfg.initializer_range, "classifier", **dtypes)(pooled)

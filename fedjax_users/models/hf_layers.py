@@ -6,8 +6,9 @@
 * ``layer_norm``: ``torch.nn.LayerNorm`` with the config's epsilon (two-pass variance, as torch).
 * ``Conv1D``: ``transformers.pytorch_utils.Conv1D``, a linear layer whose ``weight`` is stored
   ``[in, out]`` (so the torch name ``weight`` keeps its layout, unlike a ``kernel``).
-* ``attend``: scaled dot-product attention over heads, bidirectional or causal, with dropout on
-  the attention probabilities, as HF's eager and SDPA attention compute it.
+* ``Attention``: scaled dot-product attention over heads, bidirectional or causal, optionally
+  hiding padded keys (HF's ``attention_mask``), with dropout on the attention probabilities, as
+  HF's eager and SDPA attention compute it.
 * ``normal_init`` / ``embedding_init``: HF's ``_init_weights`` distributions (``N(0, initializer_range)``,
   the padding row of an embedding zero).
 
@@ -171,9 +172,10 @@ def split_heads(x: Array, num_heads: int) -> Array:
 class Attention(nn.Module):
     """Softmax attention of per-head ``query, key, value [B, T, H, D]``; ``[B, T, H * D]`` out.
 
-    Scores are ``q . k * scaling``; a ``causal`` mask hides later keys (their probability is
-    zero, as HF's additive mask of the dtype's minimum and SDPA's ``is_causal`` give). Dropout
-    acts on the probabilities in train mode.
+    Scores are ``q . k * scaling``; a ``causal`` mask hides later keys, and ``key_mask [B, T]``
+    (HF's ``attention_mask``: true where a token is attended to) hides the keys it marks false.
+    A hidden key's probability is zero, as HF's additive mask of the dtype's minimum and SDPA's
+    masks give. Dropout acts on the probabilities in train mode.
     """
 
     scaling: float
@@ -181,11 +183,14 @@ class Attention(nn.Module):
     dropout_rate: float
 
     @nn.compact
-    def __call__(self, query: Array, key: Array, value: Array, train: bool) -> Array:
+    def __call__(self, query: Array, key: Array, value: Array, train: bool, key_mask: Optional[Array] = None) -> Array:
         scores = jnp.einsum("bqhd,bkhd->bhqk", query, key) * jnp.asarray(self.scaling, query.dtype)
-        if self.causal:
-            length = query.shape[1]
-            visible = jnp.tril(jnp.ones((length, length), bool))
+        length = query.shape[1]
+        visible = jnp.tril(jnp.ones((length, length), bool)) if self.causal else None
+        if key_mask is not None:
+            keys = key_mask[:, None, None, :]  # every head and query of a sequence sees the same keys
+            visible = keys if visible is None else visible & keys
+        if visible is not None:
             scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = Dropout(self.dropout_rate, name="dropout")(probs, train)

@@ -14,9 +14,14 @@ sizes differ. Here:
   ``bert-base-uncased`` fall back to ``GPT2Config()`` / ``BertConfig()``'s defaults, which are
   those models' architectures; other names are one clear error.
 * ``model_type`` ``bert`` builds ``fedjax_users.models.bert`` (``BertForMaskedLM`` for masked-lm,
-  ``BertForPreTraining`` otherwise), ``gpt2`` builds ``fedjax_users.models.gpt2.GPT2LMHeadModel``
-  (what ``AutoModelForPreTraining`` gives for GPT-2; ``AutoModelForMaskedLM`` has none, so
-  breaching fails there and so does this). Sequence classification is not ported.
+  ``BertForSequenceClassification`` for classification, ``BertForPreTraining`` otherwise), ``gpt2``
+  builds ``fedjax_users.models.gpt2.GPT2LMHeadModel`` (what ``AutoModelForPreTraining`` gives for
+  GPT-2; ``AutoModelForMaskedLM`` has none, so breaching fails there and so does this).
+  ``GPT2ForSequenceClassification`` is not ported: on breaching's one classification dataset,
+  CoLA, it would take the tokenizer's ``token_type_ids`` through its word embeddings and, with no
+  ``pad_token_id`` in GPT-2's config, classify the last position, a padding token.
+* The classifier's classes are the config's, as ``AutoConfig`` reads them (``num_labels``, else
+  the size of ``id2label``, else 2): breaching passes none, so CoLA's two classes are the default's.
 * The vocabulary is the data's (``resize_token_embeddings``). Freshly initialised, only the shape
   matters. Pretrained weights (``pretrained_variables``: the snapshot's ``model.safetensors`` or
   ``pytorch_model.bin``) are resized as HF resizes them: rows past the new size dropped, or new
@@ -195,9 +200,12 @@ def resolve(
 def model_class(model: HuggingFaceModel) -> type:
     """The Flax class of the ``AutoModelFor...`` breaching picks for the task."""
     if model.task == "classification":
-        raise UnavailableModelError(
-            f"{_what(model.name)} for data.task='classification' (AutoModelForSequenceClassification) is not ported"
-        )
+        if model.model_type != "bert":
+            raise UnavailableModelError(
+                f"{_what(model.name)}: model_type {model.model_type!r} for data.task='classification' "
+                "(AutoModelForSequenceClassification) is not ported; BERT's is"
+            )
+        return bert.BertForSequenceClassification
     if model.task == "masked-lm":
         if model.model_type != "bert":
             raise UnavailableModelError(

@@ -107,7 +107,8 @@ def test_torch_names_that_do_not_pair_are_named():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, task", [("gpt2", "causal-lm"), ("bert-base-uncased", "masked-lm")])
+@pytest.mark.parametrize("name, task", [("gpt2", "causal-lm"), ("bert-base-uncased", "masked-lm"),
+                                        ("bert-base-uncased", "classification")])
 def test_order_of_the_hugging_face_models_is_torchs(name, task):
     reference.use_tiny_hf_cache()
     flax_model = models.get(name, num_classes=100, modality="text", task=task)

@@ -31,6 +31,11 @@ CASES = [
     ("gpt2", "causal-lm", "GPT2LMHeadModel"),
     ("gpt2S", "causal-lm", "GPT2LMHeadModel"),
 ]
+# breaching's AutoModelForSequenceClassification (data.task=classification, e.g. CoLA).
+CLASSIFIERS = [
+    ("bert-base-uncased", "classification", "BertForSequenceClassification"),
+    ("bert-sanity-check", "classification", "BertForSequenceClassification"),
+]
 _torch_hf_model = reference.tiny_hf_model
 
 
@@ -58,6 +63,26 @@ def _tokens(seed: int = 0, vocab: int = VOCAB) -> np.ndarray:
     tokens = np.random.default_rng(seed).integers(0, vocab, size=(B, T))
     tokens[0, :2] = 0  # BERT's padding token: torch passes its lookups no gradient
     return tokens
+
+
+def _sentences(seed: int = 0, vocab: int = VOCAB) -> np.ndarray:
+    """Ids as BERT's tokenizer pads sentences to ``T``: no padding id ([PAD] = 0) inside, then padding."""
+    tokens = np.random.default_rng(seed).integers(1, vocab, size=(B, T))
+    for row, length in enumerate((T, 5, 2)):
+        tokens[row, length:] = 0
+    return tokens
+
+
+SENTENCE_LABELS = np.array([1, 0, 1])
+
+
+def _torch_logits(torch_model, task: str, tokens: np.ndarray) -> torch.Tensor:
+    """breaching's ``model(**data)``; for classification (CoLA), ``data`` is the tokenizer's whole output and labels."""
+    ids = torch.tensor(tokens, dtype=torch.long)
+    if task != "classification":
+        return torch_model(input_ids=ids)
+    return torch_model(input_ids=ids, token_type_ids=torch.zeros_like(ids), attention_mask=(ids != 0).long(),
+                       labels=torch.tensor(SENTENCE_LABELS))
 
 
 def _labels(task: str, tokens: np.ndarray) -> np.ndarray:
@@ -157,24 +182,24 @@ def test_vocab_resized_to_the_data_as_breaching_does(hub, data_vocab):
     assert variables["params"]["cls"]["predictions"]["bias"].shape == (data_vocab,)
 
 
-@pytest.mark.parametrize("name,task,_", CASES)
+@pytest.mark.parametrize("name,task,_", CASES + CLASSIFIERS)
 def test_flax_to_torch_round_trip(hub, name, task, _):
     torch_model = reference.hf_text_model(name, VOCAB, task)
     model = models.get(name, num_classes=VOCAB, modality="text", task=task)
-    tokens = jnp.asarray(_tokens())
-    variables = model.init({"params": jax.random.key(1)}, tokens)
+    tokens = _sentences() if task == "classification" else _tokens()
+    variables = model.init({"params": jax.random.key(1)}, jnp.asarray(tokens))
     interop.variables_to_torch(variables, torch_model)
     torch_model.eval()
     np.testing.assert_allclose(
-        torch_model(input_ids=torch.tensor(np.asarray(tokens), dtype=torch.long)).detach().numpy(),
-        model.apply(variables, tokens), rtol=1e-5, atol=1e-5,
+        _torch_logits(torch_model, task, tokens).detach().numpy(), model.apply(variables, jnp.asarray(tokens)),
+        rtol=1e-5, atol=1e-5,
     )
     back = interop.variables_from_torch(torch_model, variables)
     jax.tree_util.tree_map(np.testing.assert_array_equal, back, variables)
 
 
 def test_tied_weights_are_held_once_as_in_torch(hub):
-    for name, task, _ in CASES:
+    for name, task, _ in CASES + CLASSIFIERS:
         torch_model = reference.hf_text_model(name, VOCAB, task)
         model = models.get(name, num_classes=VOCAB, modality="text", task=task)
         params = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(_tokens()))["params"]
@@ -261,8 +286,8 @@ def test_missing_weights_are_one_line_naming_the_snapshot(hub):
 def test_tasks_without_a_port_are_one_clear_line(hub):
     with pytest.raises(huggingface.UnavailableModelError, match="no masked-LM head"):
         models.get("gpt2", num_classes=VOCAB, modality="text", task="masked-lm")
-    with pytest.raises(huggingface.UnavailableModelError, match="classification"):
-        models.get("bert-base-uncased", num_classes=VOCAB, modality="text", task="classification")
+    with pytest.raises(huggingface.UnavailableModelError, match=r"'gpt2' for data.task='classification' .*not ported"):
+        models.get("gpt2S", num_classes=VOCAB, modality="text", task="classification")
 
 
 def test_dropout_draws_from_the_dropout_stream_in_train_mode_only(hub):
@@ -400,3 +425,75 @@ def test_short_local_steps_of_a_masked_lm_user_are_exact_past_the_unrolled_limit
         for steps in (8, 0)
     )
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), unrolled, scanned)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence classification (breaching's AutoModelForSequenceClassification, data.task=classification)
+
+
+@pytest.mark.parametrize("name,train", [("bert-base-uncased", False), ("bert-sanity-check", False),
+                                        ("bert-sanity-check", True)])
+def test_sequence_classifier_matches_breachings_model_in_float64(hub, name, train):
+    """Logits, loss and every parameter's gradient of breaching's torch classifier on CoLA's tokenizer output."""
+    torch.manual_seed(0)
+    torch_model = _spread(reference.hf_text_model(name, VOCAB, "classification")).double()
+    assert type(torch_model.model).__name__ == "BertForSequenceClassification"
+    tokens = _sentences()
+    torch_model.train(train)
+    ref_logits = _torch_logits(torch_model, "classification", tokens)
+    ref_loss = torch.nn.CrossEntropyLoss()(ref_logits, torch.tensor(SENTENCE_LABELS))  # breaching's loss_fn
+    ref_loss.backward()
+    ref_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in torch_model.parameters()]
+    with jax.enable_x64(True):
+        model = models.get(name, num_classes=VOCAB, modality="text", task="classification", dtype=jnp.float64,
+                           param_dtype=jnp.float64)
+        assert type(model) is bert.BertForSequenceClassification
+        variables = _converted(torch_model, model, tokens)
+        buffers = {k: v for k, v in variables.items() if k != "params"}
+
+        def objective(params):
+            logits = model.apply({"params": params, **buffers}, jnp.asarray(tokens), train=train)
+            return losses.mean_loss(losses.softmax_cross_entropy(logits, jnp.asarray(SENTENCE_LABELS))), logits
+
+        (loss, logits), grads = jax.value_and_grad(objective, has_aux=True)(variables["params"])
+        expected = interop.grads_from_torch_list(ref_grads, torch_model, variables)
+        logits, grads = np.asarray(logits), jax.tree_util.tree_map(np.asarray, grads)
+    assert logits.dtype == np.float64 and logits.shape == (B, 2)
+    np.testing.assert_allclose(logits, ref_logits.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(float(loss), ref_loss.item(), rtol=1e-12)
+    scale = max(float(np.max(np.abs(g))) for g in jax.tree_util.tree_leaves(expected))
+    jax.tree_util.tree_map_with_path(
+        lambda path, got, want: np.testing.assert_allclose(
+            got, want, rtol=1e-8, atol=1e-12 * scale, err_msg=jax.tree_util.keystr(path)), grads, expected
+    )
+    # The head and the pooler are trained; the padding is hidden (without breaching's mask the logits differ).
+    assert np.all(grads["classifier"]["kernel"] != 0) and np.all(grads["bert"]["pooler"]["dense"]["bias"] != 0)
+    with torch.no_grad():
+        unmasked = torch_model(input_ids=torch.tensor(tokens)).numpy()
+    assert not np.allclose(logits[1:], unmasked[1:], rtol=1e-3)
+    np.testing.assert_allclose(logits[0], unmasked[0], rtol=1e-10)  # the row without padding
+
+
+@pytest.mark.parametrize("labels", [{"num_labels": 3}, {"id2label": {"0": "a", "1": "b", "2": "c", "3": "d"}}])
+def test_classifier_classes_are_the_configs_as_auto_config_reads_them(hub, labels):
+    import json
+
+    path = hub / "models--bert-base-uncased" / "snapshots" / REVISION / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **labels}))
+    want = transformers.AutoConfig.from_pretrained("bert-base-uncased").num_labels
+    assert huggingface.resolve("bert-base-uncased", VOCAB, "classification").architecture.num_labels == want
+    torch_model = reference.hf_text_model("bert-base-uncased", VOCAB, "classification")
+    model = models.get("bert-base-uncased", num_classes=VOCAB, modality="text", task="classification")
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(_sentences()))["params"]
+    assert params["classifier"]["kernel"].shape == (32, want) == tuple(torch_model.model.classifier.weight.shape[::-1])
+
+
+def test_classifier_dropout_is_its_own_or_the_hidden_rate():
+    base = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    tokens = jnp.asarray(_sentences())
+    for classifier_dropout, dropped in ((None, False), (0.5, True)):
+        model = bert.BertForSequenceClassification(bert.BertArchitecture(**base, classifier_dropout=classifier_dropout))
+        variables = model.init(jax.random.key(0), tokens)
+        trained = model.apply(variables, tokens, train=True, rngs={"dropout": jax.random.key(1)})
+        assert np.allclose(trained, model.apply(variables, tokens)) != dropped
