@@ -136,7 +136,7 @@ class Guarantee:
             >>> dp = LocalDiffPrivacy(gradient_noise=1.0, per_example_clipping=1.0, distribution="gaussian")
             >>> print(guarantee(UserConfig(user_type="local_gradient", num_data_points=4, local_diff_privacy=dp),
             ...                 1e-5).summary())
-            epsilon 1.993 at delta 1e-05 (PLD; RDP 2.166) per example, replace_one, 1 query: gaussian gradient noise, ...
+            epsilon 1.993 at delta 1e-05 (PLD; RDP 2.166) per example, replace_one, 1 query: gaussian ...
             >>> print(guarantee(UserConfig(user_type="local_gradient", num_data_points=4), 1e-5).summary())
             no DP guarantee: no clipping (per_example_clipping=0): nothing bounds each example's gradient, ...
         """
@@ -228,23 +228,9 @@ def _relation_note(unit: str, relation: str) -> str:
 def _gradient_mechanism(cfg: UserConfig, unit: str, relation: str, num_params: Optional[int]) -> _Mechanism:
     """The release of the gradient-noise defence for ``cfg``'s users."""
     dp = cfg.local_diff_privacy
-    clip, sigma = dp.per_example_clipping, dp.gradient_noise
-    multi = cfg.is_multi_step
-    if clip <= 0:
-        what = "the batch gradient of each step" if multi else "each example's gradient"
-        return _Unbounded(
-            "gradient noise",
-            f"no clipping (per_example_clipping=0): nothing bounds {what}, so one {unit} can move "
-            "the shared update arbitrarily far (unbounded sensitivity) and no noise gives a finite epsilon",
-            noise_scale=sigma,
-        )
-    if sigma <= 0:
-        return _Unbounded(
-            "gradient noise",
-            "no gradient noise (gradient_noise=0): the clipped update is released exactly, so "
-            "two neighbouring datasets give different outputs with certainty",
-            sensitivity=2 * clip,
-        )
+    unbounded = _unbounded_gradient(cfg, unit)
+    if unbounded is not None:
+        return unbounded
     laplace = dp.distribution == "laplacian"
     if laplace and num_params is None:
         raise ValueError(
@@ -253,82 +239,15 @@ def _gradient_mechanism(cfg: UserConfig, unit: str, relation: str, num_params: O
         )
     # Laplace noise on an L2-clipped update: ||v||_1 <= sqrt(d) ||v||_2 bounds its L1 sensitivity.
     to_norm = math.sqrt(num_params) if laplace else 1.0
-    replace = relation == "replace_one"
     notes = [_relation_note(unit, relation)]
-    users = cfg.num_users if cfg.is_aggregate else 1
     if laplace:
         notes.append(
             f"Laplace noise on an L2-clipped update: L1 sensitivity sqrt(d) times the L2 bound, "
             f"d = num_params = {num_params:,}; one release is (L1 sensitivity / b)-DP (pure DP)."
         )
-
-    if not multi:
-        batch = cfg.num_data_points
-        # Clipped gradients have norm <= C (clip only above C, to C / (norm + 1e-6) of it); the
-        # user shares their mean over the fixed, public B: replacing one moves it by <= 2C/B,
-        # zeroing one by <= C/B. A whole user's data moves the mean by <= 2C (or C).
-        l2 = (2 if replace else 1) * clip / (batch if unit == "example" else 1)
-        scale = sigma
-        notes.append(
-            f"local_gradient: the mean of B = num_data_points = {batch} per-example clipped gradients "
-            f"(C = {clip:g}) plus noise, one release per query. B is public and fixed: the gradient "
-            "divides by B whatever the data (provide_num_data_points reveals it). Were the divisor to "
-            "change with the data (true add/remove), the mean of B vs B+1 moves by <= 2C/(B+1): "
-            "use replace_one, which bounds it."
-        )
-        if users > 1 and not laplace:
-            # Only the mean of U users is seen: U independent N(0, sigma^2) average to
-            # N(0, sigma^2 / U), and one unit moves the mean by its user's sensitivity / U.
-            l2, scale = l2 / users, sigma / math.sqrt(users)
-            notes.append(
-                f"aggregate of U = {users} single-step users: the server sees only the mean; each user "
-                f"adds its own N(0, sigma^2), so the mean carries N(0, sigma^2/U) while one {unit} moves "
-                "it by its user's sensitivity / U: noise multiplier sqrt(U) times one user's. This "
-                "assumes trusted aggregation (no single user's update is seen, every user adds its noise) "
-                "and that each example belongs to one user only (an example held by k users, as "
-                "partitions like random-full allow, has k times the sensitivity)."
-            )
-        elif users > 1:
-            notes.append(
-                f"aggregate of U = {users} users with Laplace noise: the mean of Laplace vectors is not a "
-                "Laplace mechanism; by post-processing (the other users' data are the same on both "
-                "datasets) each user's own guarantee holds for the mean, stated here without any gain from U."
-            )
-        candidates = (((l2 * to_norm, 1),),)
-    else:
-        # Each step clips the *batch* gradient (not each example's): one example, or the whole
-        # batch, can move the clipped step gradient by up to 2C, whatever the batch size; zeroing
-        # the example bounds it by C only when it is the step's whole batch.
-        def step_l2(length: int) -> float:
-            return clip if (not replace and (unit == "user" or length == 1)) else 2 * clip
-
-        if unit == "example":
-            per_unit = [[step_l2(length) for length in lengths] for lengths in _per_example_steps(cfg)]
-        else:
-            per_unit = [[step_l2(length) for length in _step_lengths(cfg)]]
-        candidates = _dominant(
-            [tuple((s * to_norm, unit_steps.count(s)) for s in set(unit_steps)) for unit_steps in per_unit]
-        )
-        scale = sigma
-        notes.append(
-            f"local_update: {cfg.num_local_updates} SGD steps of {cfg.num_data_per_local_update_step} "
-            f"example(s) (C = {clip:g}); each step's clipped, noised batch gradient is one release "
-            "(clipping the batch gradient bounds a step's move by 2C whatever the batch size). "
-            "Steps compose adaptively (each gradient is taken at parameters the earlier noisy releases "
-            "moved); the shared parameter difference is plain SGD on the releases, post-processing. "
-            + ("For one example only the steps whose slice holds it count (slices wrap modulo "
-               "num_data_points, so an example may be in several)." if unit == "example" else
-               "For one user every step counts.")
-        )
-        if users > 1:
-            notes.append(
-                f"aggregate of U = {users} multi-step users: each user's noise passes nonlinearly "
-                "through its later steps, so the mean is not a Gaussian mechanism of noise sigma/sqrt(U); "
-                "by post-processing each user's own guarantee holds for the mean, stated here "
-                "without any gain from U."
-            )
-        if unit == "example" and not candidates:
-            candidates = ((),)
+    sensitivity = _multi_step_sensitivity if cfg.is_multi_step else _single_step_sensitivity
+    candidates, scale, explained = sensitivity(cfg, unit, relation == "replace_one", to_norm)
+    notes += explained
     notes.append(
         "Each query is a fresh release on the same data; queries compose adaptively (the server may "
         "change the model in between)."
@@ -342,6 +261,106 @@ def _gradient_mechanism(cfg: UserConfig, unit: str, relation: str, num_params: O
         covers=f"one {unit}: inputs and labels",
         notes=tuple(notes),
     )
+
+
+def _unbounded_gradient(cfg: UserConfig, unit: str) -> Optional[_Unbounded]:
+    """Why gradient noise gives no finite epsilon here (no clipping, or no noise), or ``None``."""
+    dp = cfg.local_diff_privacy
+    clip, sigma = dp.per_example_clipping, dp.gradient_noise
+    if clip <= 0:
+        what = "the batch gradient of each step" if cfg.is_multi_step else "each example's gradient"
+        return _Unbounded(
+            "gradient noise",
+            f"no clipping (per_example_clipping=0): nothing bounds {what}, so one {unit} can move "
+            "the shared update arbitrarily far (unbounded sensitivity) and no noise gives a finite epsilon",
+            noise_scale=sigma,
+        )
+    if sigma <= 0:
+        return _Unbounded(
+            "gradient noise",
+            "no gradient noise (gradient_noise=0): the clipped update is released exactly, so "
+            "two neighbouring datasets give different outputs with certainty",
+            sensitivity=2 * clip,
+        )
+    return None
+
+
+def _single_step_sensitivity(cfg: UserConfig, unit: str, replace: bool, to_norm: float) -> tuple:
+    """(candidates, noise scale, notes) of single-step users' releases: one a query."""
+    dp = cfg.local_diff_privacy
+    clip, sigma, batch = dp.per_example_clipping, dp.gradient_noise, cfg.num_data_points
+    users = cfg.num_users if cfg.is_aggregate else 1
+    # Clipped gradients have norm <= C (clip only above C, to C / (norm + 1e-6) of it); the
+    # user shares their mean over the fixed, public B: replacing one moves it by <= 2C/B,
+    # zeroing one by <= C/B. A whole user's data moves the mean by <= 2C (or C).
+    l2 = (2 if replace else 1) * clip / (batch if unit == "example" else 1)
+    scale = sigma
+    notes = [
+        f"local_gradient: the mean of B = num_data_points = {batch} per-example clipped gradients "
+        f"(C = {clip:g}) plus noise, one release per query. B is public and fixed: the gradient "
+        "divides by B whatever the data (provide_num_data_points reveals it). Were the divisor to "
+        "change with the data (true add/remove), the mean of B vs B+1 moves by <= 2C/(B+1): "
+        "use replace_one, which bounds it."
+    ]
+    if users > 1 and dp.distribution != "laplacian":
+        # Only the mean of U users is seen: U independent N(0, sigma^2) average to
+        # N(0, sigma^2 / U), and one unit moves the mean by its user's sensitivity / U.
+        l2, scale = l2 / users, sigma / math.sqrt(users)
+        notes.append(
+            f"aggregate of U = {users} single-step users: the server sees only the mean; each user "
+            f"adds its own N(0, sigma^2), so the mean carries N(0, sigma^2/U) while one {unit} moves "
+            "it by its user's sensitivity / U: noise multiplier sqrt(U) times one user's. This "
+            "assumes trusted aggregation (no single user's update is seen, every user adds its noise) "
+            "and that each example belongs to one user only (an example held by k users, as "
+            "partitions like random-full allow, has k times the sensitivity)."
+        )
+    elif users > 1:
+        notes.append(
+            f"aggregate of U = {users} users with Laplace noise: the mean of Laplace vectors is not a "
+            "Laplace mechanism; by post-processing (the other users' data are the same on both "
+            "datasets) each user's own guarantee holds for the mean, stated here without any gain from U."
+        )
+    return (((l2 * to_norm, 1),),), scale, notes
+
+
+def _multi_step_sensitivity(cfg: UserConfig, unit: str, replace: bool, to_norm: float) -> tuple:
+    """(candidates, noise scale, notes) of multi-step users' releases: one a local step."""
+    clip = cfg.local_diff_privacy.per_example_clipping
+    users = cfg.num_users if cfg.is_aggregate else 1
+
+    # Each step clips the *batch* gradient (not each example's): one example, or the whole
+    # batch, can move the clipped step gradient by up to 2C, whatever the batch size; zeroing
+    # the example bounds it by C only when it is the step's whole batch.
+    def step_l2(length: int) -> float:
+        return clip if (not replace and (unit == "user" or length == 1)) else 2 * clip
+
+    if unit == "example":
+        per_unit = [[step_l2(length) for length in lengths] for lengths in _per_example_steps(cfg)]
+    else:
+        per_unit = [[step_l2(length) for length in _step_lengths(cfg)]]
+    candidates = _dominant(
+        [tuple((s * to_norm, unit_steps.count(s)) for s in set(unit_steps)) for unit_steps in per_unit]
+    )
+    notes = [
+        f"local_update: {cfg.num_local_updates} SGD steps of {cfg.num_data_per_local_update_step} "
+        f"example(s) (C = {clip:g}); each step's clipped, noised batch gradient is one release "
+        "(clipping the batch gradient bounds a step's move by 2C whatever the batch size). "
+        "Steps compose adaptively (each gradient is taken at parameters the earlier noisy releases "
+        "moved); the shared parameter difference is plain SGD on the releases, post-processing. "
+        + ("For one example only the steps whose slice holds it count (slices wrap modulo "
+           "num_data_points, so an example may be in several)." if unit == "example" else
+           "For one user every step counts.")
+    ]
+    if users > 1:
+        notes.append(
+            f"aggregate of U = {users} multi-step users: each user's noise passes nonlinearly "
+            "through its later steps, so the mean is not a Gaussian mechanism of noise sigma/sqrt(U); "
+            "by post-processing each user's own guarantee holds for the mean, stated here "
+            "without any gain from U."
+        )
+    if unit == "example" and not candidates:
+        candidates = ((),)
+    return candidates, cfg.local_diff_privacy.gradient_noise, notes
 
 
 def _input_mechanism(
