@@ -11,7 +11,8 @@ against breaching's own loader functions on tiny files in the real layouts (test
 * Their token blocks: breaching's ``_get_tokenizer`` and ``_get_preprocessing`` (``tokenize``, ``group_texts``)
   on the texts breaching's reader returned.
 * cola: breaching's classification ``tokenize`` on each row. The rows are read from Arrow files written with
-  pyarrow; those tests are skipped where pyarrow is not installed (it is not a dependency).
+  pyarrow (in the test extra; not a run dependency, so its tests skip where it is missing). A CoLA user's gradient
+  is checked against breaching's ``BertForSequenceClassification`` called with breaching's own batch.
 * Birdsnap: breaching's ``Birdsnap`` class on the same folder; only its md5 check of the metadata archive
   ``birdsnap.tgz`` (which fedjax_users does not need) is patched to pass.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import os
 import sys
 
+import jax
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
@@ -316,17 +318,82 @@ def test_cola_cache_layouts_are_read_in_order(tmp_path):
         glue.find_split_files(str(tmp_path / "old"), "training")
 
 
-def test_cola_stops_at_its_model_with_one_line(bert_folder, tmp_path, capsys):
+@pytest.fixture
+def tiny_bert_hub(tmp_path, monkeypatch):
+    """A hub cache with a tiny ``bert-base-uncased`` (config and weights), read by transformers and fedjax_users."""
+    import huggingface_hub.constants
+    from parity.reference import write_tiny_hf_snapshot
+
+    hub = str(tmp_path / "hub")
+    write_tiny_hf_snapshot(hub, "bert-base-uncased")
+    monkeypatch.setenv("HF_HUB_CACHE", hub)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", hub)  # read once, at import
+    return hub
+
+
+def test_cola_user_is_breachings_sequence_classifier_on_its_sentence(bert_folder, tiny_bert_hub):
+    """A CoLA user's gradient against breaching's BertForSequenceClassification called with breaching's batch."""
+    import torch
+
+    import fedjax_users as fu
+    from fedjax_users import interop
+    from fedjax_users.models import bert
+    from parity.reference import hf_text_model
+
     pytest.importorskip("pyarrow")
     write_cola_cache(bert_folder["path"], {"train": ROWS})
-    cfg = cola_cfg(bert_folder, "data.shape=[12]", "user.user_idx=2")
-    assert load_examples(cfg.data).given(2).labels.tolist() == [0]
-    for model in ("bert-base-uncased", "transformer3"):
-        code = cli.main(["run", breaching_case("9_bert_training"), "data=cola", "data.task=classification",
-                         f"data.path={bert_folder['path']}", f"data.vocab_size={bert_folder['vocab']}",
-                         "data.shape=[12]", f"model={model}", "server.pretrained=False", "--out", str(tmp_path / "u")])
-        err = capsys.readouterr().err
-        assert code == 2 and err.count("\n") == 1 and "not ported" in err, err
+    cfg = cola_cfg(bert_folder, "data.shape=[12]", "user.user_idx=3", "server.pretrained=False")
+    case = cases.construct_users(cfg)
+    assert type(case.model) is bert.BertForSequenceClassification and case.data.labels.tolist() == [ROWS[3][1]]
+    shared, _, _ = fu.compute(case.model, case.payload, case.data, case.user_cfg, jax.random.key(1), loss=case.loss)
+    # breaching: its dataset's row 3 through its classification tokenize and default_data_collator, then
+    # model(**data) on the server's parameters and CrossEntropyLoss against data["labels"].
+    tokenizer = text_reference()._get_tokenizer(cfg.data.tokenizer, cfg.data.vocab_size, cache_dir=cfg.data.path)
+    tokenize, _, _ = text_reference()._get_preprocessing(tokenizer, cfg.data)
+    data = {key: torch.tensor(value) for key, value in tokenize({"sentence": [ROWS[3][0]]}).items()}
+    data["labels"] = torch.tensor([ROWS[3][1]])
+    assert set(data) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+    assert (data["attention_mask"] == 0).any()  # the sentence is padded: the mask matters
+    torch_model = hf_text_model(cfg.model, cfg.data.vocab_size, "classification")
+    with torch.no_grad():
+        for parameter, value in zip(torch_model.parameters(), interop.params_to_torch_list(case.payload.params,
+                                                                                            torch_model)):
+            parameter.copy_(value)
+    # The server sends buffers (BERT's position and token type ids), so breaching's user runs in eval mode.
+    assert case.payload.batch_stats is not None
+    torch_model.eval()
+    torch.nn.CrossEntropyLoss()(torch_model(**data), data["labels"]).backward()
+    expected = interop.grads_from_torch_list([p.grad for p in torch_model.parameters()], torch_model,
+                                             {"params": case.payload.params})
+    scale = max(float(np.max(np.abs(g))) for g in jax.tree_util.tree_leaves(expected))
+    jax.tree_util.tree_map_with_path(lambda path, got, want: np.testing.assert_allclose(
+        got, want, rtol=1e-4, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path)), shared.gradients, expected)
+
+
+def test_cola_runs_from_the_cli(bert_folder, tiny_bert_hub, tmp_path, capsys):
+    from fedjax_users import io
+
+    pytest.importorskip("pyarrow")
+    write_cola_cache(bert_folder["path"], {"train": ROWS})
+    common = ["run", breaching_case("9_bert_training"), "data=cola", "data.task=classification",
+              f"data.path={bert_folder['path']}", f"data.vocab_size={bert_folder['vocab']}", "data.shape=[12]",
+              "user.user_idx=2"]
+    # server.pretrained (breaching's default): the cached bert weights; the classifier is fresh, as from_pretrained.
+    code = cli.main(common + ["--out", str(tmp_path / "cola.msgpack"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    shared, config = io.load_shared(str(tmp_path / "cola.msgpack"))
+    assert config["data"]["name"] == "cola" and config["model"] == "bert-base-uncased"
+    classifier = np.asarray(shared.gradients["classifier"]["kernel"])
+    words = np.asarray(shared.gradients["bert"]["embeddings"]["word_embeddings"]["embedding"])
+    assert classifier.shape == (32, 2) and words.shape == (bert_folder["vocab"], 32)
+    for leaf in jax.tree_util.tree_leaves(shared.gradients):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+    assert np.any(classifier != 0) and np.any(words != 0)
+    # breaching's own text models predict a token a position: refused for one label a sentence, in one line.
+    capsys.readouterr()
+    code = cli.main(common + ["model=transformer3", "--out", str(tmp_path / "t.msgpack"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "is a language model" in err, err
 
 
 def test_cola_errors_are_one_line(bert_folder, tmp_path, monkeypatch, capsys):
