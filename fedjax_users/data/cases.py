@@ -18,6 +18,13 @@ query (``server.num_queries``):
 * The model is the one breaching builds for the data (``models.for_data``).
 
 Every key of the case is checked (fedjax_users.data.keys): honoured, or listed as not applicable.
+
+Example (building a case compiles its model's initialisation: a second or more)::
+
+    case = construct_users(load_case(None, ["model=linear"]), jax.random.key(0))
+    case.model, case.data.inputs.shape, case.user_cfg.user_type   # Linear, (4, 32, 32, 3), 'local_update'
+    shared, true_data, state = fu.compute(case.model, case.payload, case.data, case.user_cfg, key,
+                                          state=case.user_state, loss=case.loss)
 """
 
 from __future__ import annotations
@@ -43,7 +50,17 @@ from fedjax_users.data.sources import Examples, load_examples, normalize, split_
 from fedjax_users.models import huggingface
 from fedjax_users.types import ServerPayload, UserData
 
-__all__ = ["CONFIG_ROOT", "DEFAULT_CASE", "Query", "UsersCase", "construct_users", "load_case", "user_example_indices"]
+__all__ = [
+    "CONFIG_ROOT",
+    "DEFAULT_CASE",
+    "Query",
+    "UsersCase",
+    "case_dtype",
+    "construct_users",
+    "load_case",
+    "user_example_indices",
+    "user_partition",
+]
 
 GROUPS = ("data", "user")
 LOSSES: dict[str, Callable] = {
@@ -56,7 +73,23 @@ DTYPES = {"float": np.float32, "float32": np.float32, "double": np.float64, "flo
 
 
 def case_dtype(cfg_case: DictConfig) -> type:
-    """``impl.dtype`` as a NumPy float type (breaching's ``getattr(torch, impl.dtype)``)."""
+    """``impl.dtype`` as a NumPy float type (breaching's ``getattr(torch, impl.dtype)``).
+
+    Args:
+      cfg_case: the composed case.
+
+    Returns:
+      ``numpy.float32`` (``float``, the default) or ``numpy.float64`` (``double``).
+
+    Raises:
+      CaseConfigError: another dtype.
+
+    Example::
+
+        >>> from omegaconf import OmegaConf
+        >>> case_dtype(OmegaConf.create({"impl": {"dtype": "double"}})).__name__
+        'float64'
+    """
     name = (cfg_case.get("impl") or {}).get("dtype", "float")
     if name not in DTYPES:
         raise CaseConfigError(f"impl.dtype={name!r} is not supported; supported: {', '.join(DTYPES)}")
@@ -69,7 +102,12 @@ def case_dtype(cfg_case: DictConfig) -> type:
 
 @dataclasses.dataclass(frozen=True)
 class Query:
-    """One query: what the server sends and the data its users hold for it."""
+    """One query: what the server sends and the data its users hold for it.
+
+    Attributes:
+      payload: the server's model state for this query.
+      data: the users' data for it (as ``UsersCase.data``).
+    """
 
     payload: ServerPayload
     data: UserData
@@ -79,14 +117,23 @@ class Query:
 class UsersCase:
     """Everything the core user functions need: model, server payload, the users' data and config.
 
-    ``data`` holds one user's examples for ``local_gradient`` / ``local_update`` users and the
-    users of ``range(*user_range)`` stacked on a leading axis for ``multiuser_aggregate`` (a
-    ``fedjax_users.cohort.FunctionCohort`` reading them on demand, built with ``stream=True``).
-    ``payload`` / ``data`` are the first query's; ``queries`` has every query, in order.
-    ``user_state``: the users' own BatchNorm statistics before the first query where the server
-    sends no buffers (stacked per user for ``multiuser_aggregate``), else ``None``.
-    ``not_applicable``: the case's keys that only concern torch or breaching's machinery;
-    ``not_read``: honoured keys this case does not read (as breaching would not), with why.
+    Attributes:
+      model: the Flax model breaching builds for the data (``models.for_data``).
+      payload: the first query's server payload.
+      data: the first query's data: one user's examples for ``local_gradient`` /
+        ``local_update`` users; the users of ``range(*user_range)`` stacked on a leading axis for
+        ``multiuser_aggregate`` (a ``fedjax_users.cohort.FunctionCohort`` reading them on demand,
+        built with ``stream=True``).
+      user_cfg: the case's ``user`` block.
+      loss: the data task's loss (``fedjax_users.losses``).
+      data_cfg: the case's ``data`` block.
+      user_indices: the users' indices in the dataset.
+      queries: every query, in order.
+      user_state: the users' own BatchNorm statistics before the first query where the server
+        sends no buffers (stacked per user for ``multiuser_aggregate``), else ``None``.
+      not_applicable: the case's keys that only concern torch or breaching's machinery.
+      not_read: honoured keys this case does not read (as breaching would not), with why.
+      pretrained: whether the server sends pretrained weights.
     """
 
     model: nn.Module
@@ -110,7 +157,7 @@ def _require(cfg: DictConfig, key: str, where: str) -> Any:
     return value
 
 
-def held_examples(examples: Examples, cfg_data: DictConfig, user_idx: int) -> Examples:
+def _held_examples(examples: Examples, cfg_data: DictConfig, user_idx: int) -> Examples:
     """The examples user ``user_idx`` draws from: its own for a dataset with its own users, else all of them.
 
     A dataset with its own users (``Examples.given``, wikitext's articles) takes breaching's
@@ -135,11 +182,33 @@ def held_examples(examples: Examples, cfg_data: DictConfig, user_idx: int) -> Ex
 
 
 def user_partition(examples: Examples, cfg_data: DictConfig, user_idx: int, seed: Optional[int] = None) -> np.ndarray:
-    """Every example index user ``user_idx`` holds under the data config's partition, in order."""
+    """Every example a user holds under the data config's partition, in order.
+
+    Args:
+      examples: the split (a dataset with its own users, ``given``, holds them itself).
+      cfg_data: the data config (``partition``, ``default_clients`` and what the partition reads).
+      user_idx: the user.
+      seed: seeds ``random-full`` (``partition_indices``).
+
+    Returns:
+      The example indices, int64 (into ``examples.given(user_idx)`` for a dataset with its own users).
+
+    Raises:
+      DataError: the partition does not fit the dataset, or leaves the user no example.
+
+    Example::
+
+        >>> import numpy as np
+        >>> from omegaconf import OmegaConf
+        >>> from fedjax_users.data.examples import Examples
+        >>> examples = Examples(stored=np.arange(6), labels=np.array([0, 1, 0, 1, 0, 1]), num_classes=2)
+        >>> user_partition(examples, OmegaConf.create({"partition": "balanced", "default_clients": 3}), 1).tolist()
+        [2, 3]
+    """
     partition = _require(cfg_data, "partition", "the data config")
     clients = _require(cfg_data, "default_clients", "the data config")
     if examples.given is not None or partition == "given":
-        return np.arange(len(held_examples(examples, cfg_data, user_idx)), dtype=np.int64)
+        return np.arange(len(_held_examples(examples, cfg_data, user_idx)), dtype=np.int64)
     indices = partition_indices(
         examples.labels,
         examples.num_classes,
@@ -168,9 +237,37 @@ def user_example_indices(
     examples: Examples, cfg_data: DictConfig, user_idx: int, num_data_points: int, seed: Optional[int] = None,
     order_key: Optional[jax.Array] = None, with_replacement: bool = False,
 ) -> np.ndarray:
-    """The first ``num_data_points`` examples of user ``user_idx`` under the data config's partition.
+    """The examples a user computes on: its first ``num_data_points`` under the data config's partition.
 
-    ``order_key`` (``impl.shuffle``): in a random order drawn from it, with replacement if asked.
+    Args:
+      examples: the split.
+      cfg_data: the data config.
+      user_idx: the user.
+      num_data_points: ``user.num_data_points``.
+      seed: seeds ``random-full`` (``partition_indices``).
+      order_key: ``impl.shuffle``: the user's examples in a random order drawn from this key;
+        ``None`` keeps the partition's order.
+      with_replacement: draw that order with replacement (``impl.sample_with_replacement``).
+
+    Returns:
+      ``num_data_points`` example indices, int64.
+
+    Raises:
+      DataError: as ``user_partition``, or the user holds fewer examples than asked for.
+
+    Example::
+
+        >>> import numpy as np
+        >>> from omegaconf import OmegaConf
+        >>> from fedjax_users.data.examples import Examples
+        >>> examples = Examples(stored=np.arange(6), labels=np.array([0, 1, 0, 1, 0, 1]), num_classes=2)
+        >>> cfg_data = OmegaConf.create({"name": "toy", "partition": "balanced", "default_clients": 3})
+        >>> user_example_indices(examples, cfg_data, 1, num_data_points=1).tolist()
+        [2]
+        >>> user_example_indices(examples, cfg_data, 1, num_data_points=3)
+        Traceback (most recent call last):
+        ...
+        fedjax_users.data.errors.DataError: user 1 has 2 examples under partition 'balanced', fewer than the 3 ...
     """
     indices = user_partition(examples, cfg_data, user_idx, seed)
     if len(indices) < num_data_points:
@@ -297,7 +394,7 @@ def _query_data(examples, cfg_data, user_cfg, impl, user_ids, partition_key, ord
 
     def one_user(position: int) -> tuple[np.ndarray, np.ndarray]:
         u = user_ids[position]
-        held = held_examples(examples, cfg_data, u)
+        held = _held_examples(examples, cfg_data, u)
         indices = user_example_indices(
             examples, cfg_data, u, user_cfg.num_data_points,
             _user_seed(partition_key, u) if seeded else None,
@@ -345,11 +442,22 @@ def _server_payloads(cfg_case: DictConfig, cfg_server: DictConfig, model, one_in
 
 
 def construct_users(cfg_case: DictConfig, key: Optional[jax.Array] = None, stream: bool = False) -> UsersCase:
-    """Build the case's model, server payloads and users' data (``key`` seeds the model and any draws).
+    """Build the case's model, server payloads and users' data (module docstring).
 
-    ``stream``: an aggregate's users are a ``fedjax_users.cohort.FunctionCohort`` that reads each
-    user's examples when ``fu.aggregate`` reaches its chunk, instead of every user's examples
-    stacked in memory (the same numbers; memory then follows the chunk, not the cohort).
+    Args:
+      cfg_case: the composed case (``load_case``).
+      key: seeds the model's initialisation and any draws (users chosen, partitions, orders);
+        ``None`` for ``jax.random.key(0)``.
+      stream: an aggregate's users are a ``fedjax_users.cohort.FunctionCohort`` that reads each
+        user's examples when ``fu.aggregate`` reaches its chunk, instead of every user's examples
+        stacked in memory (the same numbers; memory then follows the chunk, not the cohort).
+
+    Returns:
+      The :class:`UsersCase`.
+
+    Raises:
+      DataError: anything the case's data, model or server refuse (``CaseConfigError`` for the
+        config itself), in one line, before the model is built where it can be.
     """
     key = jax.random.key(0) if key is None else key
     init_key, choice_key, partition_key, order_key = jax.random.split(key, 4)

@@ -51,7 +51,11 @@ class CaseFile:
 
 
 def breaching_case_folder() -> Optional[str]:
-    """The installed breaching's ``config/case`` folder, or ``None`` when breaching is not installed."""
+    """The installed breaching's ``config/case`` folder, found without importing breaching.
+
+    Returns:
+      The folder, or ``None`` when breaching is not installed (or has no case files).
+    """
     try:
         spec = importlib.util.find_spec("breaching")
     except (ImportError, ValueError):  # a broken install, or a module named breaching without a spec
@@ -76,7 +80,16 @@ def _natural(name: str) -> tuple:
 
 
 def case_files() -> list[CaseFile]:
-    """Every case file a name can resolve to: the package's own, then breaching's (if installed)."""
+    """Every case file a name can resolve to.
+
+    Returns:
+      The package's own, then breaching's (if installed), each in breaching's numbering order.
+
+    Example::
+
+        >>> [(case.name, case.source) for case in case_files() if case.name == "default"]
+        [('default', 'fedjax_users')]
+    """
     return _cases_in(os.path.join(CONFIG_ROOT, "case"), BUNDLED) + _cases_in(breaching_case_folder(), BREACHING)
 
 
@@ -112,9 +125,19 @@ def resolve(case: Optional[str]) -> Optional[str]:
 
 
 def describe(entry: CaseFile) -> str:
-    """One line about a case: its model, data, user and number of users, from its composed config.
+    """One line about a case, from its composed config (``fedjax-users cases`` lists these).
 
-    A case that does not compose (a data config this package does not know, say) says why instead.
+    Args:
+      entry: the case file.
+
+    Returns:
+      Its model, data, user, examples and users; for a case that does not compose (a data config
+      this package does not know, say), why not.
+
+    Example::
+
+        >>> describe(next(case for case in case_files() if case.name == "default"))
+        'ConvNet on digits 3x32x32; local_update, 4 examples, 4 local steps'
     """
     try:
         cfg = load_case(entry.path)

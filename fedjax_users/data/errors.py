@@ -1,6 +1,16 @@
-"""The exception types for problems with user data or case configs."""
+"""The exception types for problems with user data or case configs.
+
+Example::
+
+    >>> from fedjax_users.config import ConfigError
+    >>> from fedjax_users.data.errors import CaseConfigError, DataError
+    >>> issubclass(CaseConfigError, DataError) and issubclass(CaseConfigError, ConfigError)
+    True
+"""
 
 from fedjax_users.config import ConfigError
+
+__all__ = ["CaseConfigError", "DataError"]
 
 
 class DataError(ValueError):

@@ -56,6 +56,8 @@ HF_SPLITS = {"training": "train", "validation": "validation", "test": "test"}  #
 COLUMNS = ("sentence", "label")
 OFFLINE = "nothing is downloaded"
 
+__all__ = ["CACHE_FOLDERS", "HF_SPLITS", "classification_ids", "cola", "find_split_files", "read_rows"]
+
 
 def _split_files(folder: str, split: str) -> list[str]:
     single = os.path.join(folder, f"{FILE_PREFIX}-{split}.arrow")
@@ -80,8 +82,16 @@ def find_split_files(path: str, split: str) -> list[str]:
 
     Example::
 
-        >>> import tempfile
-        >>> find_split_files(tempfile.mkdtemp(), "training")  # doctest: +ELLIPSIS
+        >>> import os, tempfile
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     cached = os.path.join(root, "glue", "cola", "1.0.0", "abc")  # datasets' cache layout
+        ...     os.makedirs(cached)
+        ...     for shard in ("00000", "00001"):
+        ...         open(os.path.join(cached, f"glue-train-{shard}-of-00002.arrow"), "w").close()
+        ...     [os.path.basename(f) for f in find_split_files(root, "training")]
+        ['glue-train-00000-of-00002.arrow', 'glue-train-00001-of-00002.arrow']
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     find_split_files(root, "training")
         Traceback (most recent call last):
         ...
         fedjax_users.data.errors.DataError: cola: no cached split 'train' under data.path=...
@@ -190,6 +200,14 @@ def cola(cfg_data, split: str, rows: Optional[tuple[list[str], np.ndarray]] = No
     Example (needs the cached split and tokenizer under ``data.path``)::
 
         cola(load_case("9_bert_training", ["data=cola"]).data, "training").given(0).stored  # int32 [1, 25]
+
+    The task is checked before anything is read::
+
+        >>> from omegaconf import OmegaConf
+        >>> cola(OmegaConf.create({"task": "masked-lm"}), "training")
+        Traceback (most recent call last):
+        ...
+        fedjax_users.data.errors.DataError: data cola is a classification dataset (...), got data.task='masked-lm'
     """
 
     if cfg_data.get("task") != "classification":

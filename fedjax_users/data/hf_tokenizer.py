@@ -15,6 +15,12 @@ from the same class with the same files. breaching's ``word-level`` tokenizer is
 breaching caches (``<data.path>/cache/word-tokenizer_<vocab_size>.json``) when it exists;
 generating it, and breaching's ``character`` tokenizer (``google/canine-c``, a Python tokenizer
 without a ``tokenizer.json``), are refused with one line.
+
+Example::
+
+    >>> from fedjax_users.data import hf_tokenizer
+    >>> hf_tokenizer.repo_id("GPT-2"), hf_tokenizer.repo_id("bert"), hf_tokenizer.repo_id("roberta-base")
+    ('gpt2', 'bert-base-uncased', 'roberta-base')
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from typing import Any, Optional, Sequence
 from fedjax_users.data.errors import DataError
 from fedjax_users.models import huggingface
 from fedjax_users.models.huggingface import cache_dirs
+
+__all__ = ["REPOS", "TextTokenizer", "find_snapshot", "load_tokenizer", "repo_id"]
 
 # breaching's own names and the repositories its ``_get_tokenizer`` loads; any other name is a repository.
 REPOS = {"bert": "bert-base-uncased", "GPT-2": "gpt2", "eleutherAI-GPT": "EleutherAI/gpt-neo-2.7B"}
@@ -43,9 +51,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "voc
 class TextTokenizer:
     """A tokenizer as breaching's ``_get_tokenizer`` leaves it (``[PAD]`` added), and where it was read.
 
-    ``vocab_size`` is breaching's ``tokenizer.vocab_size`` (added tokens excluded); ``num_tokens``
-    is ``len(tokenizer)``, every id it can produce (breaching's masked-lm collator draws its random
-    replacements below it). ``special_ids`` are the ids its masked-lm collator never selects.
+    Attributes:
+      name: breaching's tokenizer name (``data.tokenizer``).
+      source: the snapshot folder or file it was read from.
+      backend: the ``transformers`` tokenizer.
+      vocab_size: breaching's ``tokenizer.vocab_size`` (added tokens excluded).
+      num_tokens: ``len(tokenizer)``, every id it can produce (breaching's masked-lm collator
+        draws its random replacements below it).
+      special_ids: the ids its masked-lm collator never selects.
+      mask_token_id: its mask token, or ``None``.
+      pad_token_id: its pad token (``[PAD]``, added as breaching adds it).
     """
 
     name: str
@@ -58,14 +73,33 @@ class TextTokenizer:
     pad_token_id: int
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text, special tokens included (breaching's ``tokenizer(examples["text"])``)."""
+        """Token ids of each text, special tokens included (breaching's ``tokenizer(examples["text"])``).
+
+        Args:
+          texts: the texts.
+
+        Returns:
+          One list of ids per text.
+        """
         if not texts:
             return []
         return [list(ids) for ids in self.backend(list(texts))["input_ids"]]
 
 
 def repo_id(name: str) -> str:
-    """The Hugging Face repository breaching loads for tokenizer ``name``."""
+    """The Hugging Face repository breaching loads for a tokenizer name.
+
+    Args:
+      name: ``data.tokenizer``: one of breaching's names (``REPOS``) or a repository.
+
+    Returns:
+      The repository (``name`` itself when it is not one of breaching's).
+
+    Example::
+
+        >>> repo_id("eleutherAI-GPT")
+        'EleutherAI/gpt-neo-2.7B'
+    """
     return REPOS.get(name, name)
 
 
@@ -74,11 +108,33 @@ def _has_tokenizer(snapshot: str) -> bool:
 
 
 def find_snapshot(repo: str, dirs: Sequence[str]) -> Optional[str]:
-    """The snapshot folder holding ``repo``'s tokenizer in the first of the hub caches ``dirs`` with one, or ``None``."""
+    """Where a repository's tokenizer is in local hub caches.
+
+    Args:
+      repo: the repository (``repo_id``).
+      dirs: hub caches, searched in order.
+
+    Returns:
+      The snapshot folder (``models--<owner>--<name>/snapshots/<revision>/``, the revision
+      ``refs/main`` names, else the newest) holding a tokenizer file in the first cache with one,
+      or ``None``.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> with tempfile.TemporaryDirectory() as cache:
+        ...     snapshot = os.path.join(cache, "models--gpt2", "snapshots", "abc123")
+        ...     os.makedirs(snapshot)
+        ...     open(os.path.join(snapshot, "tokenizer.json"), "w").close()
+        ...     found = find_snapshot("gpt2", [cache])
+        ...     missing = find_snapshot("bert-base-uncased", [cache])
+        >>> os.path.basename(found), missing
+        ('abc123', None)
+    """
     return huggingface.find_snapshot(repo, dirs=dirs, holds=_has_tokenizer)
 
 
-def search_dirs(data_path: Optional[str], environ=None) -> list[str]:
+def _search_dirs(data_path: Optional[str], environ=None) -> list[str]:
     """Where a tokenizer is looked for: ``data.path`` (breaching's ``cache_dir``), then the user's hub caches."""
     dirs = [os.path.expanduser(data_path)] if data_path else []
     return list(dict.fromkeys(dirs + cache_dirs(environ)))
@@ -113,7 +169,7 @@ def _backend(name: str, data_path: Optional[str], vocab_size: Optional[int], env
             )
         loader, source = (lambda: transformers.PreTrainedTokenizerFast(tokenizer_file=file)), file
     else:
-        repo, dirs = repo_id(name), search_dirs(data_path, environ)
+        repo, dirs = repo_id(name), _search_dirs(data_path, environ)
         source = find_snapshot(repo, dirs)
         if source is None:
             alias = f" (Hugging Face {repo!r})" if repo != name else ""
@@ -132,7 +188,28 @@ def load_tokenizer(name: str, vocab_size: Optional[int], data_path: Optional[str
                    environ=None) -> TextTokenizer:
     """breaching's tokenizer ``name`` from a local cache, ``[PAD]`` added, its vocabulary checked.
 
-    ``environ`` (default ``os.environ``) supplies ``HF_HUB_CACHE`` / ``HF_HOME``.
+    Read with ``transformers``' ``AutoTokenizer`` from the snapshot folder (module docstring):
+    nothing is downloaded.
+
+    Args:
+      name: ``data.tokenizer`` (breaching's name, a repository, or ``word-level``).
+      vocab_size: ``data.vocab_size``, the base vocabulary breaching requires; ``None`` skips the check.
+      data_path: ``data.path``, searched first (breaching's ``cache_dir``).
+      environ: supplies ``HF_HUB_CACHE`` / ``HF_HOME`` (default ``os.environ``).
+
+    Returns:
+      The :class:`TextTokenizer`.
+
+    Raises:
+      DataError: a tokenizer not read here, ``transformers`` missing, no cached tokenizer (naming
+        where it looked), a damaged cache, or a vocabulary other than ``vocab_size``.
+
+    Example::
+
+        >>> load_tokenizer("character", vocab_size=None)
+        Traceback (most recent call last):
+        ...
+        fedjax_users.data.errors.DataError: data.tokenizer='character': breaching's character tokenizer ...
     """
     backend, source = _backend(str(name), data_path, vocab_size, environ)
     backend.add_special_tokens({"pad_token": PAD_TOKEN})

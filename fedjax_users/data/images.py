@@ -24,6 +24,20 @@ path computes it: ``Resize: s`` scales the shorter side to ``s`` (the longer to
 the centre (offsets ``round((size - crop) / 2)``), zero-padding an image smaller than the crop.
 Then ``ToTensor``'s ``/ 255`` in float32. breaching applies these validation transforms to every
 split (see fedjax_users.data.keys).
+
+Example::
+
+    >>> import os, tempfile
+    >>> from fedjax_users.data import images
+    >>> with tempfile.TemporaryDirectory() as root:
+    ...     for wnid, names in (("n01", ["b.JPEG", "a.JPEG"]), ("n02", ["c.png"])):
+    ...         os.makedirs(os.path.join(root, "val", wnid))
+    ...         for name in names:
+    ...             open(os.path.join(root, "val", wnid, name), "w").close()
+    ...     listing = images.list_imagenet(root, "validation")  # names only: nothing is opened
+    ...     files = [os.path.relpath(f, root) for f in listing.files]
+    >>> files, listing.labels.tolist(), listing.num_classes
+    (['val/n01/a.JPEG', 'val/n01/b.JPEG', 'val/n02/c.png'], [0, 0, 1], 2)
 """
 
 from __future__ import annotations
@@ -42,10 +56,27 @@ ANIMAL_CLASSES = 397  # breaching's ImageNetAnimals: the first 397 ImageNet clas
 IMAGENET_SPLITS = {"training": "train", "validation": "val"}
 TINY_FOLDER = "tiny-imagenet-200"
 
+__all__ = [
+    "ANIMAL_CLASSES",
+    "ImageListing",
+    "decode_image",
+    "image_decoder",
+    "list_birdsnap",
+    "list_imagenet",
+    "list_tiny_imagenet",
+    "parse_transforms",
+]
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageListing:
-    """A split as file paths, labels and the number of classes: nothing decoded."""
+    """A split as file paths, labels and the number of classes: nothing decoded.
+
+    Attributes:
+      files: the image files' paths (a NumPy array of ``str``).
+      labels: their labels, int64.
+      num_classes: the split's classes.
+    """
 
     files: np.ndarray  # str paths
     labels: np.ndarray  # int64
@@ -72,7 +103,30 @@ def _imagenet_layout_error(path: str, problem: str) -> DataError:
 
 
 def list_imagenet(path: str, split: str, max_classes: int | None = None) -> ImageListing:
-    """The ImageNet split under ``path`` (``max_classes``: keep labels below it, for ImageNetAnimals)."""
+    """The ImageNet split under ``path``, as torchvision's ``ImageFolder`` lists it (module docstring).
+
+    Args:
+      path: ``data.path``, holding ``train/`` and ``val/``.
+      split: ``training`` (``train/``) or ``validation`` (``val/``).
+      max_classes: keep the labels below it (ImageNetAnimals: ``ANIMAL_CLASSES``); ``None`` keeps all.
+
+    Returns:
+      The files, their labels (the sorted class folders' numbers) and the number of classes.
+
+    Raises:
+      DataError: no split folder, no class folders, or a class folder without images.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     for wnid in ("n01", "n02"):
+        ...         os.makedirs(os.path.join(root, "train", wnid))
+        ...         open(os.path.join(root, "train", wnid, "0.JPEG"), "w").close()
+        ...     animals = list_imagenet(root, "training", max_classes=1)
+        >>> animals.labels.tolist(), animals.num_classes
+        ([0], 1)
+    """
     root = os.path.expanduser(path)
     folder = os.path.join(root, IMAGENET_SPLITS[split])
     if not os.path.isdir(folder):
@@ -108,7 +162,35 @@ def _read_lines(file: str, what: str, path: str) -> list[str]:
 
 
 def list_tiny_imagenet(path: str, split: str) -> ImageListing:
-    """The TinyImageNet split under ``path`` (the extracted ``tiny-imagenet-200`` archive)."""
+    """The TinyImageNet split under ``path`` (the extracted ``tiny-imagenet-200`` archive).
+
+    Args:
+      path: ``data.path``, holding ``tiny-imagenet-200/``.
+      split: ``training`` (``train/<wnid>/images/``) or ``validation`` (``val/images/``, labelled
+        by ``val/val_annotations.txt``).
+
+    Returns:
+      The files in sorted path order, their labels (the class's place in the sorted
+      ``wnids.txt``) and the number of classes.
+
+    Raises:
+      DataError: ``wnids.txt`` or the annotations missing, no images, or an image of no listed class.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     tiny = os.path.join(root, "tiny-imagenet-200")
+        ...     os.makedirs(os.path.join(tiny, "val", "images"))
+        ...     with open(os.path.join(tiny, "wnids.txt"), "w") as wnids:
+        ...         _ = wnids.write("n02\\nn01\\n")
+        ...     with open(os.path.join(tiny, "val", "val_annotations.txt"), "w") as annotations:
+        ...         _ = annotations.write("val_0.JPEG\\tn02\\t0\\t0\\t63\\t63\\n")
+        ...     open(os.path.join(tiny, "val", "images", "val_0.JPEG"), "w").close()
+        ...     listing = list_tiny_imagenet(root, "validation")
+        >>> listing.labels.tolist(), listing.num_classes  # n02 is the second of the sorted classes
+        ([1], 2)
+    """
     root = os.path.join(os.path.expanduser(path), TINY_FOLDER)
     wnids = sorted(line.strip() for line in _read_lines(os.path.join(root, "wnids.txt"), "class list", path))
     number = {wnid: i for i, wnid in enumerate(wnids)}
@@ -187,7 +269,8 @@ def list_birdsnap(path: str) -> ImageListing:
     Example::
 
         >>> import tempfile
-        >>> list_birdsnap(tempfile.mkdtemp())  # doctest: +ELLIPSIS
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     list_birdsnap(root)
         Traceback (most recent call last):
         ...
         fedjax_users.data.errors.DataError: Birdsnap metadata not readable: .../birdsnap/species.txt ...
@@ -258,7 +341,23 @@ TRANSFORMS: dict[str, Callable] = {"Resize": _resize, "CenterCrop": _center_crop
 
 
 def parse_transforms(augmentations: Any) -> tuple[tuple[Callable, Any], ...]:
-    """``data.augmentations_val`` as ``((transform, size), ...)``, in order; others are errors."""
+    """``data.augmentations_val`` as the transforms to apply, in order.
+
+    Args:
+      augmentations: a mapping of transform name (``Resize``, ``CenterCrop``) to its size (an
+        int, or ``[height, width]``), or ``None``.
+
+    Returns:
+      ``((transform, size), ...)`` for ``decode_image``; empty for ``None``.
+
+    Raises:
+      DataError: not a mapping, another transform, or a size that is not positive.
+
+    Example::
+
+        >>> [(transform.__name__, size) for transform, size in parse_transforms({"Resize": 256, "CenterCrop": 224})]
+        [('_resize', 256), ('_center_crop', 224)]
+    """
     if augmentations is None:
         return ()
     if not hasattr(augmentations, "items"):
@@ -274,7 +373,29 @@ def parse_transforms(augmentations: Any) -> tuple[tuple[Callable, Any], ...]:
 
 
 def decode_image(file: str, transforms: tuple[tuple[Callable, Any], ...]) -> np.ndarray:
-    """One image file, RGB, transformed, as float32 HWC in [0, 1] (``ToTensor``'s scaling)."""
+    """One image file, RGB, transformed, as float32 HWC in [0, 1] (``ToTensor``'s scaling).
+
+    Args:
+      file: the image file (any format Pillow reads; a truncated one decodes what it holds).
+      transforms: ``parse_transforms``' result.
+
+    Returns:
+      ``[H, W, 3]`` float32 in [0, 1].
+
+    Raises:
+      DataError: the file cannot be decoded.
+
+    Example::
+
+        >>> import os, tempfile, numpy as np
+        >>> from PIL import Image
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     Image.fromarray(np.full((4, 6, 3), 255, np.uint8)).save(os.path.join(folder, "white.png"))
+        ...     transforms = parse_transforms({"Resize": 2, "CenterCrop": 2})
+        ...     image = decode_image(os.path.join(folder, "white.png"), transforms)
+        >>> image.shape, float(image.max())
+        ((2, 2, 3), 1.0)
+    """
     from PIL import Image, ImageFile, UnidentifiedImageError
 
     # As breaching (which sets this globally): a truncated file decodes what it holds.
@@ -293,7 +414,27 @@ def decode_image(file: str, transforms: tuple[tuple[Callable, Any], ...]) -> np.
 
 
 def image_decoder(transforms: tuple[tuple[Callable, Any], ...]) -> Callable[[np.ndarray], np.ndarray]:
-    """A decoder from an array of paths to a stacked NHWC float32 batch."""
+    """``Examples.decode`` for a folder of images.
+
+    Args:
+      transforms: ``parse_transforms``' result, applied to every image.
+
+    Returns:
+      ``decode(files) -> [N, H, W, 3]`` float32, each file through ``decode_image``; images of
+      different shapes are a ``DataError`` naming the transform that would make them one.
+
+    Example::
+
+        >>> import os, tempfile, numpy as np
+        >>> from PIL import Image
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     paths = [os.path.join(folder, f"{i}.png") for i in range(2)]
+        ...     for size, path in zip((4, 6), paths):
+        ...         Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(path)
+        ...     batch = image_decoder(parse_transforms({"Resize": 3}))(np.array(paths))
+        >>> batch.shape
+        (2, 3, 3, 3)
+    """
 
     def decode(files: np.ndarray) -> np.ndarray:
         images = [decode_image(str(f), transforms) for f in files]

@@ -6,6 +6,16 @@ users' data, the model, what the server sends or what the users compute) or ``NO
 depends on it). ``check_keys`` refuses any other key, so none that matters is ever dropped
 silently; ``not_applicable`` lists those present, for the run summary. ``user.*`` is checked by
 ``UserConfig.from_dict`` (every breaching user key is honoured). docs/cases.md has both lists.
+
+Example::
+
+    >>> from omegaconf import OmegaConf
+    >>> from fedjax_users.data import keys
+    >>> case = OmegaConf.create({"model": "lenet_zhu", "impl": {"dtype": "float", "benchmark": True},
+    ...                          "data": {"name": "digits", "batch_size": 128}})
+    >>> keys.check_keys(case)  # every key is known
+    >>> keys.not_applicable(case)
+    ('impl.benchmark', 'data.batch_size')
 """
 
 from __future__ import annotations
@@ -15,6 +25,8 @@ from typing import Any, Mapping
 from omegaconf import DictConfig
 
 from fedjax_users.data.errors import CaseConfigError
+
+__all__ = ["HONOURED", "NOT_APPLICABLE", "check_keys", "not_applicable", "num_queries"]
 
 HONOURED: Mapping[str, frozenset[str]] = {
     "": frozenset({"name", "model", "num_queries", "data", "impl", "server", "user"}),
@@ -47,7 +59,23 @@ def _keys(cfg: Any) -> list[str]:
 
 
 def check_keys(cfg_case: DictConfig) -> None:
-    """Raise ``CaseConfigError`` for a key neither honoured nor known to be not applicable."""
+    """Raise ``CaseConfigError`` for a key neither honoured nor known to be not applicable.
+
+    Args:
+      cfg_case: the composed case (its top level, ``impl``, ``server`` and ``data``; ``user`` is
+        checked by ``UserConfig.from_dict``).
+
+    Raises:
+      CaseConfigError: the first unknown key, dotted.
+
+    Example::
+
+        >>> from omegaconf import OmegaConf
+        >>> check_keys(OmegaConf.create({"data": {"nme": "digits"}}))
+        Traceback (most recent call last):
+        ...
+        fedjax_users.data.errors.CaseConfigError: unknown case key 'data.nme': it is neither read by fedjax-users ...
+    """
     for block in ("", "impl", "server", "data"):
         section = cfg_case if block == "" else cfg_case.get(block)
         known = HONOURED[block] | NOT_APPLICABLE.get(block, frozenset())
@@ -61,7 +89,20 @@ def check_keys(cfg_case: DictConfig) -> None:
 
 
 def not_applicable(cfg_case: DictConfig) -> tuple[str, ...]:
-    """The case's keys that only concern torch or breaching's machinery, dotted, in file order."""
+    """The case's keys that only concern torch or breaching's machinery (for the run summary).
+
+    Args:
+      cfg_case: the composed case.
+
+    Returns:
+      Those keys, dotted (``impl.benchmark``), block by block.
+
+    Example::
+
+        >>> from omegaconf import OmegaConf
+        >>> not_applicable(OmegaConf.create({"server": {"has_external_data": False}}))
+        ('server.has_external_data',)
+    """
     found = []
     for block, keys in NOT_APPLICABLE.items():
         section = cfg_case.get(block)
@@ -74,6 +115,21 @@ def num_queries(cfg_case: DictConfig) -> int:
 
     breaching's case files also set a top-level ``num_queries`` that nothing reads; when both are
     given and differ the case is ambiguous and refused rather than one silently winning.
+
+    Args:
+      cfg_case: the composed case.
+
+    Returns:
+      ``server.num_queries``, else the top-level ``num_queries``, else 1.
+
+    Raises:
+      CaseConfigError: both given and different, or not a positive integer.
+
+    Example::
+
+        >>> from omegaconf import OmegaConf
+        >>> num_queries(OmegaConf.create({"num_queries": 2, "server": {"num_queries": 2}}))
+        2
     """
     server = cfg_case.get("server") or {}
     queries = server.get("num_queries", cfg_case.get("num_queries", 1))

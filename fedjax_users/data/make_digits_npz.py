@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 
+__all__ = ["OUTPUT", "main"]
+
 OUTPUT = os.path.join(os.path.dirname(__file__), "digits.npz")
 
 

@@ -16,6 +16,14 @@ and ``none``. Where the reference is ill-defined we choose, and say so:
   ``user_idx > default_clients``, letting a nonexistent client number ``default_clients`` through.
 * ``mixup_freq`` is accepted because configs carry it, but the reference's selection never reads
   it (every user always gets pairs from both ends of the dataset), so neither does ours.
+
+Example::
+
+    >>> import numpy as np
+    >>> from fedjax_users.data.partition import partition_indices
+    >>> labels = np.array([0, 1, 0, 1, 0, 1, 2, 2, 2])
+    >>> partition_indices(labels, num_classes=3, partition="balanced", user_idx=0, default_clients=2).tolist()
+    [0, 1, 6]
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ import numpy as np
 
 from fedjax_users.data.errors import DataError
 
+__all__ = ["PARTITIONS", "RANDOM_PARTITION_SEED", "partition_indices", "torch_randperm"]
+
 PARTITIONS = ("balanced", "unique-class", "mixup", "feat_est", "random", "random-full", "none")
 LABEL_PARTITIONS = ("balanced", "unique-class", "feat_est")
 RANDOM_PARTITION_SEED = 233  # the reference's seed for ``random``
@@ -36,7 +46,23 @@ _TORCH_RANDPERM_32BIT_LIMIT = (2**32 - 1) // 20
 
 @functools.lru_cache(maxsize=8)  # every user of a ``random`` split slices the same permutation
 def torch_randperm(n: int, seed: int) -> np.ndarray:
-    """``torch.randperm(n, generator=torch.Generator().manual_seed(seed))``, computed with numpy (read-only)."""
+    """``torch.randperm(n, generator=torch.Generator().manual_seed(seed))``, computed with numpy.
+
+    Args:
+      n: the length of the permutation (below torch's 32-bit limit, about 2**32 / 20).
+      seed: the generator's seed.
+
+    Returns:
+      The permutation, int64 and read-only (cached: every user of a ``random`` split slices it).
+
+    Raises:
+      DataError: ``n`` at or past torch's 32-bit limit.
+
+    Example::
+
+        >>> torch_randperm(5, 233).tolist()  # torch.randperm(5, generator=torch.Generator().manual_seed(233))
+        [1, 4, 2, 0, 3]
+    """
     if n >= _TORCH_RANDPERM_32BIT_LIMIT:
         raise DataError(f"torch-compatible permutations are limited to {_TORCH_RANDPERM_32BIT_LIMIT - 1} examples")
     # Both torch's CPU generator and numpy's legacy RandomState are MT19937 seeded by init_genrand,
@@ -101,11 +127,35 @@ def partition_indices(
     target_label: int = 0,
     seed: Optional[int] = None,
 ) -> np.ndarray:
-    """Indices (int64, in the reference's order) of the examples user ``user_idx`` holds.
+    """The examples user ``user_idx`` holds under a partition (module docstring).
 
-    ``labels`` has one entry per example ([N], or [N, T] for token data, which only the
-    label-free partitions accept). ``num_data_points`` and ``target_label`` configure
-    ``feat_est``; ``seed`` (in ``[0, 2**32)``) seeds ``random-full``: give each user its own.
+    Args:
+      labels: one entry per example, ``[N]`` (or ``[N, T]`` for token data, which only the
+        label-free partitions accept).
+      num_classes: the dataset's classes.
+      partition: one of ``PARTITIONS`` (breaching's ``data.partition``).
+      user_idx: the user, ``0 <= user_idx < default_clients``.
+      default_clients: the number of users the dataset is split into.
+      mixup_freq: accepted and ignored, as the reference ignores it.
+      num_data_points: ``feat_est``'s examples per user.
+      target_label: ``feat_est``'s label.
+      seed: seeds ``random-full`` (in ``[0, 2**32)``): give each user its own; ``None`` draws one.
+
+    Returns:
+      The example indices, int64, in the reference's order.
+
+    Raises:
+      DataError: an unknown partition, a user outside the clients, labels a label partition
+        cannot read, or too many clients for ``balanced``.
+
+    Example::
+
+        >>> import numpy as np
+        >>> labels = np.array([0, 1, 0, 1, 0, 1, 2, 2, 2])
+        >>> partition_indices(labels, 3, "unique-class", user_idx=2, default_clients=3).tolist()
+        [6, 7, 8]
+        >>> partition_indices(labels, 3, "mixup", user_idx=1, default_clients=2).tolist()  # front and back in turn
+        [4, 4, 5, 3, 6, 2, 7, 1]
     """
     del mixup_freq  # see the module docstring: the reference's selection ignores it
     labels = np.asarray(labels)

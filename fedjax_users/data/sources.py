@@ -26,8 +26,17 @@ examples a user holds are ever converted to model inputs. Images decode to float
 * ``random-tokens``: ``cfg_data.size`` sequences of ``cfg_data.shape[0]`` uniform token ids below
   ``cfg_data.vocab_size``, seeded; the labels are the ids themselves, as breaching's causal-LM
   text data (``labels = input_ids``). With ``data.task=masked-lm`` the ids are drawn below
-  ``vocab_size - 1``, which is the mask token (``random_tokens_masking``), and every batch a user
-  takes is masked as breaching's collator masks it (fedjax_users.data.masking).
+  ``vocab_size - 1``, which is the mask token, and every batch a user takes is masked as
+  breaching's collator masks it (fedjax_users.data.masking).
+
+Example::
+
+    >>> from omegaconf import OmegaConf
+    >>> from fedjax_users.data.sources import load_examples
+    >>> digits = load_examples(OmegaConf.create({"name": "digits", "examples_from_split": "training", "size": 10}))
+    >>> inputs, labels = digits.take([0, 1])
+    >>> len(digits), inputs.shape, labels.tolist()
+    (10, (2, 32, 32, 3), [0, 1])
 """
 
 from __future__ import annotations
@@ -54,6 +63,22 @@ from fedjax_users.data.images import (
 )
 from fedjax_users.data.masking import collate_fn, masked_lm
 from fedjax_users.suggestions import did_you_mean
+
+__all__ = [
+    "CIFAR",
+    "EMBEDDED_DIGITS",
+    "SPLITS",
+    "CifarLayout",
+    "Examples",
+    "embedded_digits",
+    "load_examples",
+    "normalize",
+    "random_tokens",
+    "read_array_pickle",
+    "read_cifar",
+    "split_index",
+    "synthetic_images",
+]
 
 SPLITS = ("training", "validation")
 # breaching hands examples_from_split through to these datasets' own files, which have a test split too.
@@ -125,7 +150,31 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 
 
 def read_array_pickle(file: str) -> Any:
-    """Load a pickle of dicts, lists and numpy arrays (e.g. a CIFAR batch) without running code."""
+    """Load a pickle of dicts, lists and numpy arrays (e.g. a CIFAR batch) without running code.
+
+    Only NumPy's array and dtype reconstructors may be named by the pickle; any other global
+    (``os.system`` and friends) is refused.
+
+    Args:
+      file: the pickle (Python 2's, as CIFAR's batches, or Python 3's).
+
+    Returns:
+      What it holds.
+
+    Raises:
+      DataError: the file is missing, malformed, or names anything but arrays.
+
+    Example::
+
+        >>> import os, pickle, tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     with open(os.path.join(folder, "evil.pkl"), "wb") as handle:
+        ...         pickle.dump(os.getcwd, handle)
+        ...     read_array_pickle(os.path.join(folder, "evil.pkl"))
+        Traceback (most recent call last):
+        ...
+        fedjax_users.data.errors.DataError: malformed data file .../evil.pkl: UnpicklingError: refusing to load ...
+    """
     try:
         with open(file, "rb") as handle:
             # latin1 lets Python 2 byte strings (array buffers, dict keys) load as they were written.
@@ -138,7 +187,14 @@ def read_array_pickle(file: str) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class CifarLayout:
-    """Where a CIFAR python-version folder keeps each split and its labels."""
+    """Where a CIFAR python-version folder keeps each split and its labels.
+
+    Attributes:
+      folder: the folder's name (``cifar-10-batches-py``).
+      files: split -> its batch files, in order.
+      label_key: the batches' label entry (``labels`` or ``fine_labels``).
+      num_classes: the classes.
+    """
 
     folder: str
     files: Mapping[str, tuple[str, ...]]
@@ -182,7 +238,7 @@ def _unit_images_from_chw(stored: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / np.float32(255)
 
 
-def cifar_folder(path: str, name: str) -> str:
+def _cifar_folder(path: str, name: str) -> str:
     """The batches folder of CIFAR ``name`` under ``path`` (or ``path`` itself if it is that folder)."""
     root = os.path.expanduser(path)
     folder = CIFAR[name].folder
@@ -190,10 +246,35 @@ def cifar_folder(path: str, name: str) -> str:
 
 
 def read_cifar(path: str, name: str, split: str) -> Examples:
-    """CIFAR-10 (``name='CIFAR10'``) or CIFAR-100 from its python-version folder under ``path``."""
+    """CIFAR-10 or CIFAR-100 from its python-version folder, read without running pickled code.
+
+    Args:
+      path: ``data.path``: the folder holding ``cifar-10-batches-py`` / ``cifar-100-python``, or
+        that folder itself.
+      name: ``"CIFAR10"`` or ``"CIFAR100"``.
+      split: ``training`` (the data batches) or ``validation`` (the test batch).
+
+    Returns:
+      ``Examples`` of the stored rows; decoded to float32 ``[N, 32, 32, 3]`` in [0, 1].
+
+    Raises:
+      DataError: the folder or a batch missing or malformed, or labels outside the classes.
+
+    Example::
+
+        >>> import os, pickle, tempfile, numpy as np
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     os.makedirs(os.path.join(root, "cifar-10-batches-py"))
+        ...     with open(os.path.join(root, "cifar-10-batches-py", "test_batch"), "wb") as handle:
+        ...         pickle.dump({"data": np.zeros((2, 3072), np.uint8), "labels": [3, 5]}, handle)
+        ...     cifar = read_cifar(root, "CIFAR10", "validation")
+        >>> inputs, labels = cifar.take([1])
+        >>> inputs.shape, labels.tolist()
+        ((1, 32, 32, 3), [5])
+    """
     _check_split(split)
     layout = CIFAR[name]
-    folder = cifar_folder(path, name)
+    folder = _cifar_folder(path, name)
     if not os.path.isdir(folder):
         raise DataError(
             f"{name} data folder not found: {folder} (extract the python-version archive there; "
@@ -218,7 +299,20 @@ def _unit_images_from_digits(stored: np.ndarray) -> np.ndarray:
 
 
 def embedded_digits(split: str) -> Examples:
-    """The shipped 8x8 handwritten digits as 32x32x3 images (decoding: see the module docstring)."""
+    """The shipped 8x8 handwritten digits as 32x32x3 images (decoding: see the module docstring).
+
+    Args:
+      split: ``validation`` (the last 500 images) or ``training`` (the first 1,297).
+
+    Returns:
+      ``Examples`` of the stored 8x8 grey levels; decoded to float32 ``[N, 32, 32, 3]`` in [0, 1].
+
+    Example::
+
+        >>> digits = embedded_digits("validation")
+        >>> len(digits), digits.num_classes, digits.take([0])[0].shape
+        (500, 10, (1, 32, 32, 3))
+    """
     _check_split(split)
     with np.load(EMBEDDED_DIGITS) as archive:
         images, labels = archive["images"], archive["labels"].astype(np.int64)
@@ -232,10 +326,26 @@ def embedded_digits(split: str) -> Examples:
 
 
 def synthetic_images(size: int, shape: tuple[int, int, int], num_classes: int, seed) -> Examples:
-    """``size`` uniform [0, 1) images of CHW ``shape`` (decoded NHWC) with uniform labels.
+    """Uniform [0, 1) images with uniform labels, each drawn when it is taken.
 
     Each image is drawn from its own seed (``[*seed, index]``) when it is taken, so an ImageNet-size
     split costs its labels only.
+
+    Args:
+      size: the number of images.
+      shape: ``(channels, height, width)``, as breaching's configs give it.
+      num_classes: labels are drawn below it.
+      seed: an int or a sequence of ints (NumPy's seed).
+
+    Returns:
+      ``Examples`` whose stored rows are indices; decoded to float32 ``[N, height, width, channels]``.
+
+    Example::
+
+        >>> images = synthetic_images(4, (3, 8, 8), num_classes=10, seed=[0, 1])
+        >>> inputs, labels = images.take([1])
+        >>> inputs.shape, bool((inputs == images.take([1])[0]).all())  # the same draw every time
+        ((1, 8, 8, 3), True)
     """
     channels, height, width = shape
     seed = list(np.atleast_1d(seed))
@@ -250,15 +360,29 @@ def synthetic_images(size: int, shape: tuple[int, int, int], num_classes: int, s
 
 
 def random_tokens(size: int, seq_length: int, vocab_size: int, seed: int, collate=None) -> Examples:
-    """``size`` sequences of uniform token ids below ``vocab_size``; labels are the ids (causal language modelling).
+    """Sequences of uniform token ids; labels are the ids (causal language modelling).
 
-    ``collate``: ``Examples.collate`` (masked-lm masking), else ``None``.
+    Args:
+      size: the number of sequences.
+      seq_length: tokens per sequence.
+      vocab_size: ids are drawn below it.
+      seed: NumPy's seed.
+      collate: ``Examples.collate`` (masked-lm masking), else ``None``.
+
+    Returns:
+      ``Examples`` of int32 ``[size, seq_length]`` ids, labels a copy of them.
+
+    Example::
+
+        >>> tokens = random_tokens(2, 5, vocab_size=10, seed=0)
+        >>> tokens.stored.shape, bool((tokens.labels == tokens.stored).all()), tokens.num_classes
+        ((2, 5), True, 10)
     """
     tokens = np.random.default_rng(seed).integers(0, vocab_size, size=(size, seq_length), dtype=np.int32)
     return Examples(stored=tokens, labels=tokens.copy(), num_classes=vocab_size, collate=collate)
 
 
-def random_tokens_masking(cfg_data, vocab_size: int) -> Callable:
+def _random_tokens_masking(cfg_data, vocab_size: int) -> Callable:
     """The masked-lm collate of random tokens: mask token ``vocab_size - 1``, no other special token."""
     return collate_fn(masked_lm(cfg_data, mask_token_id=vocab_size - 1, num_tokens=vocab_size))
 
@@ -298,7 +422,7 @@ def _load_random_tokens(cfg_data, split: str) -> Examples:
     if vocab_size < 2:
         raise DataError("masked-lm random-tokens need data.vocab_size >= 2 (the last id is the mask token)")
     # The last id is kept for the mask token, so a masked position is never an ordinary token.
-    drawn = random_tokens(size, int(shape[0]), vocab_size - 1, seed, random_tokens_masking(cfg_data, vocab_size))
+    drawn = random_tokens(size, int(shape[0]), vocab_size - 1, seed, _random_tokens_masking(cfg_data, vocab_size))
     return dataclasses.replace(drawn, num_classes=vocab_size)
 
 
@@ -344,7 +468,27 @@ SOURCES: dict[str, Callable[[Any, str], Examples]] = {
 
 
 def load_examples(cfg_data) -> Examples:
-    """The ``cfg_data.examples_from_split`` split of dataset ``cfg_data.name``, cut to ``cfg_data.size``."""
+    """The split a data config names, from the source its ``name`` names (module docstring).
+
+    Args:
+      cfg_data: the case's data config: ``name``, ``examples_from_split`` (default ``validation``),
+        ``size`` (a cut of the split, before partitioning) and what the source reads (``path``,
+        ``shape``, ``seed``, ...).
+
+    Returns:
+      The split's ``Examples``, its first ``size`` when ``size`` is set.
+
+    Raises:
+      DataError: an unknown dataset (with the closest names) or split, or what the source refuses.
+
+    Example::
+
+        >>> from omegaconf import OmegaConf
+        >>> load_examples(OmegaConf.create({"name": "digit", "examples_from_split": "training"}))
+        Traceback (most recent call last):
+        ...
+        fedjax_users.data.errors.DataError: unknown dataset 'digit'; did you mean 'digits'? known datasets: ...
+    """
     name = cfg_data.get("name")
     if name not in SOURCES:
         hint = did_you_mean(str(name), SOURCES)
@@ -361,7 +505,25 @@ def load_examples(cfg_data) -> Examples:
 
 
 def normalize(images: np.ndarray, mean, std) -> np.ndarray:
-    """``(images - mean) / std`` per channel (last axis), as torchvision's ``Normalize``."""
+    """``(images - mean) / std`` per channel (last axis), as torchvision's ``Normalize``.
+
+    Args:
+      images: ``[..., channels]`` images in [0, 1].
+      mean: one value per channel (or one for all).
+      std: one value per channel (or one for all).
+
+    Returns:
+      The normalised images, float32.
+
+    Raises:
+      DataError: ``mean`` and ``std`` of other lengths than the channels.
+
+    Example::
+
+        >>> import numpy as np
+        >>> normalize(np.ones((1, 2, 2, 3), np.float32), [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])[0, 0, 0].tolist()
+        [2.0, 2.0, 2.0]
+    """
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     if mean.shape != std.shape or mean.ndim != 1 or mean.shape[0] not in (1, images.shape[-1]):
         raise DataError(

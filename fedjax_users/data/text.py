@@ -20,6 +20,13 @@ The pure steps (``line_articles``, ``group_blocks``) are checked against breachi
 ``given_text`` is the part every causal/masked-lm dataset shares once a user's texts are found
 (tokenizer, blocks, ``data.size``, masked-lm collator): wikitext's articles here, TensorFlow
 Federated's Shakespeare and StackOverflow clients in fedjax_users.data.tff.
+
+Example::
+
+    >>> from fedjax_users.data import text
+    >>> lines = [" = Valkyria = \\n", "", " Senjou no Valkyria 3 is a tactical role playing game .\\n"]
+    >>> text.line_articles(lines).tolist()  # the third line is user 0's (article 1)
+    [0, 0, 1]
 """
 
 from __future__ import annotations
@@ -49,12 +56,28 @@ MAP_BATCH = 1000  # datasets' Dataset.map batch size: breaching tokenizes and gr
 TASKS = ("causal-lm", "masked-lm")
 OFFLINE = "data=random_tokens runs this case offline"
 
+__all__ = [
+    "Corpus",
+    "find_corpus",
+    "given_text",
+    "group_blocks",
+    "line_articles",
+    "read_raw_lines",
+    "text_blocks",
+    "wikitext",
+]
+
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """Where a wikitext split is read: a raw ``wiki.*.tokens`` file or a ``datasets`` cache folder."""
+    """Where a wikitext split is read.
 
-    kind: str  # "raw" or "datasets"
+    Attributes:
+      kind: ``"raw"`` (a ``wiki.*.tokens`` file) or ``"datasets"`` (a ``datasets`` cache).
+      location: the file, or the cache's ``cache_dir``.
+    """
+
+    kind: str
     location: str
 
 
@@ -63,7 +86,31 @@ class Corpus:
 
 
 def find_corpus(path: str, split: str) -> Corpus:
-    """The local copy of wikitext-103-v1's ``split`` under ``path``; ``DataError`` naming what is missing."""
+    """The local copy of a wikitext-103-v1 split (module docstring).
+
+    Args:
+      path: ``data.path``.
+      split: ``training``, ``validation`` or ``test``.
+
+    Returns:
+      The raw file when the archive's files are there (in ``path/wikitext-103/`` or ``path``),
+      else the ``datasets`` cache.
+
+    Raises:
+      DataError: neither is there (naming where it looked), the raw folder lacks the split, or
+        the cache is there without the ``datasets`` package.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     os.makedirs(os.path.join(root, "wikitext-103"))
+        ...     open(os.path.join(root, "wikitext-103", "wiki.valid.tokens"), "w").close()
+        ...     corpus = find_corpus(root, "validation")
+        ...     where = os.path.relpath(corpus.location, root)
+        >>> corpus.kind, where
+        ('raw', 'wikitext-103/wiki.valid.tokens')
+    """
     if split not in RAW_FILES:
         raise DataError(f"unknown wikitext split {split!r}; expected one of {', '.join(RAW_FILES)}")
     for folder in (os.path.join(path, RAW_FOLDER), path):
@@ -89,7 +136,23 @@ def find_corpus(path: str, split: str) -> Corpus:
 
 
 def read_raw_lines(file: str) -> list[str]:
-    """The examples Hugging Face's wikitext builder makes of ``file``: every line with its newline, blank ones ``""``."""
+    """The examples Hugging Face's wikitext builder makes of a raw ``wiki.*.tokens`` file.
+
+    Args:
+      file: the raw file.
+
+    Returns:
+      Every line with its newline, blank ones as ``""``.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     with open(os.path.join(folder, "wiki.valid.tokens"), "w") as handle:
+        ...         _ = handle.write(" = Valkyria = \\n \\n A line .\\n")
+        ...     read_raw_lines(os.path.join(folder, "wiki.valid.tokens"))
+        [' = Valkyria = \\n', '', ' A line .\\n']
+    """
     with open(file, encoding="utf-8") as handle:
         return [line if line.strip() else "" for line in handle]
 
@@ -113,7 +176,7 @@ def _datasets_lines(cache_dir: str, split: str) -> list[str]:
         datasets.config.HF_DATASETS_OFFLINE, hub.HF_HUB_OFFLINE = saved
 
 
-def corpus_lines(corpus: Corpus, split: str) -> list[str]:
+def _corpus_lines(corpus: Corpus, split: str) -> list[str]:
     """The split's lines (breaching's ``raw_dataset["text"]``)."""
     return read_raw_lines(corpus.location) if corpus.kind == "raw" else _datasets_lines(corpus.location, split)
 
@@ -123,12 +186,26 @@ def corpus_lines(corpus: Corpus, split: str) -> list[str]:
 
 
 def line_articles(lines: Sequence[str], min_length: int = MIN_LENGTH) -> np.ndarray:
-    """Per line, ``1 +`` the index of the user whose data it is under breaching's article split, else 0.
+    """Which user each line belongs to under breaching's article split.
 
     As ``_split_wikipedia_into_articles``: a line with ``" = "`` and no ``" ; "`` (a table header)
     is a heading, never data, and counts as the next article if it has exactly two ``=`` and is
     shorter than ``MAX_HEADING``; other lines shorter than ``min_length`` are dropped; every other
     line belongs to the article counted last (none before the first heading).
+
+    Args:
+      lines: the split's lines, in corpus order.
+      min_length: the shortest line kept (breaching's ``min_length``).
+
+    Returns:
+      int64 ``[len(lines)]``: ``1 +`` the index of the user whose data the line is, else 0.
+
+    Example::
+
+        >>> lines = [" = First = \\n", " = = Section = = \\n", " A line of the first article, kept .\\n", " short\\n",
+        ...          " = Second = \\n", " A line of the second article, kept .\\n"]
+        >>> line_articles(lines).tolist()
+        [0, 0, 1, 0, 0, 2]
     """
     owners = np.zeros(len(lines), dtype=np.int64)
     article = 0
@@ -146,6 +223,21 @@ def group_blocks(token_lists: Sequence[Sequence[int]], block_size: int, batch: i
 
     Each batch is concatenated and cut into blocks of ``block_size``, its remainder dropped; a
     batch with fewer than ``block_size`` tokens is one shorter block.
+
+    Args:
+      token_lists: the tokenized lines, in order.
+      block_size: tokens per block (``data.shape[0]``).
+      batch: lines grouped at a time (``datasets``' ``Dataset.map`` batch size, as breaching's).
+
+    Returns:
+      The blocks, each a list of ids.
+
+    Example::
+
+        >>> group_blocks([[1, 2, 3], [4, 5], [6]], block_size=2)
+        [[1, 2], [3, 4], [5, 6]]
+        >>> group_blocks([[1, 2, 3], [4, 5], [6]], block_size=2, batch=2)  # [6] alone is a shorter block
+        [[1, 2], [3, 4], [6]]
     """
     blocks = []
     for start in range(0, len(token_lists), batch):
@@ -155,7 +247,7 @@ def group_blocks(token_lists: Sequence[Sequence[int]], block_size: int, batch: i
     return blocks
 
 
-def article_texts(lines: Sequence[str], owners: np.ndarray, user_idx: int) -> list[str]:
+def _article_texts(lines: Sequence[str], owners: np.ndarray, user_idx: int) -> list[str]:
     """User ``user_idx``'s lines under breaching's article split (``line_articles``), in corpus order."""
     mine = [lines[i] for i in np.flatnonzero(owners == user_idx + 1)]
     if not mine:
@@ -237,10 +329,18 @@ def given_text(cfg_data, dataset: str, locate: Callable[[], Callable[[int], Sequ
         DataError: an unknown task or shape; the files or the cached tokenizer missing (both
             named in one line); a vocabulary other than ``data.vocab_size``.
 
-    Example (needs a local corpus and tokenizer; see ``wikitext``)::
+    Example (reading a user's blocks needs a cached tokenizer under ``data.path``)::
 
         examples = given_text(cfg_data, "wikitext", lambda: lambda user: ["a line of the user"])
         examples.given(0).stored  # int32 [blocks, data.shape[0]]
+
+    The checks come first, before anything is read::
+
+        >>> from omegaconf import OmegaConf
+        >>> given_text(OmegaConf.create({"task": "classification"}), "wikitext", locate=lambda: None)
+        Traceback (most recent call last):
+        ...
+        fedjax_users.data.errors.DataError: data wikitext supports data.task causal-lm or masked-lm, got ...
     """
 
     task = cfg_data.get("task")
@@ -285,6 +385,9 @@ def wikitext(cfg_data, split: str):
     Returns:
         ``Examples`` with ``given(user)`` the ``user + 1``-th article's blocks.
 
+    Raises:
+      DataError: as ``given_text``; the corpus is read when the first user is asked for.
+
     Example (needs the corpus and a cached tokenizer under ``data.path``)::
 
         wikitext(cfg.data, "training").given(0).stored  # int32 [blocks, data.shape[0]]
@@ -297,9 +400,9 @@ def wikitext(cfg_data, split: str):
         # The corpus is read when the first user asks for its lines: after the tokenizer is found.
         @functools.lru_cache(maxsize=None)
         def corpus_and_owners() -> tuple[list[str], np.ndarray]:
-            lines = corpus_lines(corpus, split)
+            lines = _corpus_lines(corpus, split)
             return lines, line_articles(lines)
 
-        return lambda user_idx: article_texts(*corpus_and_owners(), user_idx)
+        return lambda user_idx: _article_texts(*corpus_and_owners(), user_idx)
 
     return given_text(cfg_data, "wikitext", locate)

@@ -41,6 +41,8 @@ from google.protobuf.message import DecodeError
 
 from fedjax_users.data.errors import DataError
 
+__all__ = ["BYTES", "Example", "FLOAT", "Feature", "INT64", "KINDS", "Value", "parse_fixed"]
+
 BYTES, FLOAT, INT64 = "bytes_list", "float_list", "int64_list"  # the names of Feature's oneof members
 KINDS = (BYTES, FLOAT, INT64)
 Value = Union[bytes, float, int]

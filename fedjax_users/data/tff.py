@@ -36,6 +36,30 @@ Example::
     >>> from fedjax_users.data import tff
     >>> tff.DATASETS["shakespeare"].splits["validation"], tff.DATASETS["stackoverflow"].splits["validation"]
     ('test', 'heldout')
+
+A database in TFF's layout, written here with two clients, read as breaching reads it::
+
+    >>> import os, sqlite3, tempfile
+    >>> from omegaconf import OmegaConf
+    >>> from fedjax_users.data.tf_example import Example
+    >>> with tempfile.TemporaryDirectory() as root:
+    ...     with sqlite3.connect(os.path.join(root, "shakespeare.sqlite")) as db:
+    ...         _ = db.execute("CREATE TABLE client_metadata (client_id, split_name, num_examples)")
+    ...         _ = db.execute("CREATE TABLE examples (split_name, client_id, serialized_example_proto)")
+    ...         for client, lines in (("ROMEO", [b"But soft", b"what light"]), ("JULIET", [b"O Romeo"])):
+    ...             _ = db.execute("INSERT INTO client_metadata VALUES (?, 'train', ?)", (client, len(lines)))
+    ...             for line in lines:
+    ...                 example = Example()
+    ...                 example.features.feature["snippets"].bytes_list.value.append(line)
+    ...                 row = ("train", client, example.SerializeToString())
+    ...                 _ = db.execute("INSERT INTO examples VALUES (?, ?, ?)", row)
+    ...     db.close()
+    ...     file = tff.find_database(root, tff.DATASETS["shakespeare"])
+    ...     clients = tff.client_ids(file, "train")
+    ...     romeo = tff.client_texts(file, tff.DATASETS["shakespeare"], "train", "ROMEO")
+    ...     juliet = tff.user_texts(OmegaConf.create({"path": root}), tff.DATASETS["shakespeare"], "training")()(1)
+    >>> clients, romeo, juliet
+    (['ROMEO', 'JULIET'], ['But soft', 'what light'], ['O Romeo'])
 """
 
 from __future__ import annotations
@@ -54,13 +78,19 @@ from fedjax_users.data.tf_example import BYTES, INT64, parse_fixed
 TABLES = ("examples", "client_metadata")
 EXAMPLE_COLUMNS = ("split_name", "client_id", "serialized_example_proto")
 
+__all__ = ["DATASETS", "SPLITS", "TffDataset", "client_ids", "client_texts", "find_database", "tff_text", "user_texts"]
+
 
 @dataclasses.dataclass(frozen=True)
 class TffDataset:
     """One of TFF's sqlite datasets as breaching reads it.
 
-    ``splits``: breaching's split name -> TFF's ``split_name``; ``features``: breaching's parse spec
-    (every feature required, one value each); ``text``: the feature that is a user's text.
+    Attributes:
+      name: breaching's dataset name (``data.name``).
+      file: the sqlite file's name under ``data.path``.
+      splits: breaching's split name -> TFF's ``split_name``.
+      features: breaching's parse spec: feature -> its kind (every feature required, one value each).
+      text: the feature that is a user's text.
     """
 
     name: str
@@ -108,6 +138,13 @@ def find_database(path: str, dataset: TffDataset) -> str:
     Raises:
         DataError: the file is missing (naming where it looked, and how to decompress TFF's
             ``.lzma`` if that is there), is not an sqlite database, or lacks TFF's tables.
+
+    Example (the module docstring reads a database written in the layout)::
+
+        >>> find_database("/no/such/folder", DATASETS["stackoverflow"])
+        Traceback (most recent call last):
+        ...
+        fedjax_users.data.errors.DataError: no /no/such/folder/stackoverflow.sqlite (TFF's ...
     """
     file = os.path.join(os.path.expanduser(path), dataset.file)
     if not os.path.isfile(file):
@@ -135,7 +172,10 @@ def client_ids(file: str, split_name: str) -> list[str]:
         split_name: TFF's split name (``train``, ``test``, ``heldout``).
 
     Returns:
-        The client ids as sqlite returns breaching's query, not sorted.
+        The client ids as sqlite returns breaching's query, not sorted (module docstring).
+
+    Raises:
+        DataError: a split name none of the datasets has.
     """
     if split_name not in {s for d in DATASETS.values() for s in d.splits.values()}:
         raise DataError(f"unknown TFF split {split_name!r}")
