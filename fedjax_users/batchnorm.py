@@ -26,7 +26,8 @@ Example::
     >>> from fedjax_users.batchnorm import BatchNorm
     >>> x = jnp.array([[1.0, 2.0], [3.0, 6.0]])
     >>> variables = BatchNorm().init(jax.random.key(0), x, train=False)
-    >>> _, updated = BatchNorm().apply(variables, x, train=True, mutable=["batch_stats"])
+    >>> train = jax.jit(lambda variables, x: BatchNorm().apply(variables, x, train=True, mutable=["batch_stats"]))
+    >>> _, updated = train(variables, x)
     >>> print(updated["batch_stats"]["var"])  # 0.9 * 1 + 0.1 * the unbiased variance [2, 8]
     [1.1 1.7]
 """

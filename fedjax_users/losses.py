@@ -9,10 +9,10 @@ step (masked rows) and a single example (per-example clipping) get the loss torc
 
 Example::
 
-    >>> import jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp
     >>> from fedjax_users import losses
-    >>> per_example = losses.softmax_cross_entropy(jnp.zeros((3, 4)), jnp.array([0, 1, 2]))
-    >>> float(losses.mean_loss(per_example)) == float(jnp.log(4.0))
+    >>> batch_loss = jax.jit(lambda logits, labels: losses.mean_loss(losses.softmax_cross_entropy(logits, labels)))
+    >>> float(batch_loss(jnp.zeros((3, 4)), jnp.array([0, 1, 2]))) == float(jnp.log(4.0))
     True
 """
 
@@ -99,8 +99,8 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
 
     Example::
 
-        >>> import jax.numpy as jnp
-        >>> softmax_cross_entropy(jnp.array([[0.0, 0.0], [10.0, -10.0]]), jnp.array([0, 0])).round(3)
+        >>> import jax, jax.numpy as jnp
+        >>> jax.jit(softmax_cross_entropy)(jnp.array([[0.0, 0.0], [10.0, -10.0]]), jnp.array([0, 0])).round(3)
         Array([0.693, 0.   ], dtype=float32)
     """
     chex.assert_rank(logits, 2)
@@ -122,8 +122,8 @@ def causal_lm_loss(logits: Array, labels: Array) -> Array:
 
     Example::
 
-        >>> import jax.numpy as jnp
-        >>> causal_lm_loss(jnp.zeros((2, 3, 4)), jnp.array([[1, 2, 3], [0, 1, 1]])).shape
+        >>> import jax, jax.numpy as jnp
+        >>> jax.jit(causal_lm_loss)(jnp.zeros((2, 3, 4)), jnp.array([[1, 2, 3], [0, 1, 1]])).shape
         (2,)
     """
     chex.assert_rank(logits, 3)
@@ -154,8 +154,8 @@ def masked_lm_loss(logits: Array, labels: Array) -> SummedLosses:
 
     Example::
 
-        >>> import jax.numpy as jnp
-        >>> summed = masked_lm_loss(jnp.zeros((2, 3, 4)), jnp.array([[1, 2, 3], [0, -100, -100]]))
+        >>> import jax, jax.numpy as jnp
+        >>> summed = jax.jit(masked_lm_loss)(jnp.zeros((2, 3, 4)), jnp.array([[1, 2, 3], [0, -100, -100]]))
         >>> summed.count.tolist()
         [3.0, 1.0]
     """

@@ -7,9 +7,10 @@ Example::
     >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([12.0])}
     >>> float(privacy.global_norm(grads))
     13.0
-    >>> clipped = privacy.clip_by_global_norm(grads, 1.0)
-    >>> noised = privacy.add_noise(jax.random.key(0), clipped, 0.01, "gaussian")
-    >>> jax.tree_util.tree_map(jnp.shape, noised)
+    >>> @jax.jit
+    ... def defended(key, grads):  # clipped to norm 1, then noised
+    ...     return privacy.add_noise(key, privacy.clip_by_global_norm(grads, 1.0), 0.01, "gaussian")
+    >>> jax.tree_util.tree_map(jnp.shape, defended(jax.random.key(0), grads))
     {'a': (2,), 'b': (1,)}
 """
 
@@ -139,7 +140,8 @@ def add_noise(key: Array, tree: PyTree, scale: float, distribution: str) -> PyTr
         >>> tree = {"w": jnp.zeros(3), "b": jnp.zeros(1)}
         >>> add_noise(jax.random.key(0), tree, 0.0, "gaussian") is tree
         True
-        >>> jax.tree_util.tree_map(jnp.shape, add_noise(jax.random.key(0), tree, 0.1, "gaussian"))
+        >>> noisy = jax.jit(lambda key, tree: add_noise(key, tree, 0.1, "gaussian"))
+        >>> jax.tree_util.tree_map(jnp.shape, noisy(jax.random.key(0), tree))
         {'b': (1,), 'w': (3,)}
     """
     if scale <= 0:

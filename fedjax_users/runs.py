@@ -152,6 +152,16 @@ def prepare(out: Optional[str], case_name: str, force: bool, root: str = ".") ->
 
     Raises:
       SharedFileError: ``out`` exists and ``force`` is off, or it cannot be written.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     open(os.path.join(folder, "summary.json"), "w").close()  # a run is there
+        ...     prepare(folder, "default", force=False)
+        Traceback (most recent call last):
+        ...
+        fedjax_users.io.SharedFileError: run folder ... already holds a run: name another --out, or add --force
     """
     from fedjax_users import io
 

@@ -36,6 +36,11 @@ def did_you_mean(name: str, known: Iterable[str], limit: int = 3, cutoff: float 
 
     Returns:
       The clause, or an empty string.
+
+    Example::
+
+        >>> did_you_mean("lenet_zhy", ["lenet_zhu", "ConvNet"])
+        "did you mean 'lenet_zhu'?"
     """
     spelled = {(k.lower() if ignore_case else k): k for k in sorted(set(known))}
     close = difflib.get_close_matches(name.lower() if ignore_case else name, list(spelled), n=limit, cutoff=cutoff)

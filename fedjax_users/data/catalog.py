@@ -106,6 +106,13 @@ def resolve(case: Optional[str]) -> Optional[str]:
     Raises:
       CaseConfigError: neither a file nor a known name; says the closest names and how to list
         them, and that breaching's cases need breaching installed when it is not.
+
+    Example::
+
+        >>> resolve("defualt")
+        Traceback (most recent call last):
+        ...
+        fedjax_users.data.errors.CaseConfigError: no case file or case named 'defualt'; did you mean 'default'? ...
     """
     if case is None or os.path.isfile(case):
         return case
