@@ -111,12 +111,13 @@ def class_problems(cls, name: str) -> list[str]:
     if _constructor_arguments(cls) and "Args:" not in doc and "Attributes:" not in doc:
         problems.append(f"{name}: no Args: or Attributes: section for its constructor")
     for attribute, value in vars(cls).items():
+        function = value.__func__ if isinstance(value, (classmethod, staticmethod)) else value
         # Methods written in the class body (not those a decorator adds, as flax.struct's replace).
-        written_here = inspect.isfunction(value) and value.__qualname__.startswith(f"{cls.__qualname__}.")
+        written_here = inspect.isfunction(function) and function.__qualname__.startswith(f"{cls.__qualname__}.")
         if attribute.startswith("_") or not written_here:
             continue
-        bound = not isinstance(inspect.getattr_static(cls, attribute), staticmethod)
-        problems += function_problems(getattr(cls, attribute), f"{name}.{attribute}", method=bound)
+        # The function as written: a method's and a classmethod's first parameter is bound.
+        problems += function_problems(function, f"{name}.{attribute}", method=not isinstance(value, staticmethod))
     return problems
 
 
@@ -191,11 +192,17 @@ def test_the_checker_finds_a_missing_section():
             """A number."""
             return 1
 
+        @classmethod
+        def build(cls, a):
+            """Made from ``a``."""
+            return cls(a)
+
     assert function_problems(documented, "documented") == []
     assert function_problems(no_returns, "no_returns") == ["no_returns: no Returns: section"]
     assert function_problems(no_args, "no_args") == ["no_args: no Args: section"]
     assert class_problems(Fields, "Fields") == [
-        "Fields: no Args: or Attributes: section for its constructor", "Fields.method: no Returns: section"]
+        "Fields: no Args: or Attributes: section for its constructor", "Fields.method: no Returns: section",
+        "Fields.build: no Args: section", "Fields.build: no Returns: section"]
 
 
 def test_the_package_documents_each_submodule():
