@@ -19,6 +19,7 @@ against breaching's own loader functions on tiny files in the real layouts (test
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -389,6 +390,16 @@ def test_cola_runs_from_the_cli(bert_folder, tiny_bert_hub, tmp_path, capsys):
     for leaf in jax.tree_util.tree_leaves(shared.gradients):
         assert np.all(np.isfinite(np.asarray(leaf)))
     assert np.any(classifier != 0) and np.any(words != 0)
+    # The torch update file lists the gradients under breaching's names, in its parameters() order.
+    from safetensors import safe_open
+
+    from parity.reference import hf_text_model
+
+    with safe_open(str(tmp_path / "cola.safetensors"), "np") as handle:
+        names = json.loads(handle.metadata()["gradients"])
+        np.testing.assert_array_equal(handle.get_tensor("classifier.weight"), classifier.T)
+    torch_model = hf_text_model("bert-base-uncased", bert_folder["vocab"], "classification")
+    assert names == [name.removeprefix("model.") for name, _ in torch_model.named_parameters()]
     # breaching's own text models predict a token a position: refused for one label a sentence, in one line.
     capsys.readouterr()
     code = cli.main(common + ["model=transformer3", "--out", str(tmp_path / "t.msgpack"), "--no-progress"])
