@@ -68,6 +68,12 @@ class BertArchitecture(hf_layers.Architecture):
         A saved config names its classes in ``id2label``; an explicit ``num_labels`` wins over it
         (transformers warns, and keeps ``num_labels``); neither leaves the default of 2.
 
+        Args:
+          config: a ``config.json``'s keys (others than the architecture's fields are not read).
+
+        Returns:
+          The architecture.
+
         Example::
 
             >>> BertArchitecture.from_dict({"id2label": {"0": "no", "1": "maybe", "2": "yes"}}).num_labels
