@@ -341,7 +341,7 @@ def _build_model(cfg_case: DictConfig, cfg_data: DictConfig, examples: Examples,
         # their [B, T, V] output against one label a sequence, and so would ours.
         raise DataError(
             f"model {name!r} is a language model: text classification (dataset {cfg_data.name!r}) needs a sequence "
-            f"classifier, breaching's AutoModelForSequenceClassification, which is not ported"
+            f"classifier, breaching's AutoModelForSequenceClassification (e.g. model=bert-base-uncased)"
         )
     try:
         return models.for_data(

@@ -25,9 +25,10 @@ wrote. ``pyarrow`` (about 55 MB) is not a dependency of fedjax_users: it is impo
 read, and its absence is one line naming ``pip install pyarrow``.
 
 Only the token ids reach the users: breaching's tokenizer also returns ``attention_mask`` and
-``token_type_ids``, which only a sequence classifier reads, and breaching's text models here are
-language models (its ``AutoModelForSequenceClassification`` is not ported; see
-fedjax_users.models.huggingface).
+``token_type_ids``, which breaching's users pass to the model with the ids. The model that reads
+them, the sequence classifier (``fedjax_users.models.bert.BertForSequenceClassification``),
+rebuilds both from the ids: the mask is false exactly at the padding token, and a single
+sentence's token types are zeros.
 
 Example::
 
