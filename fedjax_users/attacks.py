@@ -10,6 +10,11 @@ objective kept. Differentiating
 through the user itself means every step the user took (clipping, local SGD steps, BatchNorm
 modes) is part of the attacker's model of it; see ``docs/attacks.md``.
 
+The attack is one ``lax.scan`` over its steps, each step batched over the observations and
+restarts attacked together. On XLA:CPU the step's convolutions are rewritten into the form its
+Eigen kernels run (``fedjax_users.convolutions``): left as XLA compiles them inside a loop they
+made each step of the attack on lenet_zhu about twice as slow (docs/performance.md).
+
 ``python -m fedjax_users.attacks`` inverts a shipped digit image (``fedjax_users/data/digits.npz``)
 from a ``local_gradient`` and a 2-step ``local_update`` of ``lenet_zhu``, once with the user's true
 update and once with another image's, prints the PSNR of each reconstruction and writes the
@@ -32,8 +37,9 @@ import optax
 from matplotlib.figure import Figure
 
 import fedjax_users as fu
-from fedjax_users import models, plots, runs
+from fedjax_users import convolutions, models, plots, runs
 from fedjax_users.data.sources import embedded_digits
+from fedjax_users.strategy.cpu import is_cpu
 
 Array = jax.Array
 PyTree = Any
@@ -161,35 +167,57 @@ def _objective(update: UserUpdate, observed: PyTree, context: PyTree, config: At
     return objective
 
 
-@functools.partial(jax.jit, static_argnames=("update", "config", "shape"))
-def _invert(update: UserUpdate, observed: PyTree, context: PyTree, config: AttackConfig, shape: tuple[int, ...]):
-    """Every restart's final candidate and objective: ``[restarts, *shape]``, ``[restarts]``."""
-    objective = _objective(update, observed, context, config)
+def _step(update: UserUpdate, config: AttackConfig, optimizer: optax.GradientTransformation) -> Callable:
+    """One step of one restart on one observation: ``(observed, context, candidate, state) -> (candidate, state)``."""
+    lbfgs = config.optimizer == "lbfgs"
+
+    def step(observed: PyTree, context: PyTree, candidate: Array, state: PyTree) -> tuple[Array, PyTree]:
+        objective = _objective(update, observed, context, config)
+        # Evaluated afresh rather than read from L-BFGS's line search: boxing moves the point.
+        value, grad = jax.value_and_grad(objective)(candidate)
+        if lbfgs:
+            updates, state = optimizer.update(grad, state, candidate, value=value, grad=grad, value_fn=objective)
+        else:
+            grad = jnp.sign(grad) if config.signed else grad
+            updates, state = optimizer.update(grad, state, candidate)
+        candidate = optax.apply_updates(candidate, updates)
+        if config.boxed:  # as breaching's boxed attacks: the images stay in the data range
+            candidate = jnp.clip(candidate, 0.0, 1.0)
+        return candidate, state
+
+    return step
+
+
+@functools.partial(jax.jit, static_argnames=("update", "config", "shape", "context_axes", "rewrite"))
+def _invert_each(update: UserUpdate, observed: PyTree, context: PyTree, config: AttackConfig, shape: tuple[int, ...],
+                 context_axes: Any, rewrite: bool) -> tuple[Array, Array]:
+    """Every observation's every restart: final candidates ``[K, restarts, *shape]``, objectives ``[K, restarts]``.
+
+    One loop over the steps of a step batched over observations and restarts (not a batch of
+    loops), so that ``rewrite`` (``convolutions.canonical``) sees the batched program whose
+    convolutions run in the loop.
+    """
     # The default is a cosine decay, not breaching's tenfold drops at 3/8, 5/8 and 7/8 of the run:
     # it ended higher in the few-hundred-step runs tried for docs/attacks.md.
-    lbfgs = config.optimizer == "lbfgs"
-    optimizer = optax.lbfgs() if lbfgs else optax.adam(config.step_sizes())
-
-    def one_restart(start: Array) -> tuple[Array, Array]:
-        def step(carry, _):
-            candidate, state = carry
-            # Evaluated afresh rather than read from L-BFGS's line search: boxing moves the point.
-            value, grad = jax.value_and_grad(objective)(candidate)
-            if lbfgs:
-                updates, state = optimizer.update(grad, state, candidate, value=value, grad=grad, value_fn=objective)
-            else:
-                grad = jnp.sign(grad) if config.signed else grad
-                updates, state = optimizer.update(grad, state, candidate)
-            candidate = optax.apply_updates(candidate, updates)
-            if config.boxed:  # as breaching's boxed attacks: the images stay in the data range
-                candidate = jnp.clip(candidate, 0.0, 1.0)
-            return (candidate, state), value
-
-        (final, _), _ = jax.lax.scan(step, (start, optimizer.init(start)), None, length=config.steps)
-        return final, objective(final)
-
+    optimizer = optax.lbfgs() if config.optimizer == "lbfgs" else optax.adam(config.step_sizes())
+    restarts = jax.vmap(_step(update, config, optimizer), in_axes=(None, None, 0, 0))
+    step = jax.vmap(restarts, in_axes=(0, context_axes, 0, 0))
+    step = convolutions.canonical(step) if rewrite else step
+    count = jax.tree_util.tree_leaves(observed)[0].shape[0]
+    # Every observation starts from the same images: each is attacked as it would be alone.
     starts = jax.random.uniform(jax.random.key(config.seed), (config.restarts,) + shape)
-    return jax.vmap(one_restart)(starts)
+    starts = jnp.broadcast_to(starts, (count,) + starts.shape)
+    carry = (starts, jax.vmap(jax.vmap(optimizer.init))(starts))
+    (finals, _), _ = jax.lax.scan(lambda carry, _: (step(observed, context, *carry), None), carry, None,
+                                  length=config.steps)
+    value = lambda o, c, x: _objective(update, o, c, config)(x)
+    values = jax.vmap(jax.vmap(value, in_axes=(None, None, 0)), in_axes=(0, context_axes, 0))(observed, context, finals)
+    return finals, values
+
+
+def _rewrites() -> bool:
+    """Whether the attack's convolutions are rewritten (``convolutions.canonical``): on XLA:CPU, whose loops need it."""
+    return is_cpu()
 
 
 def invert(update: UserUpdate, observed: PyTree, context: PyTree, shape: Sequence[int],
@@ -200,17 +228,9 @@ def invert(update: UserUpdate, observed: PyTree, context: PyTree, shape: Sequenc
     ``lambda`` per call) and the attack compiles once for all observations of that shape. Returns
     the restart with the lowest objective (the attacker does not know the true images).
     """
-    finals, values = _invert(update, observed, context, config, tuple(shape))
-    return finals[jnp.argmin(values)]
-
-
-@functools.partial(jax.jit, static_argnames=("update", "config", "shape", "context_axes"))
-def _invert_each(update: UserUpdate, observed: PyTree, context: PyTree, config: AttackConfig,
-                 shape: tuple[int, ...], context_axes: Any):
-    finals, values = jax.vmap(lambda o, c: _invert(update, o, c, config, shape), in_axes=(0, context_axes))(
-        observed, context)
-    best = jnp.argmin(values, axis=1)
-    return jax.vmap(lambda f, b: f[b])(finals, best), jnp.min(values, axis=1)
+    one = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf)[None], observed)
+    finals, values = _invert_each(update, one, context, config, tuple(shape), None, _rewrites())
+    return finals[0, jnp.argmin(values[0])]
 
 
 def invert_each(update: UserUpdate, observed: PyTree, context: PyTree, shape: Sequence[int],
@@ -218,7 +238,9 @@ def invert_each(update: UserUpdate, observed: PyTree, context: PyTree, shape: Se
     """``invert`` of several observations at once, side by side under ``jax.vmap``.
 
     Every observation is attacked through the same ``update`` (one compile for all of them), from
-    the same starting images, as ``invert`` would attack it alone.
+    the same starting images, as ``invert`` would attack it alone; on XLA:CPU the convolutions of
+    observations and restarts that share the server's weights run as one batched convolution,
+    the others one per observation (``convolutions.canonical``).
 
     Args:
       update: the attacker's model of the user, as for ``invert``.
@@ -238,7 +260,9 @@ def invert_each(update: UserUpdate, observed: PyTree, context: PyTree, shape: Se
         recs, values = invert_each(update, stacked_observed, (params, stacked_labels), (1, 32, 32, 3),
                                    AttackConfig(steps=100), context_axes=(None, 0))
     """
-    return _invert_each(update, observed, context, config, tuple(shape), context_axes)
+    finals, values = _invert_each(update, observed, context, config, tuple(shape), context_axes, _rewrites())
+    best = jnp.argmin(values, axis=1)
+    return jax.vmap(lambda f, b: f[b])(finals, best), jnp.min(values, axis=1)
 
 
 # ----------------------------------------------------------------------------------------------
