@@ -106,7 +106,15 @@ class User:
         return isinstance(other, User) and self._computation() == other._computation()
 
     def replace(self, **changes: Any) -> "User":
-        """A copy with some fields changed, e.g. ``user.replace(cfg=cfg.replace(num_local_updates=2))``."""
+        """A copy with some fields changed.
+
+        Args:
+          **changes: new values of ``model``, ``cfg``, ``loss`` or ``strategy``, e.g.
+            ``user.replace(cfg=user.cfg.replace(num_local_updates=2))``.
+
+        Returns:
+          The new ``User``.
+        """
         return dataclasses.replace(self, **changes)
 
     def apply(self, params: PyTree, server_stats: Optional[PyTree], user_stats: PyTree, inputs: Array,
@@ -148,8 +156,14 @@ class User:
             labels: Array, key: Array) -> semantics.UserResult:
         """``apply``, jit-compiled once per input shape for every user equal to this one (pure).
 
-        Arguments and result as in ``apply``. An eager call of a clipping user takes XLA:CPU's
-        memory-optimized schedule where that pays (``fedjax_users.strategy.compilation``).
+        An eager call of a clipping user takes XLA:CPU's memory-optimized schedule where that pays
+        (``fedjax_users.strategy.compilation``).
+
+        Args:
+          params, server_stats, user_stats, inputs, labels, key: as in ``apply``.
+
+        Returns:
+          ``semantics.UserResult``, as ``apply``.
         """
         return _run(self, params, server_stats, user_stats, inputs, labels, key)
 
@@ -159,7 +173,10 @@ class User:
 
         The check is one fused reduction and one scalar to transfer: an eager call's finite check
         costs next to nothing, and only a failure pays for the diagnosis
-        (``fedjax_users.validation.check_outputs``). Arguments as in ``apply``.
+        (``fedjax_users.validation.check_outputs``).
+
+        Args:
+          params, server_stats, user_stats, inputs, labels, key: as in ``apply``.
 
         Returns:
           ``(result, all_finite)``, ``all_finite`` a boolean scalar array.
@@ -219,8 +236,14 @@ class User:
         return _sum_chunks(self, convs_as_matmuls, mesh, users_per_chunk, shared, users, valid, first, count)
 
     def one_of_many(self, convs_as_matmuls: bool) -> chunking.UserFn:
-        """One user of an aggregate as ``vmap`` runs it: ``(shared, inputs, labels, key, stats) ->
-        (update, (statistics, recorded inputs or None))``; also what sizes a chunk of users."""
+        """One user of an aggregate as ``vmap`` runs it; also what sizes a chunk of users.
+
+        Args:
+          convs_as_matmuls: run a multi-step user's convolutions as im2col matmuls.
+
+        Returns:
+          ``(shared, inputs, labels, key, stats) -> (update, (statistics, recorded inputs or None))``.
+        """
 
         def one_user(shared, inputs, labels, key, stats):
             result = self._apply((*shared, stats, inputs, labels, key), convs_as_matmuls)
@@ -282,7 +305,21 @@ def _step_indices(cfg: UserConfig) -> tuple[np.ndarray, Optional[np.ndarray]]:
 
 
 def all_finite(*trees: PyTree) -> Array:
-    """Whether every floating-point entry of ``trees`` is finite: one boolean scalar."""
+    """Whether every floating-point entry of ``trees`` is finite: one boolean scalar.
+
+    Args:
+      *trees: pytrees of arrays (integer leaves are ignored).
+
+    Returns:
+      A boolean scalar array, ``True`` for trees without floating-point leaves.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> from fedjax_users.user import all_finite
+        >>> bool(all_finite({"w": jnp.ones(2)}, [jnp.array([1.0, jnp.inf])]))
+        False
+    """
     leaves = [leaf for leaf in jax.tree_util.tree_leaves(trees) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])) if leaves else jnp.array(True)
 
@@ -309,4 +346,4 @@ def _sum_chunks(user: User, convs_as_matmuls: bool, mesh, size: int, shared, use
     )
 
 
-__all__ = ["User"]
+__all__ = ["User", "all_finite"]

@@ -29,6 +29,9 @@ from fedjax_users.strategy import Strategy, chunking, examples, sharding, stream
 from fedjax_users.user import User
 from fedjax_users.types import ServerPayload, SharedData, TrueUserData, UserData
 
+__all__ = ["aggregate", "choose_strategy", "compute", "initial_batch_stats", "local_gradient", "local_update",
+           "step_slices"]
+
 Array = jax.Array
 PyTree = Any
 
@@ -46,7 +49,22 @@ def _fresh_batch_stats(model, shape: tuple[int, ...], dtype) -> PyTree:
 
 
 def initial_batch_stats(model, example_inputs: Array) -> PyTree:
-    """The model's freshly initialised BatchNorm statistics (``{}`` when it has none)."""
+    """The model's freshly initialised BatchNorm statistics (``{}`` when it has none).
+
+    Args:
+      model: a Flax module.
+      example_inputs: inputs of the model's input shape (only their shape and dtype are read).
+
+    Returns:
+      The ``batch_stats`` collection of a fresh ``model.init``, computed once per model and shape.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> import fedjax_users as fu
+        >>> fu.users.initial_batch_stats(fu.models.get("linear", num_classes=3, num_channels=1), jnp.ones((1, 4, 4, 1)))
+        {}
+    """
     shape, dtype = (1,) + tuple(np.shape(example_inputs))[1:], jnp.asarray(example_inputs).dtype
     if "batch_stats" not in _variable_shapes(model, shape, dtype):
         return {}
@@ -111,11 +129,37 @@ def local_gradient(
 ) -> tuple[SharedData, TrueUserData, PyTree]:
     """breaching's ``UserSingleStep.compute_local_updates``: one (clipped, noised) gradient.
 
-    ``check_finite``: raise ``NonFiniteError`` for a non-finite gradient or statistic. ``None``
-    checks eager calls (one reduction) and not calls under an outer ``jit``; ``True`` under a
-    ``jit`` adds ``checkify.check``s (wrap the program in ``jax.experimental.checkify.checkify``);
-    ``False`` checks nothing, inputs included. See ``docs/validation.md``.
-    ``strategy``: how to run it (``fedjax_users.strategy.Strategy``; the numbers do not depend on it).
+    Args:
+      model: a Flax module of the zoo (``fedjax_users.models.get``).
+      payload: the server's parameters, and its BatchNorm buffers (eval mode with them) or
+        ``None`` (train mode with ``user_state``).
+      data: the user's ``[examples, ...]`` inputs and labels; the first ``cfg.num_data_points`` are used.
+      cfg: a ``local_gradient`` user config (clipping and noise in ``local_diff_privacy``).
+      key: the user's PRNG key (input noise, gradient noise).
+      user_state: the user's own BatchNorm statistics (default: freshly initialised).
+      loss: per-example loss ``(logits, labels)``.
+      check_finite: raise ``NonFiniteError`` for a non-finite gradient or statistic. ``None``
+        checks eager calls (decided in the compiled program) and not calls under an outer ``jit``;
+        ``True`` under a ``jit`` adds ``checkify.check``s (wrap the program in
+        ``jax.experimental.checkify.checkify``); ``False`` checks nothing, inputs included. See
+        ``docs/validation.md``.
+      strategy: how to run it (``fedjax_users.strategy.Strategy``; the numbers do not depend on it).
+
+    Returns:
+      ``(shared, true_data, user_state)``: what the server sees (``SharedData``), what the user
+      holds (``TrueUserData``) and its statistics after the query.
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp
+        >>> import fedjax_users as fu
+        >>> model = fu.models.get("linear", num_classes=3, num_channels=1)
+        >>> x, y = jnp.ones((2, 4, 4, 1)), jnp.array([0, 2])
+        >>> payload = fu.ServerPayload(params=model.init(jax.random.key(0), x)["params"])
+        >>> cfg = fu.UserConfig.from_yaml("local_gradient", overrides=["num_data_points=2"])
+        >>> shared, true_data, _ = fu.local_gradient(model, payload, fu.UserData(x, y), cfg, jax.random.key(1))
+        >>> shared.gradients["1"]["bias"].shape, true_data.labels.tolist()
+        ((3,), [0, 2])
     """
     return _one_user(model, payload, data, cfg, key, user_state, loss, "local_gradient", check_finite, strategy)
 
@@ -133,8 +177,30 @@ def local_update(
 ) -> tuple[SharedData, TrueUserData, PyTree]:
     """breaching's ``UserMultiStep.compute_local_updates``: local SGD, shares ``params - server params``.
 
-    ``check_finite`` as in ``local_gradient``; a non-finite result names the first local step
-    that went non-finite (found by re-running fewer steps, only on that error path).
+    Args:
+      model, payload, data, key, user_state, loss, strategy: as for ``local_gradient``.
+      cfg: a ``local_update`` user config (``num_local_updates`` steps of
+        ``num_data_per_local_update_step`` examples at ``local_learning_rate``).
+      check_finite: as for ``local_gradient``; a non-finite result names the first local step
+        that went non-finite (found by re-running fewer steps, only on that error path).
+
+    Returns:
+      ``(shared, true_data, user_state)`` as for ``local_gradient``, the update being the
+      parameter difference after the local steps.
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp
+        >>> import fedjax_users as fu
+        >>> model = fu.models.get("linear", num_classes=3, num_channels=1)
+        >>> x, y = jnp.ones((4, 4, 4, 1)), jnp.array([0, 2, 1, 1])
+        >>> payload = fu.ServerPayload(params=model.init(jax.random.key(0), x)["params"])
+        >>> cfg = fu.UserConfig(user_type="local_update", num_data_points=4, num_local_updates=2,
+        ...                     num_data_per_local_update_step=2, local_learning_rate=0.1,
+        ...                     provide_local_hyperparams=True)
+        >>> shared, _, _ = fu.local_update(model, payload, fu.UserData(x, y), cfg, jax.random.key(1))
+        >>> shared.metadata.local_hyperparams.steps
+        2
     """
     return _one_user(model, payload, data, cfg, key, user_state, loss, "local_update", check_finite, strategy)
 
@@ -270,23 +336,45 @@ def aggregate(
 ) -> tuple[SharedData, TrueUserData]:
     """breaching's ``MultiUserAggregate`` as intended: the mean of the users' shared updates.
 
-    ``users_data`` has a leading users axis, or is a ``fedjax_users.cohort.Cohort`` whose users are
-    read a chunk at a time (decoded ahead in background threads) with the same result bit for bit:
-    memory then follows the chunk, not the cohort, and ``true_data.data`` is ``None`` (the inputs
-    are the cohort's). ``checkpoint`` (``fedjax_users.strategy.streaming.Checkpoint``, a cohort
-    only) saves the running sum every few chunks and resumes from a folder that holds one. Users are ``local_update`` users if
-    ``num_local_updates > 1``, else ``local_gradient`` users. ``users_state`` (stacked per user)
-    are their own BatchNorm statistics, used when the server sends no buffers; the updated ones
-    come back in ``true_data.user_state``.
+    Users are ``local_update`` users if ``num_local_updates > 1``, else ``local_gradient`` users.
+    How they run is ``strategy``: the devices the users axis is split over (default every device,
+    of every host after ``jax.distributed.initialize``), the users each device runs at a time,
+    im2col convolutions for multi-step users, a user's examples a chunk at a time when one user
+    would not fit; its open fields are chosen by ``fedjax_users.strategy.choose``, and
+    ``fu.choose_strategy`` says what a call would use.
 
-    How the users run is ``strategy`` (``fedjax_users.strategy.Strategy``): the devices the users
-    axis is split over (default every device, of every host after ``jax.distributed.initialize``),
-    the users each device runs at a time, im2col convolutions for multi-step users; its open fields
-    are chosen by ``fedjax_users.strategy.choose``; ``fu.choose_strategy`` says what a call would use.
-    ``progress(users done, users)`` is called on the host as chunks finish (for example
-    ``fedjax_users.progress.Progress().counter("users")``); it is not called under an outer ``jit``.
-    ``check_finite`` as in ``local_gradient``; a non-finite mean names the first user whose own
-    update is non-finite, and its local step (found only on that error path).
+    Args:
+      model, payload, key, loss, strategy: as for ``local_gradient`` (one key for the cohort,
+        split into one per user).
+      users_data: stacked ``[users, examples, ...]`` inputs and labels, or a
+        ``fedjax_users.cohort.Cohort``, whose users are read a chunk at a time (decoded ahead in
+        background threads) with the same result bit for bit: memory then follows the chunk, not
+        the cohort, and ``true_data.data`` is ``None`` (the inputs are the cohort's).
+      cfg: a ``multiuser_aggregate`` config (or one of the single-user kinds: every user is then one).
+      users_state: the users' own BatchNorm statistics, stacked per user, used when the server
+        sends no buffers.
+      progress: ``progress(users done, users)``, called on the host as chunks finish (e.g.
+        ``fedjax_users.progress.Progress().counter("users")``); not called under an outer ``jit``.
+      check_finite: as for ``local_gradient``; a non-finite mean names the first user whose own
+        update is non-finite, and its local step (found only on that error path).
+      checkpoint: a ``fedjax_users.strategy.streaming.Checkpoint`` (a cohort only): the running sum
+        saved every few chunks, resumed from a folder that holds one.
+
+    Returns:
+      ``(shared, true_data)``: the mean update with the aggregate's metadata, and what the users
+      hold (their updated statistics in ``true_data.user_state``).
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp
+        >>> import fedjax_users as fu
+        >>> model = fu.models.get("linear", num_classes=3, num_channels=1)
+        >>> x, y = jnp.ones((3, 2, 4, 4, 1)), jnp.array([[0, 2], [1, 1], [2, 0]])
+        >>> payload = fu.ServerPayload(params=model.init(jax.random.key(0), x[0])["params"])
+        >>> cfg = fu.UserConfig(user_type="multiuser_aggregate", num_data_points=2, user_range=(0, 3))
+        >>> shared, _ = fu.aggregate(model, payload, fu.UserData(x, y), cfg, jax.random.key(1))
+        >>> shared.metadata.num_users
+        3
     """
     streamed = isinstance(users_data, Cohort)
     # A cohort is checked on its first user (shapes, dtypes, labels), each chunk as it loads.

@@ -35,6 +35,9 @@ CURATED = (
     "fedjax_users.data.text",
     "fedjax_users.data.tf_example",
     "fedjax_users.data.tff",
+    "fedjax_users.interop.breaching",
+    "fedjax_users.interop.parity_check",
+    "fedjax_users.interop.state_dict",
     "fedjax_users.io",
     "fedjax_users.losses",
     "fedjax_users.models",
@@ -43,11 +46,14 @@ CURATED = (
     "fedjax_users.progress",
     "fedjax_users.runs",
     "fedjax_users.strategy.cpu",
+    "fedjax_users.strategy.examples",
     "fedjax_users.strategy.patches",
     "fedjax_users.strategy.sharding",
     "fedjax_users.strategy.streaming",
     "fedjax_users.suggestions",
     "fedjax_users.types",
+    "fedjax_users.user",
+    "fedjax_users.users",
 )
 
 

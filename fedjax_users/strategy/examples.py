@@ -99,7 +99,16 @@ def _chunked_sums(model, loss_fn: LossFn, params: PyTree, stats: PyTree, inputs:
 
 
 def chunkable(multi_step: bool, dp: LocalDiffPrivacy, eval_mode: bool) -> bool:
-    """Whether a user's examples may run in chunks here: an unclipped single-step user in eval mode."""
+    """Whether a user's examples may run in chunks here: an unclipped single-step user in eval mode.
+
+    Args:
+      multi_step: whether the user takes several local steps.
+      dp: its local differential privacy settings.
+      eval_mode: whether the server sends BatchNorm buffers (no batch statistics couple the examples).
+
+    Returns:
+      Whether ``chunked_single_step_loss`` may replace ``semantics.single_step_loss`` for it.
+    """
     return not multi_step and dp.per_example_clipping <= 0 and eval_mode
 
 
