@@ -92,6 +92,8 @@ def _numpy_convolution(x, w, strides, padding, lhs_dilation, rhs_dilation):
     ((5, 5), (8, 8), (1, 1), ((12, 13), (12, 13)), (1, 1), (2, 2)),  # swapped: more taps than positions
     ((4, 4), (5, 5), (1, 1), ((3, 2), (3, 2)), (2, 2), (1, 1)),  # swapped, the input dilated
     ((3, 4), (6, 5), (2, 1), ((4, 3), (2, 5)), (1, 2), (1, 1)),  # swapped, strided
+    ((16, 16), (8, 8), (1, 1), ((2, 1), (2, 1)), (1, 1), (2, 2)),  # a kernel gradient: by gathered windows
+    ((7, 9), (4, 5), (2, 1), ((1, -1), (0, 2)), (2, 1), (1, 2)),  # gathered windows, strided and dilated
     ((8, 8), (2, 3), (1, 1), ((-6, 0), (-5, 1)), (1, 1), (1, 1)),  # negative padding: XLA:CPU gets it wrong
     ((6, 7), (3, 2), (1, 2), ((-2, 3), (1, -1)), (2, 1), (1, 2)),  # negative padding, dilated
 ])
