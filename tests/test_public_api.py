@@ -45,6 +45,7 @@ CURATED = (
     "fedjax_users.privacy",
     "fedjax_users.progress",
     "fedjax_users.runs",
+    "fedjax_users.strategy",
     "fedjax_users.strategy.cpu",
     "fedjax_users.strategy.examples",
     "fedjax_users.strategy.patches",
@@ -54,6 +55,7 @@ CURATED = (
     "fedjax_users.types",
     "fedjax_users.user",
     "fedjax_users.users",
+    "fedjax_users.validation",
 )
 
 

@@ -29,7 +29,22 @@ from fedjax_users.strategy.compilation import compiler_options, jit
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
-    """How users run; ``None`` fields are chosen by ``choose`` (see each field)."""
+    """How users run; ``None`` fields are chosen by ``choose`` (the comment above each field says how).
+
+    Attributes:
+      devices: the devices an aggregate's users axis is split over.
+      users_per_chunk: users each device runs at a time in an aggregate.
+      per_user_convs: an aggregate's multi-step users run their convolutions as im2col matmuls.
+      fast_clipping: per-example clipping forms kernel gradients from layer inputs and cotangents.
+      examples_per_chunk: examples a user runs at a time where its examples are independent.
+      max_unrolled_steps: local steps up to this many are unrolled, longer schedules scanned.
+
+    Example::
+
+        >>> from fedjax_users.strategy import Strategy
+        >>> Strategy(users_per_chunk=4).replace(examples_per_chunk=100).examples_per_chunk
+        100
+    """
 
     # The devices the users axis of an aggregate is split over; None: ``jax.devices()``.
     devices: Optional[tuple[jax.Device, ...]] = None
@@ -71,7 +86,14 @@ class Strategy:
         return platform_of(self.devices)
 
     def replace(self, **changes) -> "Strategy":
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again).
+
+        Args:
+          **changes: new values of fields.
+
+        Returns:
+          The new ``Strategy``.
+        """
         return dataclasses.replace(self, **changes)
 
 
