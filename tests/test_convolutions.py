@@ -94,6 +94,9 @@ def _numpy_convolution(x, w, strides, padding, lhs_dilation, rhs_dilation):
     ((3, 4), (6, 5), (2, 1), ((4, 3), (2, 5)), (1, 2), (1, 1)),  # swapped, strided
     ((16, 16), (8, 8), (1, 1), ((2, 1), (2, 1)), (1, 1), (2, 2)),  # a kernel gradient: by gathered windows
     ((7, 9), (4, 5), (2, 1), ((1, -1), (0, 2)), (2, 1), (1, 2)),  # gathered windows, strided and dilated
+    ((8, 8), (5, 5), (1, 1), ((2, 3), (2, 3)), (2, 2), (1, 1)),  # a strided layer's input gradient
+    ((7, 6), (4, 3), (1, 1), ((1, 2), (3, -1)), (3, 2), (1, 1)),  # an input gradient, odd sizes
+    ((3, 3), (2, 2), (1, 1), ((0, 0), (1, 1)), (3, 3), (1, 1)),  # an input gradient, a dilation wider than the kernel
     ((8, 8), (2, 3), (1, 1), ((-6, 0), (-5, 1)), (1, 1), (1, 1)),  # negative padding: XLA:CPU gets it wrong
     ((6, 7), (3, 2), (1, 2), ((-2, 3), (1, -1)), (2, 1), (1, 2)),  # negative padding, dilated
 ])
