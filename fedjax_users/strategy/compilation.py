@@ -44,9 +44,19 @@ def tracing(*trees: Any) -> bool:
     True under a staging trace (``jit``, ``eval_shape``: there even a fresh constant is a tracer)
     or when any leaf of ``trees`` is a tracer (``vmap``, ``grad`` and friends trace the arguments).
     """
-    if isinstance(jnp.zeros(()), jax.core.Tracer):
+    if not _at_top_level():
         return True
     return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
+
+
+def _at_top_level() -> bool:
+    """No JAX trace is on: JAX's own trace state where this JAX has it (0.2 us), else whether a
+    fresh constant comes out a tracer (70 us: an op dispatched on every eager user call)."""
+    try:
+        from jax._src.core import trace_state_clean  # not public: checked, with the fallback below
+    except ImportError:
+        return not isinstance(jnp.zeros(()), jax.core.Tracer)
+    return trace_state_clean()
 
 
 def signature(args: tuple, kwargs: Optional[dict] = None) -> Hashable:

@@ -101,7 +101,9 @@ def validate_data(model: nn.Module, payload: ServerPayload, data: UserData, cfg:
     check_label_shape(model, example_shape, dtype, labels, loss, name, lead=axis + 1)
     # Only the first num_data_points examples of each user are used, so only they must be valid.
     used = (slice(None),) * axis + (slice(None, cfg.num_data_points),)
-    used_inputs, used_labels = inputs[used], labels[used]
+    # No slicing op dispatched when every example is used (the common call, checked eagerly each time).
+    all_used = np.shape(inputs)[axis] == cfg.num_data_points and np.shape(labels)[axis] == cfg.num_data_points
+    used_inputs, used_labels = (inputs, labels) if all_used else (inputs[used], labels[used])
     if is_concrete(used_inputs, used_labels):
         check_label_values(model, example_shape, dtype, used_inputs, used_labels, name, lead=axis + 1, loss=loss)
     if check_finite is not False and on_host(used_inputs, payload, state):
