@@ -72,6 +72,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--side-by-side", type=int, default=4, help="observations attacked at once (K)")
     parser.add_argument("--seed", type=int, default=0, help="the case's seed (its weights), as fedjax-users evaluate --seed")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (each contender once per round)")
+    parser.add_argument("--torch-threads", type=int, nargs="+", default=[0, 1],
+                        help="breaching's runs: torch's threads in each (0: torch's default)")
     args = parser.parse_args(argv)
 
     cfg_case = load_case(None, list(OVERRIDES))
@@ -147,7 +149,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "jax, evaluate's settings": (own, 1, True),
         f"jax, evaluate's settings, {k} side by side": (own, k, True),
     }
-    breaching_runs = {"breaching": None, "breaching, 1 torch thread": 1}  # name: torch threads (None: default)
+    breaching_runs = {("breaching" if n == 0 else f"breaching, {n} torch thread{'s' * (n > 1)}"): n or None
+                      for n in args.torch_threads}  # name: torch's threads (None: its default)
     contenders = {**{name: functools.partial(breaching_attack, name=name, threads=n) for name, n in breaching_runs.items()},
                   **{name: functools.partial(jax_attack, name, *run) for name, run in jax_runs.items()}}
     cpu = {name: [] for name in contenders}
@@ -167,24 +170,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs")
     print(f"a random image scores {float(evaluate.psnr(jax.random.uniform(jax.random.key(0), truth.shape), truth)[0]):.2f} dB")
     width = max(map(len, contenders)) + 2
+    versus = {b: "speed-up" if n is None else f"vs {n} thread{'s' * (n > 1)}" for b, n in breaching_runs.items()}
     print(f"{'attack':<{width}}{'PSNR (dB)':>10}{'SSIM':>7}{'label':>7}{'per defence (s)':>17}{'ms/iteration':>14}"
-          f"{'cores':>7}{'speed-up':>10}{'vs 1 thread':>13}")
+          f"{'cores':>7}" + "".join(f"{v:>13}" for v in versus.values()))
     share = {name: jax_runs[name][1] if name in jax_runs else 1 for name in contenders}
     rounds = {name: np.asarray(m.times_s) / share[name] for name, m in measured.items()}
     for name, times in rounds.items():
         if name in breaching_runs:
             rec = found[name]["data"].permute(0, 2, 3, 1).numpy() * np.asarray(std) + np.asarray(mean)
-            used, speed_up = int(found[name]["labels"][0]), ("", "")
+            used, speed_up = int(found[name]["labels"][0]), [""] * len(breaching_runs)
         else:
             rec, used = found[name], int(label[0])
-            speed_up = tuple(f"{np.median(rounds[b] / times):.1f}x" for b in breaching_runs)
+            speed_up = [f"{np.median(rounds[b] / times):.1f}x" for b in breaching_runs]
         cores = np.median(np.asarray(cpu[name][2::2]) / share[name] / times)  # the timed calls: every second after the first
         print(f"{name:<{width}}{float(evaluate.psnr(rec, truth)[0]):>10.2f}{float(evaluate.ssim(rec, truth)[0]):>7.3f}"
               f"{used:>7}{np.median(times):>17.3f}{1e3 * np.median(times) / args.iterations:>14.3f}{cores:>7.2f}"
-              f"{speed_up[0]:>10}{speed_up[1]:>13}")
+              + "".join(f"{v:>13}" for v in speed_up))
     print(f"per defence: the median over rounds of a call's time, over {k} for the side-by-side rows; cores: its CPU "
-          f"time over its wall time; speed-up: the median over rounds of breaching's time (at torch's default "
-          f"threads, and at 1 thread) over the row's in the same round")
+          f"time over its wall time; speed-up (vs n threads): the median over rounds of breaching's time at torch's "
+          f"default threads (at n threads) over the row's in the same round")
     return 0
 
 
