@@ -25,6 +25,7 @@ originals and reconstructions as an image grid (``--out``; default
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -240,7 +241,8 @@ def invert_each(update: UserUpdate, observed: PyTree, context: PyTree, shape: Se
     Every observation is attacked through the same ``update`` (one compile for all of them), from
     the same starting images, as ``invert`` would attack it alone; on XLA:CPU the convolutions of
     observations and restarts that share the server's weights run as one batched convolution,
-    the others one per observation (``convolutions.canonical``).
+    the others one per observation (``convolutions.canonical``), and the observations are split
+    into as many equal chunks as the process has cores, attacked side by side from threads.
 
     Args:
       update: the attacker's model of the user, as for ``invert``.
@@ -260,9 +262,43 @@ def invert_each(update: UserUpdate, observed: PyTree, context: PyTree, shape: Se
         recs, values = invert_each(update, stacked_observed, (params, stacked_labels), (1, 32, 32, 3),
                                    AttackConfig(steps=100), context_axes=(None, 0))
     """
-    finals, values = _invert_each(update, observed, context, config, tuple(shape), context_axes, _rewrites())
+    rewrite = _rewrites()
+    run = functools.partial(_invert_each, update, config=config, shape=tuple(shape), context_axes=context_axes,
+                            rewrite=rewrite)
+    count = jax.tree_util.tree_leaves(observed)[0].shape[0]
+    parts = min(count, _cores()) if rewrite else 1
+    finals, values = run(observed, context) if parts == 1 else _in_parts(run, observed, context, context_axes, count,
+                                                                         parts)
     best = jnp.argmin(values, axis=1)
     return jax.vmap(lambda f, b: f[b])(finals, best), jnp.min(values, axis=1)
+
+
+def _cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _in_parts(run: Callable, observed: PyTree, context: PyTree, context_axes: Any, count: int,
+              parts: int) -> tuple[Array, Array]:
+    """``run(observed, context)`` on ``parts`` equal chunks of the rows at once, one thread each.
+
+    XLA:CPU ran one attack program on one core (4 rows of lenet_zhu's attack: 0.55 ms a row and
+    step); two programs of 2 rows called from two threads ran side by side, 0.44 ms (both under
+    another job's load; docs/performance.md). The chunks are equal so that they share one compile:
+    the last one is filled up by repeating the last row, whose results are dropped.
+    """
+    size = -(-count // parts)
+    rows = np.minimum(np.arange(parts * size), count - 1).reshape(parts, size)
+
+    def chunk(i: int) -> tuple[Array, Array]:
+        take = lambda tree: jax.tree_util.tree_map(lambda leaf: leaf[rows[i]], tree)
+        stacked = jax.tree_util.tree_map(lambda axis, sub: sub if axis is None else take(sub), context_axes, context,
+                                         is_leaf=lambda x: x is None)
+        return jax.block_until_ready(run(take(observed), stacked))
+
+    with concurrent.futures.ThreadPoolExecutor(parts) as pool:
+        finals, values = zip(*pool.map(chunk, range(parts)))
+    return jnp.concatenate(finals)[:count], jnp.concatenate(values)[:count]
 
 
 # ----------------------------------------------------------------------------------------------

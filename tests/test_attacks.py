@@ -19,11 +19,11 @@ from fedjax_users import attacks
 
 @pytest.fixture(scope="module")
 def digits():
-    """Two digits' true updates from a local_gradient user of lenet_zhu, stacked, and the context."""
+    """Three digits' true updates from a local_gradient user of lenet_zhu, stacked, and the context."""
     images, labels = attacks.digit_images()
     model, params = attacks.example_server()
     update = functools.partial(attacks.shared_update, model, attacks.user_configs()["local_gradient"])
-    chosen = [attacks.TRUE_INDEX, attacks.wrong_index()]
+    chosen = [attacks.TRUE_INDEX, attacks.wrong_index(), attacks.TRUE_INDEX + 2]
     observed = [update(jnp.asarray(images[i : i + 1]), (params, jnp.asarray(labels[i : i + 1]))) for i in chosen]
     stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *observed)
     return update, params, observed, stacked, jnp.asarray(labels[chosen][:, None]), images[:1].shape
@@ -49,7 +49,7 @@ def test_rewritten_convolutions_give_the_attack_xla_compiles_unchanged(digits, c
     update, params, _, stacked, labels, shape = digits
     run = functools.partial(attacks._invert_each, update, stacked, (params, labels), config, shape, (None, 0))
     (fast, fast_values), (plain, plain_values) = run(rewrite=True), run(rewrite=False)
-    assert fast.shape == (2, config.restarts, *shape)
+    assert fast.shape == (3, config.restarts, *shape)
     _assert_close(fast, plain)
     np.testing.assert_allclose(fast_values, plain_values, rtol=1e-4)
     # The candidates moved from their start: equal results are not two untouched starts.
@@ -57,11 +57,15 @@ def test_rewritten_convolutions_give_the_attack_xla_compiles_unchanged(digits, c
     assert float(jnp.abs(fast[0] - start).max()) > 0.01
 
 
-def test_each_row_of_a_batch_equals_that_observation_attacked_alone(digits):
+@pytest.mark.parametrize("cores", [1, 2])
+def test_each_row_of_a_batch_equals_that_observation_attacked_alone(digits, monkeypatch, cores):
+    # One core: the 3 rows in one program; two: in chunks of 2 (the last filled up) side by side.
     update, params, observed, stacked, labels, shape = digits
     config = attacks.AttackConfig(steps=8, restarts=2)
+    monkeypatch.setattr(attacks, "_cores", lambda: cores)
     recs, values = attacks.invert_each(update, stacked, (params, labels), shape, config, context_axes=(None, 0))
-    for k in range(2):
+    assert recs.shape == (3, *shape) and values.shape == (3,)
+    for k in range(3):
         _assert_close(recs[k], attacks.invert(update, observed[k], (params, labels[k]), shape, config))
-    # Two different digits' updates lead to different reconstructions.
-    assert float(jnp.abs(recs[0] - recs[1]).max()) > 0.01
+    # Different digits' updates lead to different reconstructions.
+    assert float(jnp.abs(recs[0] - recs[1]).max()) > 0.01 and float(jnp.abs(recs[1] - recs[2]).max()) > 0.01

@@ -19,9 +19,9 @@ once; then the same attack runs on it in these ways, from the same weights and t
   inside the attack's loop (``fedjax_users.convolutions`` not applied): the attack as it was
   before that rewrite;
 * ``..., K side by side``: the same on ``--side-by-side`` K observations at once
-  (``attacks.invert_each``, one program), as ``evaluate`` attacks the defences of a grid that
-  differ only in their noise; its time is divided by K (per defence), its scores are the first
-  observation's;
+  (``attacks.invert_each``: one program a chunk of them, a chunk per core, side by side), as
+  ``evaluate`` attacks the defences of a grid that differ only in their noise; its time is divided
+  by K (per defence), its scores are the first observation's;
 * ``jax, evaluate's settings``: ``fedjax_users.evaluate.COSINE`` (plain Adam with a cosine decay,
   total variation 0.01) at the same number of steps, alone and K side by side.
 
@@ -135,12 +135,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stacked_context = context[:3] + (jnp.stack([context[3]] * k),)
 
     def jax_attack(name, config, count, rewrite=True):
-        if count == 1:
+        if count == 1:  # one program, as evaluate attacks a defence alone; or the attack before the rewrite
             finals, _ = attacks._invert_each(update, one, context, config, truth.shape, None, rewrite)
-        else:
-            finals, _ = attacks._invert_each(update, stacked, stacked_context, config, truth.shape,
-                                             (None, None, None, 0), rewrite)
-        found[name] = np.asarray(jax.block_until_ready(finals))[0, 0]  # restarts=1: the only restart
+            found[name] = np.asarray(jax.block_until_ready(finals))[0, 0]  # restarts=1: the only restart
+        else:  # as evaluate attacks a group of defences (a chunk of them per core)
+            recs, _ = attacks.invert_each(update, stacked, stacked_context, truth.shape, config,
+                                          context_axes=(None, None, None, 0))
+            found[name] = np.asarray(jax.block_until_ready(recs))[0]
 
     jax_runs = {  # name: (config, observations in one call, convolutions rewritten)
         "jax, breaching's settings, XLA's layouts": (faithful, 1, False),
