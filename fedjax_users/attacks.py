@@ -40,6 +40,7 @@ from matplotlib.figure import Figure
 import fedjax_users as fu
 from fedjax_users import convolutions, models, plots, runs
 from fedjax_users.data.sources import embedded_digits
+from fedjax_users.strategy.compilation import tracing
 from fedjax_users.strategy.cpu import is_cpu
 
 Array = jax.Array
@@ -266,7 +267,7 @@ def invert_each(update: UserUpdate, observed: PyTree, context: PyTree, shape: Se
     run = functools.partial(_invert_each, update, config=config, shape=tuple(shape), context_axes=context_axes,
                             rewrite=rewrite)
     count = jax.tree_util.tree_leaves(observed)[0].shape[0]
-    parts = min(count, _cores()) if rewrite else 1
+    parts = min(count, _cores()) if rewrite and not tracing(observed, context) else 1  # threads need values
     finals, values = run(observed, context) if parts == 1 else _in_parts(run, observed, context, context_axes, count,
                                                                          parts)
     best = jnp.argmin(values, axis=1)
