@@ -13,11 +13,12 @@ most of each step (``python -m benchmarks.studies.evaluate_vs_breaching``, docs/
 
 :func:`canonical` traces a function and evaluates its program again with every convolution
 written as a canonical one between transposes; with its operands swapped here, reversed by
-explicit ``rev`` rather than a window reversal, where the kernel has more taps than the input
-has positions; and, for a grouped convolution of at most :data:`MAX_SPLIT_GROUPS` groups (what
-``jax.vmap`` makes of a convolution whose operands are both batched), as one convolution per
-group. Transposes, reversals and splits move values without arithmetic; the convolutions add the
-same products, in Eigen's order rather than the generic loop's, so results agree to float
+explicit ``rev`` rather than a window reversal, where XLA would swap them; as one matrix product
+of its gathered windows where it has few output positions and more kernel taps (a kernel
+gradient, which Eigen computes slowly); and, for a grouped convolution of at most
+:data:`MAX_SPLIT_GROUPS` groups (what ``jax.vmap`` makes of a convolution whose operands are both
+batched), as one convolution per group. Transposes, reversals, gathers and splits move values
+without arithmetic; the products added are the same, in another order, so results agree to float
 rounding. It is written by hand because XLA offers no option to canonicalize inside loops, and
 no library we know of rewrites a JAX program's convolutions.
 """
