@@ -6,6 +6,12 @@ of :mod:`fedjax_users.interop.tensors`.
 Names are imported on first use: the torch-free parts (``naming``, ``order``, ``metadata``) serve
 ``fedjax_users.io``, which writes updates torch reads, where torch is not installed (the run
 dependencies do not name it). Everything else imports torch.
+
+Example::
+
+    >>> from fedjax_users import interop
+    >>> interop.torch_name(("fc", "kernel"), interop.PARAMS)  # imports the torch-free naming module only
+    'fc.weight'
 """
 
 from __future__ import annotations

@@ -37,10 +37,25 @@ def shared_data_from_files(path: str | os.PathLike) -> dict:
     Raises:
       fedjax_users.io.SharedFileError: a missing, damaged or mismatched file.
 
+    breaching's attacker takes the result as it takes its own user's:
+    ``attacker.reconstruct([server_payload], [shared_data_from_files(path)], {}, dryrun=True)``.
+
     Example::
 
-      shared_data = shared_data_from_files("runs/default_digits-20250101-120000/shared_update.safetensors")
-      attacker.reconstruct([server_payload], [shared_data], {}, dryrun=True)
+        >>> import os, tempfile, numpy as np
+        >>> from fedjax_users.interop.order import TorchOrder
+        >>> from fedjax_users.types import Metadata, SharedData
+        >>> fc = {"kernel": np.ones((3, 2), np.float32), "bias": np.zeros(2, np.float32)}
+        >>> metadata = Metadata(num_data_points=1, labels=np.array([1]))
+        >>> shared = SharedData(gradients={"fc": fc}, batch_stats=None, metadata=metadata)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = os.path.join(folder, "update.safetensors")
+        ...     _ = io.save_shared_safetensors(path, shared, TorchOrder(params=(("fc", "kernel"), ("fc", "bias"))))
+        ...     shared_data = shared_data_from_files(path)
+        >>> [tuple(tensor.shape) for tensor in shared_data["gradients"]], shared_data["buffers"]
+        ([(2, 3), (2,)], None)
+        >>> shared_data["metadata"]
+        {'num_data_points': 1, 'labels': tensor([1]), 'local_hyperparams': None}
     """
     path = os.fspath(path)
     shared, _ = io.load_shared(path)  # checks the pair; its metadata is the Flax one

@@ -24,6 +24,7 @@ __all__ = ["OPTIONAL_KEYS", "metadata_from_dict", "metadata_to_dict"]
 # Metadata keys only some user types send; absent from breaching's dict when None.
 OPTIONAL_KEYS = ("data_key", "num_users")
 
+# What a label array becomes (the caller's: a torch tensor, a JSON list, a JAX array).
 Convert = Callable[[Any], Any]
 
 
@@ -44,6 +45,13 @@ def metadata_to_dict(metadata: Metadata, labels: Convert) -> dict:
 
     Returns:
       breaching's ``metadata`` dict; ``data_key`` and ``num_users`` only where not None.
+
+    Example::
+
+        >>> hyper = LocalHyperparams(lr=0.1, steps=2, data_per_step=1, labels=[(0,), (1,)])
+        >>> result = metadata_to_dict(Metadata(num_data_points=2, local_hyperparams=hyper, data_key="inputs"), list)
+        >>> result["local_hyperparams"]["labels"], result["data_key"], "num_users" in result
+        ([[0], [1]], 'inputs', False)
     """
     hyper = metadata.local_hyperparams
     result = dict(
@@ -69,6 +77,11 @@ def metadata_from_dict(metadata: Mapping[str, Any], labels: Convert) -> Metadata
 
     Returns:
       The Metadata.
+
+    Example::
+
+        >>> metadata_from_dict({"num_data_points": 2, "labels": [3, 1], "local_hyperparams": None}, tuple)
+        Metadata(num_data_points=2, labels=(3, 1), local_hyperparams=None, data_key=None, num_users=None)
     """
     hyper = metadata.get("local_hyperparams")
     return Metadata(

@@ -13,7 +13,13 @@ The convention (by name, never by order: JAX tree utilities re-sort dict keys):
   conv OIHW <-> HWIO, dense (out, in) <-> (in, out). Everything else keeps its layout.
 * Tied weights: ``named_parameters()`` lists a shared tensor once; the Flax model holds it once.
 
-Any unmatched name or double match is a ``ValueError`` naming both sides.
+Any unmatched name or double match is a ``ValueError`` naming both sides. This module does not
+import torch (:mod:`fedjax_users.io` writes torch-named files with it).
+
+Example::
+
+    >>> link("model.model.conv0.weight", {"conv0": {"kernel": 0, "bias": 0}}, PARAMS).flax_path
+    ('conv0', 'kernel')
 """
 
 from __future__ import annotations
@@ -24,8 +30,22 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 from flax import traverse_util
 
+__all__ = [
+    "BATCH_STATS",
+    "CONTAINER_PREFIX",
+    "Link",
+    "PARAMS",
+    "layout_from_torch",
+    "layout_to_torch",
+    "link",
+    "link_all",
+    "torch_name",
+]
+
+# The Flax collections that hold torch's parameters and buffers.
 PARAMS = "params"
 BATCH_STATS = "batch_stats"
+# The prefix breaching's ``VisionContainer`` puts before each name.
 CONTAINER_PREFIX = "model"
 
 # Flax names a torch ``weight`` can have, depending on the layer type.
@@ -35,14 +55,29 @@ _BUFFER_NAMES = {"running_mean": "mean", "running_var": "var"}
 
 @dataclasses.dataclass(frozen=True)
 class Link:
-    """A torch tensor name and the Flax leaf it corresponds to."""
+    """A torch tensor name and the Flax leaf it corresponds to.
+
+    Attributes:
+      torch_name: the torch name, as ``named_parameters()`` / ``named_buffers()`` gives it.
+      collection: the Flax collection of the leaf, :data:`PARAMS` or :data:`BATCH_STATS`.
+      flax_path: the leaf's path in that collection, e.g. ``('conv0', 'kernel')``.
+    """
 
     torch_name: str
     collection: str
     flax_path: tuple[str, ...]
 
     def describe(self) -> str:
-        """Both names, for error messages."""
+        """Both names, for error messages.
+
+        Returns:
+          One line naming the torch tensor and the Flax leaf.
+
+        Example::
+
+            >>> Link("fc.weight", PARAMS, ("fc", "kernel")).describe()
+            "torch 'fc.weight' <-> Flax params/fc/kernel"
+        """
         return f"torch {self.torch_name!r} <-> Flax {self.collection}/{'/'.join(self.flax_path)}"
 
 
@@ -76,7 +111,25 @@ def _flax_leaf(torch_leaf: str, module: Mapping, collection: str) -> tuple[str, 
 
 
 def link(torch_name: str, tree: Mapping, collection: str) -> Link:
-    """The Flax leaf of ``tree`` (one collection) that ``torch_name`` maps to."""
+    """The Flax leaf of ``tree`` (one collection) that ``torch_name`` maps to.
+
+    Args:
+      torch_name: a torch parameter or buffer name, with or without breaching's ``model.`` prefixes.
+      tree: one Flax collection (arrays, ``jax.ShapeDtypeStruct`` s or any leaves: only the keys are read).
+      collection: the collection ``tree`` is, :data:`PARAMS` or :data:`BATCH_STATS`.
+
+    Returns:
+      The :class:`Link` of the two names.
+
+    Raises:
+      ValueError: no Flax leaf for the name, or more than one (a module holding both ``kernel``
+        and ``scale``, say), naming both sides.
+
+    Example::
+
+        >>> link("bn0.running_var", {"bn0": {"mean": 0, "var": 0}}, BATCH_STATS).flax_path
+        ('bn0', 'var')
+    """
     segments = _strip_container(torch_name.split("."), tree)
     module_path, torch_leaf = segments[:-1], segments[-1]
     module = _subtree(tree, module_path)
@@ -105,6 +158,11 @@ def torch_name(path: Sequence[str], collection: str) -> str:
 
     Returns:
       The torch name, e.g. ``'conv0.weight'`` (breaching's ConvNet calls it ``model.model.conv0.weight``).
+
+    Example::
+
+        >>> torch_name(("bn0", "mean"), BATCH_STATS)
+        'bn0.running_mean'
     """
     path = tuple(path)
     if collection == BATCH_STATS:
@@ -115,7 +173,26 @@ def torch_name(path: Sequence[str], collection: str) -> str:
 
 
 def link_all(torch_names: Sequence[str], tree: Mapping, collection: str) -> list[Link]:
-    """Link every torch name; every Flax leaf of ``tree`` must be linked exactly once."""
+    """Link every torch name; every Flax leaf of ``tree`` must be linked exactly once.
+
+    Args:
+      torch_names: the torch model's names of one kind (all its parameters, or all its buffers).
+      tree: the Flax collection they pair with.
+      collection: :data:`PARAMS` or :data:`BATCH_STATS`.
+
+    Returns:
+      One :class:`Link` per torch name, in ``torch_names``' order.
+
+    Raises:
+      ValueError: a torch name without a Flax leaf, two names on one leaf, or a Flax leaf without
+        a torch name (with the torch name the convention expects for it).
+
+    Example::
+
+        >>> tree = {"fc": {"kernel": 0, "bias": 0}}
+        >>> [item.flax_path for item in link_all(["fc.weight", "fc.bias"], tree, PARAMS)]
+        [('fc', 'kernel'), ('fc', 'bias')]
+    """
     links = [link(name, tree, collection) for name in torch_names]
     seen: dict[tuple[str, ...], Link] = {}
     for item in links:
@@ -144,12 +221,38 @@ def _is_kernel(item: Link, ndim: int) -> bool:
 
 
 def layout_from_torch(value: np.ndarray, item: Link) -> np.ndarray:
-    """A torch tensor's values in the layout of its Flax leaf."""
+    """A torch tensor's values in the layout of its Flax leaf.
+
+    Args:
+      value: the torch tensor's values (as numpy).
+      item: the :class:`Link` of the tensor; a ``kernel`` leaf takes Flax's axis order.
+
+    Returns:
+      ``value`` with a kernel's axes as (spatial..., in, out), anything else unchanged.
+
+    Example::
+
+        >>> layout_from_torch(np.zeros((2, 3)), Link("fc.weight", PARAMS, ("fc", "kernel"))).shape
+        (3, 2)
+    """
     return np.transpose(value, _kernel_axes(value.ndim)) if _is_kernel(item, value.ndim) else value
 
 
 def layout_to_torch(value: np.ndarray, item: Link) -> np.ndarray:
-    """A Flax leaf's values in the layout of its torch tensor."""
+    """A Flax leaf's values in the layout of its torch tensor (the inverse of :func:`layout_from_torch`).
+
+    Args:
+      value: the Flax leaf's values (as numpy).
+      item: the :class:`Link` of the leaf; a ``kernel`` leaf takes torch's axis order.
+
+    Returns:
+      ``value`` with a kernel's axes as (out, in, spatial...), anything else unchanged.
+
+    Example::
+
+        >>> layout_to_torch(np.zeros((3, 3, 1, 8)), Link("conv.weight", PARAMS, ("conv", "kernel"))).shape
+        (8, 1, 3, 3)
+    """
     if not _is_kernel(item, value.ndim):
         return value
     return np.transpose(value, np.argsort(_kernel_axes(value.ndim)))

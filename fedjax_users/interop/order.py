@@ -49,19 +49,49 @@ TORCH_CHILDREN = "torch_children"
 
 @dataclasses.dataclass(frozen=True)
 class TorchOrder:
-    """Flax paths in torch's order: ``params`` as ``named_parameters()``, ``batch_stats`` as ``named_buffers()``."""
+    """Flax paths in torch's order: ``params`` as ``named_parameters()``, ``batch_stats`` as ``named_buffers()``.
+
+    Attributes:
+      params: the paths of the Flax ``params`` collection, in ``named_parameters()`` order.
+      batch_stats: the paths of the ``batch_stats`` collection, in ``named_buffers()`` order.
+
+    Example::
+
+        >>> TorchOrder(params=(("conv0", "kernel"), ("bn0", "scale"))).torch_names("params")
+        ['conv0.weight', 'bn0.weight']
+    """
 
     params: tuple[Path, ...]
     batch_stats: tuple[Path, ...] = ()
 
     def paths(self, collection: str) -> tuple[Path, ...]:
-        """The paths of ``collection`` (``"params"`` or ``"batch_stats"``) in torch's order."""
+        """The paths of ``collection`` in torch's order.
+
+        Args:
+          collection: ``"params"`` or ``"batch_stats"``.
+
+        Returns:
+          The Flax paths of that collection, in torch's order.
+
+        Raises:
+          ValueError: another collection name.
+        """
         if collection not in (PARAMS, BATCH_STATS):
             raise ValueError(f"collection must be {PARAMS!r} or {BATCH_STATS!r}, got {collection!r}")
         return self.params if collection == PARAMS else self.batch_stats
 
     def torch_names(self, collection: str) -> list[str]:
-        """The torch names of ``collection``'s paths (naming convention, no container prefix), in order."""
+        """The torch names of ``collection``'s paths (naming convention, no container prefix), in order.
+
+        Args:
+          collection: ``"params"`` or ``"batch_stats"``.
+
+        Returns:
+          The torch names (:func:`fedjax_users.interop.naming.torch_name`), in torch's order.
+
+        Raises:
+          ValueError: another collection name.
+        """
         return [torch_name(path, collection) for path in self.paths(collection)]
 
 
@@ -103,8 +133,13 @@ def torch_order(model: nn.Module, *inputs: Any, **init_kwargs: Any) -> TorchOrde
 
     Example::
 
-      order = torch_order(models.get("resnet20"), jnp.zeros((1, 32, 32, 3)))
-      order.torch_names("batch_stats")[:3]  # ['stem.1.running_mean', 'stem.1.running_var', ...]
+        >>> import flax.linen as nn, jax.numpy as jnp
+        >>> class Net(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x):
+        ...         return nn.Dense(2, name="b")(nn.Dense(3, name="a")(x))  # "a" is made first
+        >>> torch_order(Net(), jnp.zeros((1, 4))).torch_names("params")
+        ['a.weight', 'a.bias', 'b.weight', 'b.bias']
     """
     created: dict[str, list[Path]] = {}
     declared: dict[Path, tuple[str, ...]] = {}
@@ -150,9 +185,9 @@ def order_from_torch_names(
 
     Example::
 
-      order = order_from_torch_names([n for n, _ in net.named_parameters()],
-                                     [n for n, _ in net.named_buffers()], variables["params"],
-                                     variables.get("batch_stats"))
+        >>> # the names of torch.nn.Sequential(torch.nn.Linear(4, 2)), a Flax tree with the layer "0"
+        >>> order_from_torch_names(["0.weight", "0.bias"], [], {"0": {"bias": 0, "kernel": 0}}).params
+        (('0', 'kernel'), ('0', 'bias'))
     """
     buffers = link_all(list(buffer_names), batch_stats or {}, BATCH_STATS)
     return TorchOrder(
