@@ -14,6 +14,11 @@ file counts, but the families it imports do not, so a change to ``models/vgg.py`
 ResNet rows proven. A hand-kept list would drift; a run-time trace (``sys.setprofile``) would slow
 the tracing that dominates a case several times over.
 
+A source counts by its code (:func:`code_of`): a comment or a docstring edited in a proven module
+leaves its rows proven. The code is read back with ``ast.unparse``, whose spelling is stable within a
+Python version (the locks pin 3.11); a different Python may write it differently and so make rows
+stale, which errs on the safe side.
+
 Example::
 
     >>> from parity.cases import Case
@@ -144,12 +149,55 @@ def versions(libraries: Iterable[str] = LIBRARIES) -> dict[str, str]:
     return runs.versions(tuple(libraries))
 
 
+def _without_docstrings(tree: ast.Module) -> ast.Module:
+    """``tree`` with the docstring of the module and of every class and function removed."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def code_of(text: bytes, path: str) -> bytes:
+    """What of a source file a result depends on: a Python file's code, without comments and docstrings.
+
+    A row proves what the code computes; the words around it do not compute. Hashing the code as
+    ``ast.unparse`` writes it back (comments, docstrings, line numbers and layout gone) lets the
+    docs of a proven module be edited without rerunning its rows, while any change to a statement,
+    an expression or a name still makes them stale. Other files (and a Python file that does not
+    parse) count byte for byte.
+
+    Args:
+      text: the file's bytes.
+      path: its path (only a ``.py`` suffix matters).
+
+    Returns:
+      The bytes to hash.
+
+    Example::
+
+      >>> code_of(b"'Doc.'\\nx = 1  # why\\n", "m.py") == code_of(b"x = 1\\n", "m.py")
+      True
+      >>> code_of(b"x = 1\\n", "m.py") == code_of(b"x = 2\\n", "m.py")
+      False
+    """
+    if not path.endswith(".py"):
+        return text
+    try:
+        tree = ast.parse(text, path)
+    except SyntaxError:
+        return text
+    return ast.unparse(_without_docstrings(tree)).encode()
+
+
 @functools.lru_cache(maxsize=None)
 def _file_hash(full_path: str, mtime_ns: int, size: int) -> str:
     # Keyed by modification time and size too: hashing 600 rows' ~30 files each stays instant,
     # and an edited file is read again.
     with open(full_path, "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
+        return hashlib.sha256(code_of(handle.read(), full_path)).hexdigest()
 
 
 def _hash(files: Iterable[str], library_versions: Mapping[str, str]) -> str:
@@ -164,5 +212,5 @@ def _hash(files: Iterable[str], library_versions: Mapping[str, str]) -> str:
 
 
 def fingerprint(case: Case, library_versions: Optional[Mapping[str, str]] = None) -> str:
-    """A 16-hex-digit hash of the case's sources (contents) and the library versions."""
+    """A 16-hex-digit hash of the case's sources (their code, :func:`code_of`) and the library versions."""
     return _hash(case_sources(case), versions() if library_versions is None else library_versions)

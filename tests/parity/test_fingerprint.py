@@ -27,7 +27,7 @@ def tree(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _touch(path, text="\n# changed\n"):
+def _touch(path, text="\n_changed = True\n"):
     with open(path, "a") as handle:
         handle.write(text)
 
@@ -60,6 +60,19 @@ def test_a_core_change_makes_every_row_stale_and_a_model_change_only_its_own(tre
     _touch(tree / "fedjax_users" / "interop" / "parity_check.py")
     after_checker = {c: fingerprint.fingerprint(c) for c in cases}
     assert all(after_checker[c] != after_core[c] for c in cases)
+
+
+def test_comments_and_docstrings_leave_rows_proven_and_code_does_not(tree):
+    before = fingerprint.fingerprint(LENET)
+    semantics = tree / "fedjax_users" / "semantics.py"
+    text = semantics.read_text()
+    # The module's docstring and the first function's reworded, a comment added: the code is unchanged.
+    function_doc = text.index('"""', text.index("\ndef ")) + 3
+    reworded = text[:function_doc] + "Reworded. " + text[function_doc:]
+    semantics.write_text(reworded.replace('"""', '"""Reworded. ', 1) + "\n# a comment\n")
+    assert fingerprint.fingerprint(LENET) == before
+    semantics.write_text(text + "\n_changed = 1\n")
+    assert fingerprint.fingerprint(LENET) != before
 
 
 def test_a_new_library_version_makes_rows_stale():
