@@ -351,3 +351,21 @@ def test_closed_over_data_under_jit_skips_the_value_checks_that_would_be_staged(
     payload = server_payload(model, x)
     grads = jax.jit(lambda: fu.local_gradient(model, payload, fu.UserData(inputs=x, labels=y), SINGLE, KEY)[0])()
     assert not validation.all_finite(grads.gradients)
+
+
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
+def test_host_and_device_finite_checks_agree(bad):
+    # On CPU, JAX arrays are read as NumPy; the jitted reduction is what an accelerator's arrays
+    # take: both paths must give the same answer for NaN, +-inf and finite leaves, in any dtype.
+    from fedjax_users.validation import nonfinite
+
+    values = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+    if bad is not None:
+        values[2, 1] = bad
+    leaves = [jnp.asarray(values, dtype) for dtype in (jnp.float32, jnp.bfloat16, jnp.float16)]
+    expected = bad is None
+    assert all(nonfinite._in_host_memory(leaf) for leaf in leaves)
+    assert nonfinite.all_finite({"w": leaves, "b": jnp.ones(2), "n": np.arange(3)}) is expected
+    assert bool(nonfinite._device_all_finite(leaves + [jnp.ones(2)])) is expected
+    for leaf in leaves:
+        assert nonfinite.all_finite([leaf]) is expected
