@@ -1,4 +1,17 @@
-"""``UserConfig``: breaching's user YAML (``cfg_case.user``) as a frozen, validated dataclass."""
+"""``UserConfig``: breaching's user YAML (``cfg_case.user``) as a frozen, validated dataclass.
+
+A config is checked when it is built, before anything is computed: unknown keys, values of the
+wrong type (by OmegaConf's structured configs), negative scales and the keys a multi-step user
+needs are each refused with a one-line ``ConfigError``. breaching's three user files ship in the
+package and are found by name (``user_config_names``).
+
+Example::
+
+    >>> from fedjax_users.config import UserConfig
+    >>> cfg = UserConfig.from_yaml("local_updates", ["num_data_points=4", "local_diff_privacy.gradient_noise=0.1"])
+    >>> cfg.kind.value, cfg.is_multi_step, cfg.local_diff_privacy.gradient_noise
+    ('local_update', True, 0.1)
+"""
 
 from __future__ import annotations
 
@@ -15,12 +28,29 @@ import numpy as np
 from omegaconf import BooleanNode, DictConfig, FloatNode, IntegerNode, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+__all__ = ["DISTRIBUTIONS", "USER_CONFIGS", "USER_TYPES", "ConfigError", "LocalDiffPrivacy", "UserConfig", "UserKind",
+           "load_yaml_mapping", "user_config_names"]
+
+# breaching's values of ``user_type`` and of ``local_diff_privacy.distribution``.
 USER_TYPES = ("local_gradient", "local_update", "multiuser_aggregate")
 DISTRIBUTIONS = ("gaussian", "laplacian")
 
 
 class UserKind(str, enum.Enum):
-    """The three users of breaching, by their ``user_type``: what ``UserConfig.kind`` decides once."""
+    """The three users of breaching, by their ``user_type``: what ``UserConfig.kind`` decides once.
+
+    A ``str`` enum: each member equals its ``user_type`` string.
+
+    Attributes:
+      LOCAL_GRADIENT: ``"local_gradient"``, breaching's ``UserSingleStep`` (one gradient).
+      LOCAL_UPDATE: ``"local_update"``, ``UserMultiStep`` (local SGD; shares the parameter difference).
+      AGGREGATE: ``"multiuser_aggregate"``, ``MultiUserAggregate`` (the mean over a cohort of users).
+
+    Example::
+
+        >>> UserKind("local_update") is UserKind.LOCAL_UPDATE, UserKind.AGGREGATE == "multiuser_aggregate"
+        (True, True)
+    """
 
     LOCAL_GRADIENT = "local_gradient"  # UserSingleStep: one gradient
     LOCAL_UPDATE = "local_update"  # UserMultiStep: local SGD, shares the parameter difference
@@ -43,6 +73,27 @@ def load_yaml_mapping(path: str | os.PathLike, what: str = "user config file", e
 
     A folder, an unreadable or binary file, broken YAML, an empty file and a file holding a list or
     a bare string are each refused with their own one-line message.
+
+    Args:
+      path: the YAML file.
+      what: how messages name the file (``"config file"`` for a case).
+      error: the exception type raised (``ConfigError``; ``data.errors.CaseConfigError`` for a case).
+
+    Returns:
+      The file's mapping, as OmegaConf reads it (interpolations unresolved).
+
+    Raises:
+      error: the file is missing, a folder, unreadable, not text, not YAML, empty or not a mapping.
+
+    Example::
+
+        >>> import os
+        >>> load_yaml_mapping(os.path.join(USER_CONFIGS, "local_gradient.yaml")).user_type
+        'local_gradient'
+        >>> load_yaml_mapping("no/such/file.yaml")
+        Traceback (most recent call last):
+        ...
+        fedjax_users.config.ConfigError: user config file not found: no/such/file.yaml
     """
     import yaml
     from omegaconf import OmegaConf
@@ -170,7 +221,28 @@ def _non_negative(name: str, value: Optional[float]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class LocalDiffPrivacy:
-    """Local defences: gradient/input noise scale (std or Laplace b) and per-example clipping bound."""
+    """Local defences: gradient/input noise scale (std or Laplace b) and per-example clipping bound.
+
+    breaching's ``local_diff_privacy`` block; 0 turns a defence off. Checked when built: a known
+    ``distribution``, numbers (finite, >= 0) where numbers belong.
+
+    Attributes:
+      gradient_noise: scale of the i.i.d. noise added to every entry of the shared gradient.
+      input_noise: scale of the i.i.d. noise added to every input before the forward pass.
+      distribution: ``"gaussian"`` (a scale is the standard deviation) or ``"laplacian"`` (a scale is
+        Laplace's ``b``).
+      per_example_clipping: the bound ``C`` on a gradient's global L2 norm: each example's for a
+        single-step user, each step's batch gradient for a multi-step user.
+
+    Example::
+
+        >>> LocalDiffPrivacy(gradient_noise=0.01, distribution="gaussian").per_example_clipping
+        0.0
+        >>> LocalDiffPrivacy(input_noise=-1.0)
+        Traceback (most recent call last):
+        ...
+        fedjax_users.config.ConfigError: local_diff_privacy.input_noise must be >= 0, got -1.0
+    """
 
     gradient_noise: float = 0.0
     input_noise: float = 0.0
@@ -192,6 +264,28 @@ class UserConfig:
     """The keys of breaching's ``local_gradient``/``local_updates``/``multiuser_aggregate`` YAML files.
 
     Keys a file does not have stay ``None``; the multi-step keys are required where they are used.
+    Checked when built (types, ranges, the keys its kind needs); frozen and hashable.
+
+    Attributes:
+      user_type: ``"local_gradient"``, ``"local_update"`` or ``"multiuser_aggregate"`` (``UserKind``).
+      num_data_points: the examples each user takes (the first ones it holds), at least 1.
+      user_idx: which user of the data's partition (a single user).
+      user_range: ``(start, stop)``, the users ``range(start, stop)`` of an aggregate.
+      provide_buffers: whether the user shares its BatchNorm buffers.
+      provide_labels: whether the metadata reveal the labels.
+      provide_num_data_points: whether the metadata reveal ``num_data_points``.
+      local_diff_privacy: the local defences (a mapping is read as ``LocalDiffPrivacy``).
+      num_local_updates: local SGD steps of a multi-step user.
+      num_data_per_local_update_step: examples per local step.
+      local_learning_rate: the local SGD step size.
+      provide_local_hyperparams: whether a multi-step user's metadata reveal its schedule and each
+        step's labels.
+
+    Example::
+
+        >>> cfg = UserConfig(user_type="multiuser_aggregate", num_data_points=2, user_range=[0, 4])
+        >>> cfg.num_users, cfg.is_aggregate, cfg.is_multi_step
+        (4, True, False)
     """
 
     user_type: str
@@ -244,7 +338,12 @@ class UserConfig:
             self.require_multi_step()
 
     def require_multi_step(self) -> None:
-        """Raise unless the keys of a multi-step (FedAvg) user are all set."""
+        """Raise unless the keys of a multi-step (FedAvg) user are all set.
+
+        Raises:
+          ConfigError: naming the missing keys among ``num_local_updates``,
+            ``num_data_per_local_update_step`` and ``local_learning_rate``.
+        """
         missing = [
             name
             for name in ("num_local_updates", "num_data_per_local_update_step", "local_learning_rate")
@@ -277,7 +376,24 @@ class UserConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "UserConfig":
-        """Build from a mapping of breaching's user keys; unknown or missing keys are errors."""
+        """Build from a mapping of breaching's user keys; unknown or missing keys are errors.
+
+        Args:
+          values: breaching's user keys (a ``dict``, or OmegaConf's ``cfg_case.user`` as a container);
+            ``local_diff_privacy`` may be a mapping.
+
+        Returns:
+          The validated config.
+
+        Raises:
+          ConfigError: ``values`` is no mapping, has an unknown key, lacks ``user_type`` or
+            ``num_data_points``, or holds a value the config refuses.
+
+        Example::
+
+            >>> UserConfig.from_dict({"user_type": "local_gradient", "num_data_points": 3}).num_users
+            1
+        """
         if not isinstance(values, Mapping):
             raise ConfigError(f"a user config must be a mapping of breaching's user keys, got {values!r}")
         _check_keys(values, cls, "user config")
@@ -328,23 +444,55 @@ class UserConfig:
             raise ConfigError(f"{path}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain mapping with breaching's keys (YAML-ready)."""
+        """Plain mapping with breaching's keys (YAML-ready).
+
+        Returns:
+          The keys that are set (``None`` ones left out), ``local_diff_privacy`` as a nested dict and
+          ``user_range`` as a list; ``UserConfig.from_dict`` of it is an equal config.
+
+        Example::
+
+            >>> values = UserConfig(user_type="local_gradient", num_data_points=1).to_dict()
+            >>> values["num_data_points"], values["local_diff_privacy"]["distribution"], "user_idx" in values
+            (1, 'laplacian', False)
+        """
         values = dataclasses.asdict(self)
         if self.user_range is not None:
             values["user_range"] = list(self.user_range)
         return {k: v for k, v in values.items() if v is not None}
 
     def replace(self, **changes: Any) -> "UserConfig":
-        """A copy with some keys changed (validated again)."""
+        """A copy with some keys changed (validated again).
+
+        Args:
+          **changes: new values of ``UserConfig`` fields.
+
+        Returns:
+          A new config; this one is unchanged.
+
+        Example::
+
+            >>> UserConfig.from_yaml("local_gradient").replace(num_data_points=5).num_data_points
+            5
+        """
         return dataclasses.replace(self, **changes)
 
 
-# breaching's user YAML files, shipped in the package (configs/user/NAME.yaml).
+# breaching's user YAML files, shipped in the package (configs/user/NAME.yaml): the folder.
 USER_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "user")
 
 
 def user_config_names() -> list[str]:
-    """The names of the user configs shipped in the package."""
+    """The names of the user configs shipped in the package.
+
+    Returns:
+      The sorted names, each usable as ``UserConfig.from_yaml(name)``.
+
+    Example::
+
+        >>> user_config_names()
+        ['local_gradient', 'local_updates', 'multiuser_aggregate']
+    """
     return sorted(os.path.splitext(f)[0] for f in os.listdir(USER_CONFIGS) if f.endswith(".yaml"))
 
 

@@ -67,7 +67,8 @@ from fedjax_users.suggestions import did_you_mean
 
 __all__ = ["CONFIG_ROOT", "DEFAULT_CASE", "load_case", "require_mapping"]
 
-# The bundled configs ship inside the package (the checkout's top-level configs/ links to them).
+# The bundled configs ship inside the package (the checkout's top-level configs/ links to them), and
+# the case composed when none is given.
 CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DEFAULT_CASE = os.path.join(CONFIG_ROOT, "case", "default.yaml")
 INHERIT = "inherit"
@@ -335,6 +336,15 @@ def require_mapping(cfg: DictConfig, group: str, where: str) -> None:
 
     Raises:
       CaseConfigError: the block is there and is no mapping.
+
+    Example::
+
+        >>> from omegaconf import OmegaConf
+        >>> require_mapping(OmegaConf.create({"user": {"num_data_points": 2}}), "user", "case.yaml")
+        >>> require_mapping(OmegaConf.create({"user": 5}), "user", "case.yaml")
+        Traceback (most recent call last):
+        ...
+        fedjax_users.data.errors.CaseConfigError: case.yaml: user must be a mapping of user keys, got 5
     """
     value = cfg.get(group)
     if value is not None and not isinstance(value, DictConfig):

@@ -34,18 +34,43 @@ from flax import traverse_util
 from fedjax_users.data.errors import CaseConfigError, DataError
 from fedjax_users.interop.state_dict import read_state_dict
 
+__all__ = [
+    "BREACHING_IMAGENET_MODELS", "BUFFER_LEAVES", "HONEST", "LINEARIZED_SHIFT", "MODEL_STATES", "Variables",
+    "check_server", "load_pretrained", "pretrained_variables", "query_variables", "reads_pretrained", "weights_path",
+]
+
+# breaching's honest server's ``server.name``, and the ``server.model_state`` values it has.
 HONEST = "honest_but_curious"
 MODEL_STATES = ("default", "trained", "untrained", "orthogonal", "linearized")
 # breaching's own ImageNet-branch models (model_preparation.py): never pretrained.
 BREACHING_IMAGENET_MODELS = ("linear", "none")
+# The last part of a torch state dict's buffer names (BatchNorm's), which go to ``batch_stats``.
 BUFFER_LEAVES = ("running_mean", "running_var", "num_batches_tracked")
+# What ``linearized`` adds to each BatchNorm's and convolution's bias, per query (breaching's + 10).
 LINEARIZED_SHIFT = 10.0
 
+# A Flax variables dict: ``{"params": ..., "batch_stats": ...}``.
 Variables = Mapping[str, Any]
 
 
 def check_server(cfg_server: Mapping) -> None:
-    """Refuse a server other than breaching's honest one, or a ``model_state`` it does not have."""
+    """Refuse a server other than breaching's honest one, or a ``model_state`` it does not have.
+
+    Args:
+      cfg_server: the case's ``server`` block (a missing ``name`` is the honest server's, a missing
+        ``model_state`` is ``default``).
+
+    Raises:
+      CaseConfigError: another server, or a ``model_state`` not in ``MODEL_STATES``.
+
+    Example::
+
+        >>> check_server({"name": "honest_but_curious", "model_state": "orthogonal"})
+        >>> check_server({"model_state": "malicious"})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        fedjax_users.data.errors.CaseConfigError: server.model_state='malicious' is not an honest server's; known: ...
+    """
     name = cfg_server.get("name", HONEST)
     if name != HONEST:
         raise CaseConfigError(
@@ -57,7 +82,26 @@ def check_server(cfg_server: Mapping) -> None:
 
 
 def reads_pretrained(model_name: str, data_name: str, modality: str) -> bool:
-    """Whether breaching's ``construct_model`` reads ``pretrained`` for this model and data."""
+    """Whether breaching's ``construct_model`` reads ``pretrained`` for this model and data.
+
+    It does for its torchvision models on ImageNet data (vision, a data name containing
+    ``ImageNet``), not for its own ``linear`` / ``none`` there, and never elsewhere.
+
+    Args:
+      model_name: breaching's model name (``"ResNet18"``).
+      data_name: the data config's name (``"ImageNetAnimals"``).
+      modality: the data's modality (``"vision"``, ``"text"``).
+
+    Returns:
+      Whether ``server.pretrained`` matters.
+
+    Example::
+
+        >>> reads_pretrained("ResNet18", "ImageNetAnimals", "vision")
+        True
+        >>> reads_pretrained("ResNet18", "CIFAR10", "vision"), reads_pretrained("linear", "ImageNetAnimals", "vision")
+        (False, False)
+    """
     return modality == "vision" and "ImageNet" in data_name and model_name.lower() not in BREACHING_IMAGENET_MODELS
 
 
@@ -68,7 +112,21 @@ def reads_pretrained(model_name: str, data_name: str, modality: str) -> bool:
 def load_pretrained(path: str, template: Variables, classes: int, model_name: str) -> dict:
     """Variables shaped like ``template`` from the torchvision state dict at ``path``.
 
-    As breaching: ``fc.weight`` / ``fc.bias`` keep their first ``classes`` rows.
+    As breaching: ``fc.weight`` / ``fc.bias`` keep their first ``classes`` rows. Buffers
+    (``BUFFER_LEAVES``) go to ``batch_stats``, the rest to ``params``, matched by torch name
+    (``interop.torch_flax.tree_from_torch``); each value takes the template's dtype.
+
+    Args:
+      path: a torch state dict (``torch.save``'d tensors, read with ``weights_only=True``).
+      template: the model's variables, whose structure, shapes and dtypes the result takes.
+      classes: the data's classes.
+      model_name: breaching's model name, for messages.
+
+    Returns:
+      The variables.
+
+    Raises:
+      DataError: the file cannot be read (or torch is missing), or it does not fit the model.
     """
     state = read_state_dict(path, DataError)  # first: without torch, its one line says so
     from fedjax_users.interop.torch_flax import tree_from_torch
@@ -91,7 +149,24 @@ def load_pretrained(path: str, template: Variables, classes: int, model_name: st
 
 
 def weights_path(cfg_server: Mapping, model_name: str) -> str:
-    """``server.weights``, or one line saying how to give it."""
+    """``server.weights``, or one line saying how to give it.
+
+    Args:
+      cfg_server: the case's ``server`` block.
+      model_name: breaching's model name, for the message.
+
+    Returns:
+      The path, ``~`` expanded.
+
+    Raises:
+      DataError: ``server.weights`` is not set (nothing is downloaded).
+
+    Example::
+
+        >>> import os
+        >>> weights_path({"weights": "~/resnet18.pth"}, "ResNet18") == os.path.expanduser("~/resnet18.pth")
+        True
+    """
     path = cfg_server.get("weights")
     if not path:
         raise DataError(
@@ -102,7 +177,17 @@ def weights_path(cfg_server: Mapping, model_name: str) -> str:
 
 
 def pretrained_variables(cfg_server: Mapping, template: Variables, classes: int, model_name: str) -> dict:
-    """``load_pretrained`` from ``server.weights``."""
+    """``load_pretrained`` from ``server.weights``.
+
+    Args:
+      cfg_server: the case's ``server`` block (``weights`` is read: ``weights_path``).
+      template: the model's variables.
+      classes: the data's classes.
+      model_name: breaching's model name.
+
+    Returns:
+      The variables, as ``load_pretrained``.
+    """
     return load_pretrained(weights_path(cfg_server, model_name), template, classes, model_name)
 
 
@@ -157,7 +242,36 @@ def query_variables(
     model_state: str, built: Variables, previous: Optional[Variables], init: Callable[[jax.Array], Variables],
     key: jax.Array, query_id: int,
 ) -> dict:
-    """The server's variables at query ``query_id`` (``previous``: those of the query before)."""
+    """The server's variables at query ``query_id`` (``previous``: those of the query before).
+
+    By ``model_state`` (see the module docstring): ``untrained`` is ``init`` of the key folded with
+    ``query_id``; ``orthogonal`` is that, with every ``conv``/``linear`` kernel made orthogonal;
+    ``linearized`` shifts the previous query's variables (``built`` at the first); any other state
+    gives ``built``.
+
+    Args:
+      model_state: ``server.model_state``.
+      built: the variables of the model as built (pretrained or initialised).
+      previous: the variables of query ``query_id - 1``, or ``None`` at the first.
+      init: ``init(key) -> variables``, a fresh initialisation of the model.
+      key: the server's key.
+      query_id: the query's index.
+
+    Returns:
+      The variables the server sends at that query (a new dict; ``built`` is not changed).
+
+    Raises:
+      DataError: ``linearized`` on a convolution without bias (where breaching fails).
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp
+        >>> built = {"params": {"bn": {"scale": jnp.ones(1), "bias": jnp.zeros(1)}},
+        ...          "batch_stats": {"bn": {"mean": jnp.ones(1), "var": jnp.full(1, 2.0)}}}
+        >>> first = query_variables("linearized", built, None, None, jax.random.key(0), 0)["params"]["bn"]
+        >>> first["scale"].tolist(), first["bias"].tolist()  # the running variance, the running mean + 10
+        ([2.0], [11.0])
+    """
     query_key = jax.random.fold_in(key, query_id)
     if model_state == "untrained":
         return dict(init(query_key))

@@ -25,6 +25,12 @@ import numpy as np
 
 from fedjax_users.strategy import compilation, cpu
 
+__all__ = [
+    "DEFAULT_MEMORY_FRACTION", "ChunkFn", "StepFn", "UserFn", "auto_users_per_chunk", "available_memory_bytes",
+    "in_user_order", "masked_sum", "num_chunks", "per_user_bytes", "run_chunk", "scan_chunks", "sum_chunks",
+    "tree_add", "user_bytes", "vmap_sum",
+]
+
 Array = jax.Array
 PyTree = Any
 # user_fn(shared, *one_user) -> (the user's update, to be summed; per-user outputs, kept for every user)
@@ -40,7 +46,21 @@ DEFAULT_MEMORY_FRACTION = 0.25
 
 
 def masked_sum(updates: PyTree, keep: Array) -> PyTree:
-    """Sum over the leading users axis of the users with ``keep``."""
+    """Sum over the leading users axis of the users with ``keep``.
+
+    Args:
+      updates: a pytree whose leaves stack the users on a leading axis.
+      keep: ``[users]`` booleans, the users summed.
+
+    Returns:
+      The sum, each leaf without the users axis; a user not kept adds nothing, not even its inf or NaN.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> masked_sum({"u": jnp.array([[1.0, 2.0], [3.0, jnp.inf]])}, jnp.array([True, False]))["u"].tolist()
+        [1.0, 2.0]
+    """
 
     def total(u):
         mask = keep.reshape(keep.shape + (1,) * (u.ndim - 1))
@@ -51,7 +71,23 @@ def masked_sum(updates: PyTree, keep: Array) -> PyTree:
 
 
 def vmap_sum(fn: UserFn) -> ChunkFn:
-    """The chunk function that runs ``fn`` on every user of the chunk (``vmap``) and sums the kept ones."""
+    """The chunk function that runs ``fn`` on every user of the chunk (``vmap``) and sums the kept ones.
+
+    Args:
+      fn: ``fn(shared, *one_user) -> (update, outputs)`` of one user.
+
+    Returns:
+      ``chunk_fn(shared, users, keep) -> (sum of the kept users' updates, every user's outputs)``,
+      ``users`` a tuple of arrays stacked ``[chunk, ...]`` and ``keep`` ``[chunk]`` booleans.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> chunk_fn = vmap_sum(lambda shared, u: (shared * u, u))
+        >>> total, outputs = chunk_fn(2.0, (jnp.array([1.0, 2.0, 3.0]),), jnp.array([True, True, False]))
+        >>> float(total), outputs.tolist()
+        (6.0, [1.0, 2.0, 3.0])
+    """
 
     def chunk_fn(shared, users, keep):
         updates, outputs = jax.vmap(fn, in_axes=(None,) + (0,) * len(users))(shared, *users)
@@ -61,7 +97,20 @@ def vmap_sum(fn: UserFn) -> ChunkFn:
 
 
 def num_chunks(count: int, size: int) -> int:
-    """Chunks of ``size`` items (users, or examples in ``clipping``) that cover ``count`` items."""
+    """Chunks of ``size`` items (users, or examples in ``clipping``) that cover ``count`` items.
+
+    Args:
+      count: the items.
+      size: items per chunk.
+
+    Returns:
+      ``ceil(count / size)``.
+
+    Example::
+
+        >>> num_chunks(10, 4), num_chunks(8, 4)
+        (3, 2)
+    """
     return -(-count // size)
 
 
@@ -73,6 +122,26 @@ def run_chunk(
     The block is read in place. When the users do not divide into blocks, the last block is
     shifted back to end at the last user, and the users it repeats are not kept again; users
     without ``valid`` (padding) are never kept.
+
+    Args:
+      chunk_fn: ``chunk_fn(shared, users, keep)``, as ``vmap_sum`` builds.
+      shared: what every user reads (the server's parameters, say), passed as it is.
+      users: a pytree whose leaves stack all users ``[users, ...]``; at least ``size`` users.
+      valid: ``[users]`` booleans, the real users.
+      chunk: the block's index (an int or a traced integer).
+      size: users per block.
+
+    Returns:
+      ``chunk_fn``'s result on the block: the kept users' summed update and all ``size`` users' outputs.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> chunk_fn = vmap_sum(lambda shared, u: (u, u))
+        >>> users, valid = (jnp.arange(5.0),), jnp.ones(5, bool)
+        >>> total, outputs = run_chunk(chunk_fn, None, users, valid, 1, 3)  # users 2, 3, 4; 2 was chunk 0's
+        >>> float(total), outputs.tolist()
+        (7.0, [2.0, 3.0, 4.0])
     """
     num_users = jax.tree_util.tree_leaves(users)[0].shape[0]
     start = jnp.minimum(chunk * size, num_users - size)
@@ -90,6 +159,21 @@ def scan_chunks(run_one: Callable[[Array], tuple[PyTree, PyTree]], first: Array,
 
     More than one chunk runs as a ``lax.scan``, for users whose computation has no convolutions
     left (XLA:CPU runs convolution weight gradients inside a loop far slower than outside one).
+
+    Args:
+      run_one: ``run_one(chunk) -> (summed update, outputs)`` of one chunk index.
+      first: the first chunk's index (a JAX integer).
+      count: how many consecutive chunks.
+
+    Returns:
+      ``(total, outputs)``: the chunks' updates summed, and their outputs stacked ``[count, ...]``.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> total, outputs = scan_chunks(lambda c: (c.astype(jnp.float32), 10 * c), jnp.asarray(1), 3)
+        >>> float(total), outputs.tolist()
+        (6.0, [10, 20, 30])
     """
     if count == 1:
         total, outputs = run_one(first)
@@ -121,6 +205,30 @@ def sum_chunks(
     tenth of them per call, always the same count, so that ``step`` compiles once.
     ``progress(done, num_users)``, if given, is called before the first call and after each one;
     each call is then waited for, so the host no longer queues work ahead of the devices.
+
+    Args:
+      step: ``step(first, count)`` as above.
+      users_per_group: consecutive users each group holds.
+      size: users per chunk (per group).
+      num_users: the real users, the padding of the last group excluded.
+      progress: ``progress(done, num_users)``, or ``None``.
+      chunks_per_step: chunks one call of ``step`` may compute.
+
+    Returns:
+      ``(total, outputs)``: the summed update of all users, and every user's outputs ``[num_users, ...]``.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> users, valid = (jnp.arange(5.0),), jnp.ones(5, bool)
+        >>> chunk_fn = vmap_sum(lambda shared, u: (u, 10 * u))
+        >>> def step(first, count):  # one group: outputs [count, 1, size]
+        ...     run_one = lambda c: run_chunk(chunk_fn, None, users, valid, c, 2)
+        ...     total, outputs = scan_chunks(run_one, jnp.asarray(first), count)
+        ...     return total, outputs[:, None]
+        >>> total, outputs = sum_chunks(step, users_per_group=5, size=2, num_users=5)
+        >>> float(total), outputs.tolist()
+        (10.0, [0.0, 10.0, 20.0, 30.0, 40.0])
     """
     groups = -(-num_users // users_per_group)
     chunks = num_chunks(users_per_group, size)
@@ -144,6 +252,21 @@ def sum_chunks(
 
 @jax.jit
 def tree_add(a: PyTree, b: PyTree) -> PyTree:
+    """``a + b``, leaf by leaf, in one jitted program (one dispatch for the whole tree).
+
+    Args:
+      a: a pytree of arrays.
+      b: one of the same structure.
+
+    Returns:
+      The sum, in that structure.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> tree_add({"w": jnp.ones(2)}, {"w": jnp.ones(2)})["w"].tolist()
+        [2.0, 2.0]
+    """
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
@@ -151,6 +274,23 @@ def in_user_order(steps: Sequence[Array], chunks: int, users_per_group: int, siz
     """Per-step outputs ``[count, groups, size, ...]`` as ``[num_users, ...]``.
 
     Chunks past the last one are dropped, and so are the users the last chunk repeats.
+
+    Args:
+      steps: each ``step``'s outputs ``[count, groups, size, ...]``, in order.
+      chunks: the chunks per group.
+      users_per_group: consecutive users each group holds.
+      size: users per chunk.
+      num_users: the real users.
+
+    Returns:
+      The outputs ``[num_users, ...]``, in user order.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> steps = [jnp.array([[[0, 1]]]), jnp.array([[[2, 3]]]), jnp.array([[[3, 4]]])]  # the last repeats 3
+        >>> in_user_order(steps, chunks=3, users_per_group=5, size=2, num_users=5).tolist()
+        [0, 1, 2, 3, 4]
     """
     stacked = jnp.concatenate(steps, axis=0)[:chunks]
     full = (chunks - 1) * size
@@ -167,7 +307,20 @@ def in_user_order(steps: Sequence[Array], chunks: int, users_per_group: int, siz
 
 
 def available_memory_bytes(device: Optional[jax.Device] = None) -> int:
-    """Free memory of ``device``: the accelerator's free bytes, or the host's available RAM for CPU."""
+    """Free memory of ``device``: the accelerator's free bytes, or the host's available RAM for CPU.
+
+    Args:
+      device: a JAX device (default: the first local one).
+
+    Returns:
+      The free bytes: ``bytes_limit - bytes_in_use`` where the backend reports them, else Linux's
+      ``MemAvailable``, else the available physical pages.
+
+    Example::
+
+        >>> available_memory_bytes() > 0
+        True
+    """
     device = device or jax.local_devices()[0]
     try:
         stats = device.memory_stats()
@@ -193,7 +346,22 @@ def _spec(leaf: Any) -> jax.ShapeDtypeStruct:
 
 
 def per_user_bytes(fn: UserFn, *one_user_args: Any) -> int:
-    """Bytes one user needs beyond the shared inputs: XLA's scratch plus the user's outputs."""
+    """Bytes one user needs beyond the shared inputs: XLA's scratch plus the user's outputs.
+
+    Args:
+      fn: one user's function.
+      *one_user_args: its arguments (arrays or ``jax.ShapeDtypeStruct``); only shapes and dtypes are read.
+
+    Returns:
+      XLA's temporary plus output bytes of ``fn`` compiled for them (on a backend without memory
+      analysis, every intermediate's bytes: an upper bound).
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp
+        >>> per_user_bytes(lambda x: (2 * x, x + 1), jax.ShapeDtypeStruct((1000,), jnp.float32)) >= 8000
+        True
+    """
     specs = jax.tree_util.tree_map(_spec, one_user_args)
     stats = jax.jit(fn).lower(*specs).compile().memory_analysis()
     if stats is None:  # a backend without memory analysis: count every intermediate (an upper bound)
@@ -208,7 +376,23 @@ _BYTES_CACHE: dict[Hashable, int] = {}
 
 def user_bytes(fn: UserFn, one_user_args: Sequence[Any], cache_key: Optional[Hashable] = None) -> int:
     """``per_user_bytes(fn, *one_user_args)``, measured once per ``cache_key`` and argument shapes
-    (``None``: every time): measuring means compiling one user."""
+    (``None``: every time): measuring means compiling one user.
+
+    Args:
+      fn: one user's function.
+      one_user_args: its arguments, as a sequence.
+      cache_key: what identifies ``fn`` across calls (a ``User``, say), or ``None``.
+
+    Returns:
+      The bytes, as ``per_user_bytes``.
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp
+        >>> args = (jax.ShapeDtypeStruct((1000,), jnp.float32),)
+        >>> user_bytes(lambda x: 2 * x, args, "doubling") == per_user_bytes(lambda x: 2 * x, *args)
+        True
+    """
     if cache_key is None:
         return per_user_bytes(fn, *one_user_args)
     key = (cache_key, compilation.signature(one_user_args))
@@ -232,6 +416,25 @@ def auto_users_per_chunk(
     says which. ``one_user_args`` are one user's arguments (arrays
     or ``ShapeDtypeStruct``); the per-user cost comes from compiling ``fn`` for them once (cached
     under ``cache_key`` when given). The result is at least 1 and at most ``num_users``.
+
+    Args:
+      fn: one user's function.
+      one_user_args: its arguments.
+      num_users: the users to cover.
+      budget_bytes: the bytes a chunk may take (``None``: the default above).
+      cache_key: as for ``user_bytes``.
+      platform: the backend's platform name, for the default budget.
+
+    Returns:
+      The users per chunk; under several processes the smallest over them (one program for all).
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp
+        >>> args = (jax.ShapeDtypeStruct((1000,), jnp.float32),)
+        >>> auto_users_per_chunk(lambda x: 2 * x, args, 50, budget_bytes=10**9), auto_users_per_chunk(
+        ...     lambda x: 2 * x, args, 50, budget_bytes=1)
+        (50, 1)
     """
     if budget_bytes is None:
         budget_bytes = int(DEFAULT_MEMORY_FRACTION * available_memory_bytes())

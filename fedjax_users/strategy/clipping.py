@@ -19,6 +19,23 @@ per-example gradient from that same pass.
 Each example still runs as its own batch of one (the pass is a ``vmap`` over examples), so
 BatchNorm in train mode normalises each example with its own statistics, as the reference does.
 The result equals ``vmap(grad)`` clipping up to float rounding.
+
+Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> import fedjax_users as fu
+    >>> from fedjax_users import semantics
+    >>> from fedjax_users.strategy import clipping
+    >>> model = fu.models.get("linear", num_classes=3, num_channels=1)
+    >>> x, y = jax.random.normal(jax.random.key(0), (4, 4, 4, 1)), jnp.array([0, 2, 1, 1])
+    >>> params = model.init(jax.random.key(1), x)["params"]
+    >>> def objective(p, example):  # one example as a batch of one
+    ...     logits = model.apply({"params": p}, example[0][None])
+    ...     return fu.losses.softmax_cross_entropy(logits, example[1][None]).mean(), None
+    >>> fast, _ = jax.jit(clipping.clipped_mean_gradient, static_argnums=0)(objective, params, (x, y), 0.1)
+    >>> plain, _ = jax.jit(semantics.clipped_mean_gradient, static_argnums=0)(objective, params, (x, y), 0.1)
+    >>> bool(jnp.allclose(fast["1"]["kernel"], plain["1"]["kernel"], atol=1e-6))
+    True
 """
 
 from __future__ import annotations
@@ -35,6 +52,9 @@ import numpy as np
 from fedjax_users import privacy, semantics
 
 from fedjax_users.strategy import chunking, cpu, patches
+
+__all__ = ["Objective", "auto_examples_per_chunk", "chunk_bounds", "clipped_mean_gradient", "example_bytes",
+           "fast_layers"]
 
 Array = jax.Array
 PyTree = Any
@@ -124,7 +144,32 @@ def _kernel_used_once(objective: Objective, params: PyTree, example: PyTree, lay
 
 
 def fast_layers(objective: Objective, params: PyTree, example: PyTree) -> list[_Layer]:
-    """The layers whose kernels take the fast path, found by tracing ``objective`` on one example."""
+    """The layers whose kernels take the fast path, found by tracing ``objective`` on one example.
+
+    A layer qualifies when it is a plain ``nn.Dense`` or ``nn.Conv`` (computing in its kernel's
+    dtype, no custom dot), called once, and its kernel enters the computation only through that call.
+
+    Args:
+      objective: ``objective(params, example) -> (loss, aux)`` of one example.
+      params: the parameters (a Flax ``params`` dict).
+      example: one example (no leading examples axis); only its shapes are traced.
+
+    Returns:
+      The qualifying layers (their ``path`` in ``params``, module and one example's shapes), in call order.
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp
+        >>> import fedjax_users as fu
+        >>> model = fu.models.get("linear", num_classes=3, num_channels=1)
+        >>> x, y = jnp.ones((4, 4, 4, 1)), jnp.array([0, 2, 1, 1])
+        >>> params = model.init(jax.random.key(1), x)["params"]
+        >>> def objective(p, example):  # one example as a batch of one
+        ...     logits = model.apply({"params": p}, example[0][None])
+        ...     return fu.losses.softmax_cross_entropy(logits, example[1][None]).mean(), None
+        >>> [layer.path for layer in fast_layers(objective, params, (x[0], y[0]))]
+        [('1',)]
+    """
     calls: list[tuple[nn.Module, Any, Any]] = []
 
     def record(next_fun, args, kwargs, context):
@@ -279,7 +324,22 @@ def _count(examples: PyTree) -> int:
 
 
 def example_bytes(layers: list[_Layer], example: PyTree) -> int:
-    """Scratch one example takes on the fast path: its inputs, cotangents and kernel gradients, one layer's patches."""
+    """Scratch one example takes on the fast path: its inputs, cotangents and kernel gradients, one layer's patches.
+
+    Args:
+      layers: the fast layers (``fast_layers``).
+      example: one example (arrays or shape-dtype structs).
+
+    Returns:
+      The bytes: the example's own, each layer's input, output cotangent and kernel gradient in the
+      layer's ``param_dtype``, and the largest one layer's im2col patches.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> example_bytes([], jnp.ones((4, 4, 1)))  # no fast layer: the example's 16 floats
+        64
+    """
     total = sum(np.size(leaf) * jnp.result_type(leaf).itemsize for leaf in jax.tree_util.tree_leaves(example))
     patches_bytes = 0
     for layer in layers:
@@ -295,7 +355,25 @@ def example_bytes(layers: list[_Layer], example: PyTree) -> int:
 
 def auto_examples_per_chunk(count: int, per_example_bytes: int, budget_bytes: Optional[int] = None) -> int:
     """Examples per chunk: the whole batch off CPU; on CPU what fits ``cpu.CLIP_CHUNK_BYTES``
-    (at least ``cpu.MIN_EXAMPLES_PER_CHUNK``), in at most ``cpu.MAX_UNROLLED_CHUNKS`` even chunks."""
+    (at least ``cpu.MIN_EXAMPLES_PER_CHUNK``), in at most ``cpu.MAX_UNROLLED_CHUNKS`` even chunks.
+
+    Args:
+      count: the user's examples.
+      per_example_bytes: scratch of one example (``example_bytes``).
+      budget_bytes: the bytes a chunk may take; ``None``: the default above.
+
+    Returns:
+      Examples per chunk: chunks of equal size, the last possibly shorter.
+
+    Example::
+
+        >>> auto_examples_per_chunk(128, 1, budget_bytes=2**30)  # it all fits: one chunk
+        128
+        >>> auto_examples_per_chunk(128, 2**20, budget_bytes=2**20)  # cpu.MIN_EXAMPLES_PER_CHUNK at least
+        32
+        >>> auto_examples_per_chunk(1024, 2**20, budget_bytes=2**20)  # cpu.MAX_UNROLLED_CHUNKS chunks at most
+        64
+    """
     if budget_bytes is None:
         if not cpu.is_cpu():
             return count
@@ -307,7 +385,20 @@ def auto_examples_per_chunk(count: int, per_example_bytes: int, budget_bytes: Op
 
 
 def chunk_bounds(count: int, size: int) -> list[tuple[int, int]]:
-    """(start, stop) of consecutive chunks of ``size`` examples covering ``count`` (the last may be shorter)."""
+    """(start, stop) of consecutive chunks of ``size`` examples covering ``count`` (the last may be shorter).
+
+    Args:
+      count: the examples.
+      size: examples per chunk.
+
+    Returns:
+      The bounds, in order.
+
+    Example::
+
+        >>> chunk_bounds(5, 2)
+        [(0, 2), (2, 4), (4, 5)]
+    """
     return [(start, min(start + size, count)) for start in range(0, count, size)]
 
 
@@ -327,6 +418,37 @@ def clipped_mean_gradient(
     docstring (``fast=False`` forces plain ``vmap`` for every parameter). The examples run
     ``examples_per_chunk`` at a time (``None``: ``auto_examples_per_chunk``); each example's
     clipping is its own, so chunks change only the order of the final sum.
+
+    Args:
+      objective: ``objective(params, example) -> (loss, aux)`` of one example.
+      params: the parameters differentiated.
+      examples: a pytree whose leaves stack the examples on a leading axis.
+      clip_value: the bound ``C`` (breaching's rule: ``privacy.clip_factor``).
+      fast: whether qualifying dense and convolution kernels take the fast path.
+      examples_per_chunk: examples per chunk, at least 1; ``None``: ``auto_examples_per_chunk``.
+
+    Returns:
+      ``(grads, aux)``: the mean clipped gradient, in ``params``' structure, and the stacked ``aux``;
+      ``semantics.clipped_mean_gradient``'s result up to float rounding.
+
+    Raises:
+      ValueError: ``examples_per_chunk`` < 1.
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp
+        >>> import fedjax_users as fu
+        >>> model = fu.models.get("linear", num_classes=3, num_channels=1)
+        >>> x, y = jnp.ones((4, 4, 4, 1)), jnp.array([0, 2, 1, 1])
+        >>> params = model.init(jax.random.key(1), x)["params"]
+        >>> def objective(p, example):  # one example as a batch of one
+        ...     logits = model.apply({"params": p}, example[0][None])
+        ...     return fu.losses.softmax_cross_entropy(logits, example[1][None]).mean(), None
+        >>> run = jax.jit(clipped_mean_gradient, static_argnums=0, static_argnames="examples_per_chunk")
+        >>> whole, _ = run(objective, params, (x, y), 0.1)
+        >>> chunked, _ = run(objective, params, (x, y), 0.1, examples_per_chunk=3)
+        >>> bool(jnp.allclose(whole["1"]["bias"], chunked["1"]["bias"], atol=1e-7))
+        True
     """
     count = _count(examples)
     first = jax.tree_util.tree_map(lambda leaf: leaf[0], examples)
