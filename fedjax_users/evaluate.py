@@ -66,12 +66,17 @@ from fedjax_users.config import DISTRIBUTIONS, ConfigError, LocalDiffPrivacy, Us
 
 __all__ = [
     "ATTACKS",
+    "COSINE",
     "DEFAULT_DEFENCES",
+    "DEFENCE_KEYS",
     "Defence",
     "DefenceError",
     "DefenceImages",
     "Evaluation",
     "EvaluationResult",
+    "GRADIENT_STEP",
+    "HELD_OUT",
+    "L2",
     "Row",
     "add_arguments",
     "evaluation",
@@ -112,6 +117,7 @@ ATTACKS = {"cosine": COSINE, "l2": L2}
 # digit's gradient on lenet_zhu has a norm of about 13, and a step of 0.1 along it alone already
 # raises the held-out loss by 14 (every digit called a 0), which would hide what the noise costs.
 GRADIENT_STEP = 0.01
+# Held-out examples (that the user does not hold) the loss change is measured on.
 HELD_OUT = 100
 # The attacker's user draws no noise; the key it is called with is never used.
 _ATTACKER_KEY = 0
@@ -147,12 +153,29 @@ class Defence:
     reaches it (``accounting.calibrate``); ``steps`` and ``batch`` replace ``num_local_updates`` and
     ``num_data_points`` (unset: the case's). ``Defence()`` is no defence.
 
+    Attributes:
+      clip: the per-example clipping bound (0: none).
+      noise: the gradient noise's scale (0: none).
+      distribution: the gradient noise's, ``"gaussian"`` or ``"laplacian"``.
+      epsilon: the epsilon the gradient noise is calibrated to, or ``None`` (needs ``clip > 0``, no ``noise``).
+      input_noise: the input noise's scale (0: none).
+      steps: the local steps of a ``local_update`` user, or ``None`` (the case's).
+      batch: the user's examples, or ``None`` (the case's).
+
+    Raises:
+      DefenceError: a negative or non-finite value, an unknown distribution, ``noise`` and
+        ``epsilon`` together, or ``epsilon`` without ``clip``.
+
     Example::
 
         >>> Defence.parse("clip=1,noise=0.1").name
         'clip=1,noise=0.1'
         >>> Defence.parse("none") == Defence()
         True
+        >>> cfg = fu.UserConfig.from_yaml("local_gradient")
+        >>> dp = Defence(clip=1.0, input_noise=0.1).user_config(cfg).local_diff_privacy
+        >>> dp.per_example_clipping, dp.input_noise, dp.gradient_noise
+        (1.0, 0.1, 0.0)
     """
 
     clip: float = 0.0
@@ -204,6 +227,12 @@ class Defence:
     def parse(cls, text: str) -> "Defence":
         """``"none"`` or ``key=value[,key=value...]`` with the keys of ``DEFENCE_KEYS``.
 
+        Args:
+          text: the defence as ``--defences`` takes it, e.g. ``"clip=1,noise=0.1"`` or ``"none"``.
+
+        Returns:
+          The ``Defence``.
+
         Raises:
           DefenceError: an unknown key (with the closest known one), a value that is not a number,
             a repeated key, or a value ``Defence`` refuses.
@@ -236,6 +265,14 @@ class Defence:
     def user_config(self, cfg: UserConfig, noise: Optional[float] = None) -> UserConfig:
         """The case's user config ``cfg`` under this defence (``noise``: the calibrated gradient noise).
 
+        Args:
+          cfg: the case's user config.
+          noise: the gradient noise to use instead of ``self.noise`` (the one calibrated to
+            ``self.epsilon``), or ``None``.
+
+        Returns:
+          ``cfg`` with this defence's ``local_diff_privacy`` (replacing the case's), steps and batch.
+
         Raises:
           DefenceError: ``steps`` for a user that takes one gradient, or a config the user refuses.
         """
@@ -263,6 +300,12 @@ DEFAULT_DEFENCES = (Defence(), Defence(clip=1.0, epsilon=100.0), Defence(clip=1.
 def parse_defences(texts: Sequence[str | Defence]) -> tuple[Defence, ...]:
     """The grid ``--defences`` gives: one ``Defence.parse`` per entry (a ``Defence`` is kept as it is).
 
+    Args:
+      texts: the entries, ``--defences`` words or ``Defence`` values.
+
+    Returns:
+      The grid's ``Defence`` values, in order.
+
     Raises:
       DefenceError: an empty grid, a bad entry, or the same defence twice.
 
@@ -286,6 +329,7 @@ def parse_defences(texts: Sequence[str | Defence]) -> tuple[Defence, ...]:
 
 
 def _images(x: Any) -> Array:
+    """``x`` as float32 images ``[N, H, W, C]`` (one image ``[H, W, C]`` gains the batch axis)."""
     x = jnp.asarray(x, jnp.float32)
     return x[None] if x.ndim == 3 else x
 
@@ -294,6 +338,13 @@ def psnr(reconstruction: Any, truth: Any) -> np.ndarray:
     """PSNR in dB of each image ``[N, H, W, C]`` (or one ``[H, W, C]``) in [0, 1], by dm-pix.
 
     The reconstruction is clipped to [0, 1] first: the data range is the images' own.
+
+    Args:
+      reconstruction: the reconstructed images (clipped to [0, 1] here).
+      truth: the original images, in [0, 1], of the same shape.
+
+    Returns:
+      ``[N]`` float64 PSNRs.
 
     Example::
 
@@ -306,6 +357,13 @@ def psnr(reconstruction: Any, truth: Any) -> np.ndarray:
 def ssim(reconstruction: Any, truth: Any) -> np.ndarray:
     """SSIM of each image ``[N, H, W, C]`` in [0, 1] (dm-pix: 11x11 Gaussian window, sigma 1.5).
 
+    Args:
+      reconstruction: the reconstructed images (clipped to [0, 1] here).
+      truth: the original images, in [0, 1], of the same shape (at least 11 pixels a side).
+
+    Returns:
+      ``[N]`` float64 SSIMs (1: the same image).
+
     Example::
 
         >>> float(ssim(np.ones((16, 16, 1)) * 0.3, np.ones((16, 16, 1)) * 0.3)[0])
@@ -316,6 +374,16 @@ def ssim(reconstruction: Any, truth: Any) -> np.ndarray:
 
 def label_accuracy(inferred: Sequence[int], true: Sequence[int]) -> float:
     """The share of the true labels the inferred ones recover, as multisets (order does not count).
+
+    Args:
+      inferred: the labels the attacker read off the update.
+      true: the user's labels (at least one).
+
+    Returns:
+      The share in [0, 1].
+
+    Raises:
+      ValueError: no true labels.
 
     Example::
 
@@ -332,6 +400,12 @@ def label_accuracy(inferred: Sequence[int], true: Sequence[int]) -> float:
 def update_cosine(update: PyTree, reference: PyTree) -> float:
     """The cosine between two updates, over all their leaves at once (1: the same direction).
 
+    Args:
+      update, reference: two trees of the same structure (the defended and the undefended update).
+
+    Returns:
+      The cosine, in [-1, 1].
+
     Example::
 
         >>> round(update_cosine({"w": np.array([1.0, 0.0])}, {"w": np.array([1.0, 1.0])}), 4)
@@ -342,6 +416,13 @@ def update_cosine(update: PyTree, reference: PyTree) -> float:
 
 def relative_error(update: PyTree, reference: PyTree) -> float:
     """``|update - reference| / |reference|`` over all leaves (L2 norms).
+
+    Args:
+      update: the defended update.
+      reference: the undefended update, of the same tree structure.
+
+    Returns:
+      The relative error (0: the same update).
 
     Example::
 
@@ -357,6 +438,13 @@ def match_images(reconstruction: Any, truth: Any) -> np.ndarray:
 
     An attack returns its images in no particular order; each original is paired with a
     reconstruction by PSNR, the best pair first (greedy), as one image each.
+
+    Args:
+      reconstruction: the attack's images ``[N, H, W, C]``.
+      truth: the originals ``[N, H, W, C]``.
+
+    Returns:
+      ``[N]`` int indices into ``reconstruction``, one per original.
 
     Example::
 
@@ -423,7 +511,30 @@ def infer_labels(update: PyTree, count: int, num_classes: int, parameter_differe
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One defence under one attack: privacy, leakage and utility, and the attack's own settings."""
+    """One defence under one attack: privacy, leakage and utility, and the attack's own settings.
+
+    Attributes:
+      defence, attack: the defence's name (``Defence.name``) and the attack's (a key of ``ATTACKS``).
+      epsilon, epsilon_rdp, delta, queries, guarantee, noise_multiplier: the defended user's
+        :class:`fedjax_users.accounting.Guarantee` (PLD and RDP epsilon at ``delta`` over
+        ``queries`` queries, its one-line summary; ``inf`` without a guarantee).
+      clip, noise, distribution, input_noise, steps, batch: the defended user's config (``steps``
+        ``None`` for a single-step user; ``noise`` the calibrated one for an ``epsilon`` defence).
+      psnr, ssim: the means over the images of ``psnr_per_image`` and ``ssim_per_image``, each
+        reconstruction scored against the original it is matched to (:func:`match_images`).
+      psnr_random: what the attack's random start scores: an attack that learnt nothing.
+      label_accuracy, labels_true, labels_inferred: the labels read off the update
+        (:func:`infer_labels`) against the user's.
+      utility_cosine, utility_relative_error: the defended update against the undefended one.
+      held_out_loss_before, held_out_loss_after, held_out_loss_change: the held-out loss before and
+        after the server's step with the defended update, and its change.
+      held_out_loss_change_undefended: the change with the undefended update.
+      attack_objective, attack_optimizer, attack_steps, attack_restarts, attack_learning_rate,
+        attack_tv_scale, attack_schedule, attack_signed, attack_boxed, attack_seed: the attack's
+        :class:`fedjax_users.attacks.AttackConfig`.
+      attack_objective_value: the attack's final objective.
+      attack_seconds: the attack's time, per defence of its side-by-side group.
+    """
 
     defence: str
     attack: str
@@ -469,7 +580,13 @@ class Row:
 
 @dataclasses.dataclass(frozen=True)
 class DefenceImages:
-    """A defence's originals and each attack's reconstructions, matched to them, in [0, 1]."""
+    """A defence's originals and each attack's reconstructions, matched to them, in [0, 1].
+
+    Attributes:
+      defence: the defence's name.
+      originals: the user's images ``[N, H, W, C]``.
+      reconstructions: ``{attack name: [N, H, W, C]}``, image ``i`` standing for original ``i``.
+    """
 
     defence: str
     originals: np.ndarray  # [N, H, W, C]
@@ -478,7 +595,15 @@ class DefenceImages:
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationResult:
-    """What ``Evaluation.run`` found: one row per defence and attack, and the images."""
+    """What ``Evaluation.run`` found: one row per defence and attack, and the images.
+
+    Attributes:
+      case: the case's name.
+      rows: the :class:`Row` s, defence by defence in the grid's order, attacks in order within each.
+      images: one :class:`DefenceImages` per defence.
+      settings: ``Evaluation.settings()``.
+      seconds: ``setup``, ``attacks`` and ``total`` wall times.
+    """
 
     case: str
     rows: tuple[Row, ...]
@@ -513,6 +638,38 @@ def _shared_update(model, loss, cfg: UserConfig, mean: Array, std: Array, candid
 
 def _stack(trees: Sequence[PyTree]) -> PyTree:
     return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def _cases_by_batch(cfg_case: Any, key: Array, planned: Sequence[_Planned]) -> dict:
+    """The case's users (under ``None``) and, for each other batch size a defence asks for, the same
+    case built with that many examples (the same ``key``: the same model and data)."""
+    from omegaconf import OmegaConf
+
+    from fedjax_users.data import construct_users
+
+    cases = {None: construct_users(cfg_case, key)}
+    for p in planned:
+        if p.defence.batch is not None and p.defence.batch not in cases:
+            cfg_b = OmegaConf.merge(cfg_case, {"user": {"num_data_points": p.defence.batch}})
+            cases[p.defence.batch] = construct_users(cfg_b, key)
+    return cases
+
+
+def _normalisation(data_cfg: Any) -> tuple[Array, Array]:
+    """The case's input mean and std (0 and 1 where its data is not normalised): images in [0, 1]
+    are ``inputs * std + mean``."""
+    mean = jnp.asarray(np.asarray(data_cfg.mean if data_cfg.get("normalize") else [0.0], np.float32))
+    std = jnp.asarray(np.asarray(data_cfg.std if data_cfg.get("normalize") else [1.0], np.float32))
+    return mean, std
+
+
+def _attacker_groups(planned: Sequence[_Planned]) -> dict[tuple, list[int]]:
+    """The defences (indices into ``planned``) whose attacker's model of the user is the same (the
+    same batch, the user without noise), in the grid's order: each group is attacked side by side."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(planned):
+        groups.setdefault((p.defence.batch, _strip(p.cfg, keep_clipping=True)), []).append(i)
+    return groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -552,7 +709,17 @@ class Evaluation:
                              f"{self.gradient_step!r}")
 
     def settings(self) -> dict:
-        """The settings as plain values (for ``evaluation.json``)."""
+        """The settings as plain values (for ``evaluation.json``).
+
+        Returns:
+          ``{defences: [names], attacks: {name: AttackConfig fields}, delta, unit, relation, held_out,
+          gradient_step}``.
+
+        Example::
+
+            >>> evaluation(["none"], attacks=["l2"]).settings()["attacks"]["l2"]["optimizer"]
+            'lbfgs'
+        """
         return dict(defences=[d.name for d in self.defences],
                     attacks={name: dataclasses.asdict(config) for name, config in self.attacks},
                     delta=self.delta, unit=self.unit, relation=self.relation, held_out=self.held_out,
@@ -564,6 +731,10 @@ class Evaluation:
         Args:
           cfg_case: the composed case (``fedjax_users.data.load_case``).
           num_params: the model's parameter count (Laplace noise needs it); ``None``: from shapes.
+
+        Returns:
+          One plan per defence, in the grid's order: the defended user config (its noise calibrated
+          for an ``epsilon`` defence) and its :class:`fedjax_users.accounting.Guarantee`.
 
         Raises:
           DefenceError: a case this cannot evaluate (not images, an aggregate), or a defence its
@@ -608,6 +779,11 @@ class Evaluation:
     def run(self, cfg_case: Any, key: Array, progress: Optional[Any] = None) -> EvaluationResult:
         """Privacy, leakage and utility of every defence on the case's user (the first query).
 
+        The steps: :meth:`plan` (configs and guarantees), the users built (one case per batch size
+        of the grid), each defence's update observed (``_observe``), the attacks run side by side
+        on the defences one attacker model covers (``_attack``), and the rows scored
+        (``_rows_and_images``).
+
         Args:
           cfg_case: the composed case (``fedjax_users.data.load_case``).
           key: builds the case (``construct_users``) and, folded with 0, draws the user's noise, as
@@ -617,39 +793,41 @@ class Evaluation:
         Returns:
           The :class:`EvaluationResult`: rows in the grid's order, attacks in ``self.attacks``'s.
         """
-        from omegaconf import OmegaConf
-
-        from fedjax_users.data import construct_users
-
         stage = progress.stage if progress is not None else (lambda _: contextlib.nullcontext())
         started = time.perf_counter()
         with stage("checking the grid, calibrating the noise"):
             planned = self.plan(cfg_case)
         with stage("building the users"):
-            cases = {None: construct_users(cfg_case, key)}
-            base = cases[None]
-            for p in planned:
-                if p.defence.batch is not None and p.defence.batch not in cases:
-                    cfg_b = OmegaConf.merge(cfg_case, {"user": {"num_data_points": p.defence.batch}})
-                    cases[p.defence.batch] = construct_users(cfg_b, key)
-        data_cfg = cfg_case.data
-        mean = jnp.asarray(np.asarray(data_cfg.mean if data_cfg.get("normalize") else [0.0], np.float32))
-        std = jnp.asarray(np.asarray(data_cfg.std if data_cfg.get("normalize") else [1.0], np.float32))
-        classes = int(data_cfg.classes)
+            cases = _cases_by_batch(cfg_case, key, planned)
+        mean, std = _normalisation(cfg_case.data)
+        classes = int(cfg_case.data.classes)
         user_key = jax.random.fold_in(key, 0)
         with stage("the users' updates, held-out loss"):
-            held = _held_out_data(cfg_case, base, self.held_out)
+            held = _held_out_data(cfg_case, cases[None], self.held_out)
             observed = [self._observe(cases[p.defence.batch], p, user_key, held, classes, mean, std) for p in planned]
         seconds = dict(setup=time.perf_counter() - started)
 
-        # Defences whose attacker's model of the user is the same are attacked side by side.
-        groups: dict[tuple, list[int]] = {}
-        for i, p in enumerate(planned):
-            groups.setdefault((p.defence.batch, _strip(p.cfg, keep_clipping=True)), []).append(i)
-        results: dict[tuple[int, str], tuple[np.ndarray, float, float]] = {}
+        groups = _attacker_groups(planned)
         report = progress.counter("attacks", "attacks") if progress is not None else None
-        done, total = 0, len(groups) * len(self.attacks)
         attack_started = time.perf_counter()
+        results = self._attack(groups, observed, cases, mean, std, report)
+        seconds["attacks"] = time.perf_counter() - attack_started
+
+        rows, images = self._rows_and_images(planned, observed, results)
+        seconds["total"] = time.perf_counter() - started
+        name = str(cfg_case.get("name") or "case")
+        return EvaluationResult(case=name, rows=tuple(rows), images=tuple(images), settings=self.settings(),
+                                seconds=seconds)
+
+    def _attack(self, groups: dict[tuple, list[int]], observed: Sequence[dict], cases: dict, mean: Array,
+                std: Array, report: Optional[Callable[[int, int], Any]]) -> dict[tuple[int, str], tuple]:
+        """Every attack on every group of defences (:func:`_attacker_groups`), a group under one ``vmap``.
+
+        Returns ``{(defence index, attack name): (reconstructions, objective value, seconds per
+        defence)}``, the reconstructions as the attack returned them (unclipped, unmatched).
+        """
+        results: dict[tuple[int, str], tuple[np.ndarray, float, float]] = {}
+        done, total = 0, len(groups) * len(self.attacks)
         for (batch, attacker_cfg), members in groups.items():
             case = cases[batch]
             update = functools.partial(_shared_update, case.model, case.loss, attacker_cfg, mean, std)
@@ -670,8 +848,12 @@ class Evaluation:
                 done += 1
         if report is not None:
             report(total, total)
-        seconds["attacks"] = time.perf_counter() - attack_started
+        return results
 
+    def _rows_and_images(self, planned: Sequence[_Planned], observed: Sequence[dict],
+                         results: dict[tuple[int, str], tuple]) -> tuple[list[Row], list[DefenceImages]]:
+        """The rows (defence by defence, attacks in order) and each defence's images, reconstructions
+        clipped to [0, 1] and matched to the originals."""
         rows, images = [], []
         for i, p in enumerate(planned):
             obs = observed[i]
@@ -683,10 +865,7 @@ class Evaluation:
                 matched[name] = rec
                 rows.append(self._row(p, name, config, obs, rec, value, spent))
             images.append(DefenceImages(p.defence.name, np.asarray(truth), matched))
-        seconds["total"] = time.perf_counter() - started
-        name = str(cfg_case.get("name") or "case")
-        return EvaluationResult(case=name, rows=tuple(rows), images=tuple(images), settings=self.settings(),
-                                seconds=seconds)
+        return rows, images
 
     def _observe(self, case, p: _Planned, key: Array, held: Any, classes: int, mean: Array, std: Array) -> dict:
         """The defended user's update, the undefended one, the labels read off it, and the utility."""
@@ -894,6 +1073,10 @@ def reconstruction_grid(result: EvaluationResult, path: str | os.PathLike) -> An
     reconstruction of it, titled with its PSNR, SSIM and the label the attacker read off the update
     (for several images: the labels in the order read, not matched to the images).
 
+    Args:
+      result: what ``Evaluation.run`` returned.
+      path: the picture (its extension names the format).
+
     Returns:
       The drawn ``matplotlib.figure.Figure``.
     """
@@ -975,8 +1158,17 @@ def write(result: EvaluationResult, folder: str, config: Optional[dict] = None) 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The arguments of ``fedjax-users evaluate`` on ``parser`` (a subparser of the ``fedjax-users`` command).
 
+    Args:
+      parser: the parser to add them to (changed in place).
+
     Returns:
       ``parser``.
+
+    Example::
+
+        >>> args = add_arguments(argparse.ArgumentParser()).parse_args(["--defences", "none", "clip=1,noise=0.1"])
+        >>> args.case, args.defences, args.attacks
+        (None, ['none', 'clip=1,noise=0.1'], ['cosine', 'l2'])
     """
     parser.add_argument("case", nargs="?", help="a case by name or a case YAML file (default: the bundled digits case)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. user=local_gradient model=lenet_zhu")
