@@ -43,6 +43,40 @@ from fedjax_users.data.sources import embedded_digits
 from fedjax_users.strategy.compilation import tracing
 from fedjax_users.strategy.cpu import is_cpu
 
+__all__ = [
+    "GRID_COLUMNS",
+    "GRID_FILE",
+    "MODEL_SEED",
+    "OBJECTIVES",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "TRUE_INDEX",
+    "USER_SEED",
+    "AttackConfig",
+    "Result",
+    "UserUpdate",
+    "brightness_blindness",
+    "cosine_distance",
+    "digit_images",
+    "euclidean_distance",
+    "example_server",
+    "infer_label",
+    "invert",
+    "invert_each",
+    "main",
+    "mean_grey_psnr",
+    "nearest_other_digit",
+    "nearest_other_digit_psnr",
+    "picture_output",
+    "psnr",
+    "run_example",
+    "shared_update",
+    "total_variation",
+    "user_configs",
+    "write_grid",
+    "wrong_index",
+]
+
 Array = jax.Array
 PyTree = Any
 # (candidate images [N, H, W, C], context) -> the update the user would share for them; the
@@ -55,7 +89,19 @@ UserUpdate = Callable[[Array, PyTree], PyTree]
 
 
 def cosine_distance(a: PyTree, b: PyTree) -> Array:
-    """``1 - <a, b> / (|a| |b|)`` over all leaves at once (breaching's ``CosineSimilarity`` objective)."""
+    """``1 - <a, b> / (|a| |b|)`` over all leaves at once (breaching's ``CosineSimilarity`` objective).
+
+    Args:
+      a, b: two trees of the same structure (two updates).
+
+    Returns:
+      The distance, a scalar in [0, 2] (0: the same direction).
+
+    Example::
+
+        >>> float(cosine_distance({"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([0.0, 2.0])}))
+        1.0
+    """
     leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
     dot = sum(jnp.sum(x * y) for x, y in zip(leaves_a, leaves_b))
     norm_a = jnp.sqrt(sum(jnp.sum(x * x) for x in leaves_a))
@@ -64,19 +110,56 @@ def cosine_distance(a: PyTree, b: PyTree) -> Array:
 
 
 def euclidean_distance(a: PyTree, b: PyTree) -> Array:
-    """``0.5 * |a - b|^2`` over all leaves (breaching's ``Euclidean`` objective at scale 1)."""
+    """``0.5 * |a - b|^2`` over all leaves (breaching's ``Euclidean`` objective at scale 1).
+
+    Args:
+      a, b: two trees of the same structure (two updates).
+
+    Returns:
+      The distance, a scalar.
+
+    Example::
+
+        >>> float(euclidean_distance({"w": jnp.array([3.0, 0.0])}, {"w": jnp.array([0.0, 4.0])}))
+        12.5
+    """
     return 0.5 * sum(jnp.sum(jnp.square(x - y)) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
 def total_variation(images: Array) -> Array:
-    """Mean absolute difference of horizontally and vertically adjacent pixels (NHWC)."""
+    """Mean absolute difference of horizontally and vertically adjacent pixels (NHWC).
+
+    Args:
+      images: ``[N, H, W, C]``.
+
+    Returns:
+      The horizontal mean plus the vertical mean, a scalar (0 for flat images).
+
+    Example::
+
+        >>> float(total_variation(jnp.array([[[[0.0], [1.0]], [[0.0], [1.0]]]])))  # vertical stripes
+        1.0
+    """
     dx = jnp.abs(images[:, :, 1:, :] - images[:, :, :-1, :])
     dy = jnp.abs(images[:, 1:, :, :] - images[:, :-1, :, :])
     return jnp.mean(dx) + jnp.mean(dy)
 
 
 def psnr(reconstruction: Array, truth: Array, data_range: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB of ``reconstruction`` against ``truth`` (both in [0, data_range])."""
+    """Peak signal-to-noise ratio in dB of ``reconstruction`` against ``truth`` (both in [0, data_range]).
+
+    Args:
+      reconstruction, truth: images of the same shape (all of them scored as one).
+      data_range: the images' range.
+
+    Returns:
+      ``10 log10(data_range^2 / MSE)``, the MSE floored at 1e-20 (equal images: 200 dB).
+
+    Example::
+
+        >>> round(psnr(np.full((2, 2), 0.5), np.zeros((2, 2))), 4)
+        6.0206
+    """
     mse = float(jnp.mean(jnp.square(jnp.asarray(reconstruction, jnp.float32) - jnp.asarray(truth, jnp.float32))))
     return float(10.0 * np.log10(data_range**2 / max(mse, 1e-20)))
 
@@ -88,6 +171,19 @@ def infer_label(update: PyTree, parameter_difference: bool = False,
     The last layer's bias gradient is ``softmax - one_hot``: negative at the true label only. A
     parameter difference after local SGD steps on that one example is minus the learning rate
     times a sum of such gradients: positive at the label only.
+
+    Args:
+      update: the observed update of one example.
+      parameter_difference: whether ``update`` is a parameter difference (multi-step users).
+      bias_path: the keys of the last layer's bias in ``update`` (lenet_zhu's by default).
+
+    Returns:
+      The label.
+
+    Example::
+
+        >>> infer_label({"fc": {"0": {"bias": jnp.array([0.1, -0.9, 0.8])}}})
+        1
     """
     bias = update
     for name in bias_path:
@@ -115,6 +211,22 @@ class AttackConfig:
     gradient (breaching's ``signed: hard``). ``boxed``: keep the images in [0, 1] after every step.
     ``optimizer``: ``"adam"`` or ``"lbfgs"`` (optax's L-BFGS, whose zoom line search picks each
     step: ``learning_rate``, ``schedule`` and ``signed`` are then not used).
+
+    Attributes:
+      steps: the attack's steps.
+      restarts: random starting images, attacked side by side; the best objective is kept.
+      learning_rate: Adam's step size, in pixel units of [0, 1] images.
+      tv_scale: the weight of ``total_variation`` in the objective.
+      seed: the seed of the restarts' uniform [0, 1) starting images.
+      objective: a key of ``OBJECTIVES``.
+      schedule: one of ``SCHEDULES``.
+      signed: Adam on the gradient's signs.
+      boxed: clip the images to [0, 1] after every step.
+      optimizer: one of ``OPTIMIZERS``.
+
+    Raises:
+      ValueError: an unknown optimizer, objective or schedule, ``steps`` or ``restarts`` not an int
+        >= 1, ``learning_rate`` <= 0 or ``tv_scale`` < 0.
 
     Example::
 
@@ -148,7 +260,16 @@ class AttackConfig:
                              f"{self.tv_scale!r}")
 
     def step_sizes(self) -> optax.Schedule:
-        """The step size at each step: ``schedule`` applied to ``learning_rate``."""
+        """The step size at each step: ``schedule`` applied to ``learning_rate``.
+
+        Returns:
+          The optax schedule, step index -> step size.
+
+        Example::
+
+            >>> float(AttackConfig(steps=8, schedule="step", learning_rate=1.0).step_sizes()(7))  # after 3 drops
+            0.0010000000474974513
+        """
         if self.schedule == "cosine":
             return optax.cosine_decay_schedule(self.learning_rate, self.steps)
         if self.schedule == "step":
@@ -227,8 +348,27 @@ def invert(update: UserUpdate, observed: PyTree, context: PyTree, shape: Sequenc
     """Candidate images of ``shape`` whose update ``update(candidate, context)`` best matches ``observed``.
 
     ``update`` is a static argument of the compiled attack: reuse one function object (not a fresh
-    ``lambda`` per call) and the attack compiles once for all observations of that shape. Returns
-    the restart with the lowest objective (the attacker does not know the true images).
+    ``lambda`` per call) and the attack compiles once for all observations of that shape.
+
+    Args:
+      update: the attacker's model of the user, ``(candidate images, context) -> update``.
+      observed: the observed update.
+      context: what ``update`` takes besides the images (e.g. the server's parameters, the labels).
+      shape: the candidate images' shape ``[N, H, W, C]``.
+      config: the attack's settings.
+
+    Returns:
+      The restart with the lowest objective (the attacker does not know the true images), ``shape``.
+
+    Example::
+
+        >>> def update(candidate, weight):  # a user that shares its images times a weight
+        ...     return {"w": candidate * weight}
+        >>> observed = update(jnp.full((1, 2, 2, 1), 0.5), 2.0)
+        >>> config = AttackConfig(steps=50, restarts=1, objective="euclidean")
+        >>> found = invert(update, observed, 2.0, (1, 2, 2, 1), config)
+        >>> bool(jnp.all(jnp.abs(found - 0.5) < 0.05))
+        True
     """
     one = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf)[None], observed)
     finals, values = _invert_each(update, one, context, config, tuple(shape), None, _rewrites())
@@ -260,8 +400,14 @@ def invert_each(update: UserUpdate, observed: PyTree, context: PyTree, shape: Se
 
     Example::
 
-        recs, values = invert_each(update, stacked_observed, (params, stacked_labels), (1, 32, 32, 3),
-                                   AttackConfig(steps=100), context_axes=(None, 0))
+        >>> def update(candidate, weight):  # a user that shares its images times a weight
+        ...     return {"w": candidate * weight}
+        >>> weights, truths = jnp.array([1.0, 2.0]), jnp.array([0.2, 0.8])  # two users, each its own weight
+        >>> observed = {"w": jnp.stack([update(jnp.full((1, 2, 2, 1), t), w)["w"] for t, w in zip(truths, weights)])}
+        >>> config = AttackConfig(steps=50, restarts=1, objective="euclidean")
+        >>> recs, values = invert_each(update, observed, weights, (1, 2, 2, 1), config)
+        >>> recs.shape, bool(jnp.all(jnp.abs(recs - truths[:, None, None, None, None]) < 0.05))
+        ((2, 1, 2, 2, 1), True)
     """
     rewrite = _rewrites()
     run = functools.partial(_invert_each, update, config=config, shape=tuple(shape), context_axes=context_axes,
@@ -316,13 +462,32 @@ USER_SEED = 2
 
 
 def digit_images() -> tuple[np.ndarray, np.ndarray]:
-    """The validation digits as 32x32x3 images in [0, 1] and their labels."""
+    """The validation digits as 32x32x3 images in [0, 1] and their labels.
+
+    Returns:
+      ``(images [N, 32, 32, 3] float, labels [N] int32)``, from ``fedjax_users/data/digits.npz``.
+
+    Example::
+
+        >>> images, labels = digit_images()
+        >>> images.shape[1:], int(labels[TRUE_INDEX])
+        ((32, 32, 3), 0)
+    """
     split = embedded_digits("validation")
     return split.decode(split.stored), np.asarray(split.labels, np.int32)
 
 
 def user_configs() -> dict[str, fu.UserConfig]:
-    """The two users of the example: one gradient, and two local SGD steps, of the one image."""
+    """The two users of the example: one gradient, and two local SGD steps, of the one image.
+
+    Returns:
+      ``{"local_gradient": ..., "local_update": ...}``, user configs of one example each.
+
+    Example::
+
+        >>> user_configs()["local_update"].num_local_updates
+        2
+    """
     single = fu.UserConfig.from_dict(dict(user_type="local_gradient", num_data_points=1))
     multi = fu.UserConfig.from_dict(dict(
         user_type="local_update", num_data_points=1, num_local_updates=2, num_data_per_local_update_step=1,
@@ -332,7 +497,21 @@ def user_configs() -> dict[str, fu.UserConfig]:
 
 
 def shared_update(model, cfg: fu.UserConfig, candidate: Array, context: tuple[PyTree, Array]) -> PyTree:
-    """What the user of ``cfg`` shares for ``candidate``; ``context`` = (server params, labels), no buffers sent."""
+    """What the user of ``cfg`` shares for ``candidate``; ``context`` = (server params, labels), no buffers sent.
+
+    The attack's ``update`` is this with ``model`` and ``cfg`` bound (``functools.partial``): one
+    function object per user, so that the attack compiles once.
+
+    Args:
+      model: the Flax model (:func:`example_server`'s).
+      cfg: the user's config (one of :func:`user_configs`).
+      candidate: the images ``[N, 32, 32, 3]``.
+      context: ``(server params, labels [N])``.
+
+    Returns:
+      The shared gradient (or parameter difference), a params-shaped tree; the user's key is
+      ``USER_SEED``.
+    """
     params, labels = context
     run = fu.local_update if cfg.is_multi_step else fu.local_gradient
     shared, _, _ = run(model, fu.ServerPayload(params=params, batch_stats=None),
@@ -342,7 +521,15 @@ def shared_update(model, cfg: fu.UserConfig, candidate: Array, context: tuple[Py
 
 @dataclasses.dataclass(frozen=True)
 class Result:
-    """One reconstruction: which user, which observation, its PSNR and the inferred label."""
+    """One reconstruction: which user, which observation, its PSNR and the inferred label.
+
+    Attributes:
+      user: the user's name (a key of :func:`user_configs`).
+      observed: ``"true"`` (the user's own update) or ``"wrong"`` (another image's).
+      psnr: the reconstruction's PSNR against the true digit.
+      label: the label the attacker read off the observed update.
+      reconstruction: the images ``[1, 32, 32, 3]``.
+    """
 
     user: str
     observed: str  # "true" (the user's own update) or "wrong" (another image's)
@@ -352,7 +539,11 @@ class Result:
 
 
 def wrong_index() -> int:
-    """The digit behind the wrong observation: the first validation image of another class."""
+    """The digit behind the wrong observation: the first validation image of another class.
+
+    Returns:
+      Its index in :func:`digit_images`.
+    """
     _, labels = digit_images()
     return int(np.flatnonzero(labels != labels[TRUE_INDEX])[0])
 
@@ -361,6 +552,12 @@ def nearest_other_digit(index: int = TRUE_INDEX) -> tuple[int, float]:
     """The other validation digit closest to digit ``index``, and its PSNR against it.
 
     A reconstruction scoring above that PSNR is closer to this image than any other real digit is.
+
+    Args:
+      index: the digit's index in :func:`digit_images`.
+
+    Returns:
+      ``(index of the closest other digit, its PSNR in dB)``.
     """
     images, _ = digit_images()
     scores = {i: psnr(images[i], images[index]) for i in range(len(images)) if i != index}
@@ -369,18 +566,39 @@ def nearest_other_digit(index: int = TRUE_INDEX) -> tuple[int, float]:
 
 
 def nearest_other_digit_psnr(index: int = TRUE_INDEX) -> float:
-    """The PSNR of ``nearest_other_digit`` against digit ``index``."""
+    """The PSNR of ``nearest_other_digit`` against digit ``index``.
+
+    Args:
+      index: the digit's index in :func:`digit_images`.
+
+    Returns:
+      The PSNR in dB.
+    """
     return nearest_other_digit(index)[1]
 
 
 def mean_grey_psnr(index: int = TRUE_INDEX) -> float:
-    """The PSNR against digit ``index`` of a constant image at its mean grey level (a blind guess)."""
+    """The PSNR against digit ``index`` of a constant image at its mean grey level (a blind guess).
+
+    Args:
+      index: the digit's index in :func:`digit_images`.
+
+    Returns:
+      The PSNR in dB.
+    """
     images, _ = digit_images()
     return psnr(np.full_like(images[index], images[index].mean()), images[index])
 
 
 def example_server(model_seed: int = MODEL_SEED) -> tuple[Any, PyTree]:
-    """The example's model and the server's parameters."""
+    """The example's model and the server's parameters.
+
+    Args:
+      model_seed: the seed of ``model.init``.
+
+    Returns:
+      ``(lenet_zhu for 10 classes of 32x32x3 images, its params)``.
+    """
     model = models.get("lenet_zhu", num_classes=10, num_channels=3)
     example = jnp.zeros((1, 32, 32, 3), jnp.float32)
     return model, model.init(jax.random.key(model_seed), example)["params"]
@@ -391,6 +609,14 @@ def brightness_blindness(model_seed: int = MODEL_SEED, user: str = "local_gradie
 
     How little the update tells about the image's mean brightness: the smaller, the flatter the
     attack's objective along that direction, and the slower a few hundred steps find it.
+
+    Args:
+      model_seed: the seed of the server's weights.
+      user: a key of :func:`user_configs`.
+      shift: the brightness added to every pixel.
+
+    Returns:
+      The cosine distance.
     """
     images, labels = digit_images()
     truth = jnp.asarray(images[TRUE_INDEX : TRUE_INDEX + 1])
@@ -402,7 +628,21 @@ def brightness_blindness(model_seed: int = MODEL_SEED, user: str = "local_gradie
 
 def run_example(config: AttackConfig = AttackConfig(), users: Optional[Sequence[str]] = None,
                 model_seed: int = MODEL_SEED) -> list[Result]:
-    """Invert the digit ``TRUE_INDEX`` from each user's true update and from another image's."""
+    """Invert the digit ``TRUE_INDEX`` from each user's true update and from another image's.
+
+    Args:
+      config: the attack's settings.
+      users: the users (keys of :func:`user_configs`) to attack; ``None``: both.
+      model_seed: the seed of the server's weights.
+
+    Returns:
+      One :class:`Result` per user and observation (``"true"``, then ``"wrong"``).
+
+    Example::
+
+      results = run_example(AttackConfig(steps=100, restarts=1), users=["local_gradient"])
+      [(r.observed, round(r.psnr, 1)) for r in results]
+    """
     images, labels = digit_images()
     truth = jnp.asarray(images[TRUE_INDEX : TRUE_INDEX + 1])
     other = wrong_index()
@@ -480,7 +720,11 @@ def picture_output(out: Optional[str], force: bool) -> tuple[str, Optional[runs.
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """``python -m fedjax_users.attacks``: print the example's PSNRs and write its image grid."""
+    """``python -m fedjax_users.attacks``: print the example's PSNRs and write its image grid.
+
+    Args:
+      argv: the command's arguments (``None``: ``sys.argv[1:]``).
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = AttackConfig()
     parser.add_argument("--steps", type=int, default=defaults.steps)

@@ -11,9 +11,23 @@ import sys
 import time
 from typing import Optional, Sequence
 
+__all__ = [
+    "CASE_HELP",
+    "CHECKOUT_SUITES",
+    "CHECKPOINT_SECONDS",
+    "USER_MISTAKES",
+    "find_checkout",
+    "list_cases",
+    "main",
+    "privacy_report",
+    "run",
+]
+
+# The exceptions ``main`` prints as one line (exit status 2) rather than as a traceback.
 USER_MISTAKES = (ValueError, FileNotFoundError, KeyError)
 # A long aggregate saves its progress about this often with --checkpoint.
 CHECKPOINT_SECONDS = 60.0
+# The help of the commands' CASE argument.
 CASE_HELP = ("a case by name (fedjax-users cases lists them, e.g. 4_fedavg_small_scale) or a case YAML file "
              "(default: the bundled digits case)")
 
@@ -74,7 +88,11 @@ def _split_case_argument(case: Optional[str], overrides: list[str]) -> tuple[Opt
 
 
 def list_cases() -> int:
-    """``fedjax-users cases``: each case file a name resolves to, with what it computes."""
+    """``fedjax-users cases``: each case file a name resolves to, with what it computes.
+
+    Returns:
+      The exit status, 0.
+    """
     from fedjax_users.data import catalog
 
     entries = catalog.case_files()
@@ -246,7 +264,15 @@ def _fmt(value: float) -> str:
 
 
 def privacy_report(args) -> int:
-    """``fedjax-users privacy``: a case's guarantee for several deltas and queries, and the noise for targets."""
+    """``fedjax-users privacy``: a case's guarantee for several deltas and queries, and the noise for targets.
+
+    Args:
+      args: the ``privacy`` command's arguments, parsed (``case``, ``overrides``, ``delta``,
+        ``queries``, ``epsilon``, ``unit``, ``relation``, ``plot``).
+
+    Returns:
+      The exit status, 0.
+    """
     from omegaconf import OmegaConf
 
     from fedjax_users import UserConfig, accounting
@@ -282,17 +308,7 @@ def privacy_report(args) -> int:
         for queries in args.queries:
             cells = [accounting.guarantee(cfg, d, queries, **options) for d in args.delta]
             print(f"  {queries:<10}" + "".join(f"{_fmt(g.epsilon) + ' (' + _fmt(g.epsilon_rdp) + ')':<22}" for g in cells))
-    if dp.per_example_clipping > 0:
-        # One row (the first delta and number of queries): each target is a bisection.
-        queries = args.queries[0]
-        print(f"noise for   {dp.distribution} gradient_noise reaching epsilon at delta {args.delta[0]:g}, "
-              f"{queries} quer{'y' if queries == 1 else 'ies'}, per {args.unit}, {args.relation}")
-        print("  epsilon   " + "".join(f"{format(e, 'g'):<14}" for e in args.epsilon))
-        found = [accounting.calibrate(cfg, e, args.delta[0], queries, args.unit, args.relation,
-                                      num_params=sizes["num_params"]) for e in args.epsilon]
-        print("  noise     " + "".join(f"{c.local_diff_privacy.gradient_noise:<14.4g}" for c in found))
-    else:
-        print("noise for   none: without per_example_clipping no gradient noise gives a finite epsilon")
+    _print_noise_for_targets(cfg, args, sizes["num_params"])
     for note in first.notes:
         print(f"note        {note}")
     for item in first.unprotected:
@@ -304,6 +320,24 @@ def privacy_report(args) -> int:
         print(f"plot        {args.plot}: epsilon against {series.queries[0]} to {series.queries[-1]} queries, "
               f"per {args.unit}, {args.relation}; PLD solid, RDP dashed")
     return 0
+
+
+def _print_noise_for_targets(cfg, args, num_params: int) -> None:
+    """The ``noise for`` lines of ``fedjax-users privacy``: the gradient noise reaching each ``--epsilon``."""
+    from fedjax_users import accounting
+
+    dp = cfg.local_diff_privacy
+    if dp.per_example_clipping > 0:
+        # One row (the first delta and number of queries): each target is a bisection.
+        queries = args.queries[0]
+        print(f"noise for   {dp.distribution} gradient_noise reaching epsilon at delta {args.delta[0]:g}, "
+              f"{queries} quer{'y' if queries == 1 else 'ies'}, per {args.unit}, {args.relation}")
+        print("  epsilon   " + "".join(f"{format(e, 'g'):<14}" for e in args.epsilon))
+        found = [accounting.calibrate(cfg, e, args.delta[0], queries, args.unit, args.relation,
+                                      num_params=num_params) for e in args.epsilon]
+        print("  noise     " + "".join(f"{c.local_diff_privacy.gradient_noise:<14.4g}" for c in found))
+    else:
+        print("noise for   none: without per_example_clipping no gradient noise gives a finite epsilon")
 
 
 def _server_line(cfg_case, case) -> str:
@@ -318,7 +352,15 @@ def _server_line(cfg_case, case) -> str:
 
 
 def run(args) -> int:
-    """``fedjax-users run``: build the users of a case, compute, summarise, save."""
+    """``fedjax-users run``: build the users of a case, compute, summarise, save.
+
+    Args:
+      args: the ``run`` command's arguments, parsed (``case``, ``overrides``, ``out``, ``force``,
+        ``seed``, ``quiet``, ``checkpoint``, ``time``).
+
+    Returns:
+      The exit status, 0.
+    """
     import contextlib
 
     import jax
@@ -488,9 +530,27 @@ CHECKOUT_SUITES = {"parity": ("parity", "main", []), "bench": ("benchmarks", "ma
 
 
 def find_checkout(start: Optional[str] = None, package_parent: Optional[str] = None) -> Optional[str]:
-    """The repository checkout holding ``parity/`` and ``benchmarks/``: ``start`` (default: the
-    current folder) or one above it, else ``package_parent`` (default: the folder above this
-    ``fedjax_users``, a checkout when installed with ``pip install -e``); ``None`` if none is."""
+    """The repository checkout holding ``parity/`` and ``benchmarks/`` (each with a ``__main__.py``).
+
+    Args:
+      start: where to look first, then in each folder above it (default: the current folder).
+      package_parent: where to look last (default: the folder above this ``fedjax_users``, a
+        checkout when installed with ``pip install -e``).
+
+    Returns:
+      The checkout's folder, or ``None`` if none of those is one.
+
+    Example::
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as checkout:
+        ...     for suite in ("parity", "benchmarks"):
+        ...         os.makedirs(os.path.join(checkout, suite))
+        ...         open(os.path.join(checkout, suite, "__main__.py"), "w").close()
+        ...     os.makedirs(os.path.join(checkout, "docs", "figures"))
+        ...     find_checkout(os.path.join(checkout, "docs", "figures")) == os.path.abspath(checkout)
+        True
+    """
     here = os.path.abspath(start or os.getcwd())
     package_parent = package_parent or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     candidates = [here, *_parents(here), package_parent]
@@ -528,7 +588,15 @@ def _run_checkout_suite(command: str, argv: list[str]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``fedjax-users`` command."""
+    """Entry point of the ``fedjax-users`` command.
+
+    Args:
+      argv: the command's arguments (``None``: ``sys.argv[1:]``), e.g. ``["run", "4_fedavg_small_scale"]``.
+
+    Returns:
+      The exit status: 0, or 2 for a user mistake (``USER_MISTAKES``, printed as one line on stderr)
+      or ``parity`` / ``bench`` outside a checkout.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["parity"], ["bench"]):
         return _run_checkout_suite(argv[0], argv[1:])

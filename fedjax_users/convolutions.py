@@ -211,6 +211,7 @@ def _swapped(x: jax.Array, w: jax.Array, params: dict) -> jax.Array:
 
 
 def _output_sizes(x: jax.Array, w: jax.Array, params: dict) -> list[int]:
+    """The convolution's output size along each spatial axis (NHWC ``x``, HWIO ``w``)."""
     n = x.ndim - 2
     return [((s - 1) * ld + 1 + lo + hi - (k - 1) * rd - 1) // stride + 1
             for s, k, (lo, hi), ld, rd, stride in zip(x.shape[1 : n + 1], w.shape[:n], params["padding"],
