@@ -121,3 +121,22 @@ def test_stale_reruns_only_what_changed_and_then_nothing(tmp_path, monkeypatch, 
     assert parity_main.main(["--stale", path, "--precision", "float32"]) == 0
     assert ran == [cheap.name]
     assert "2 of 2 rows proven on today's code" in capsys.readouterr().out
+
+
+def test_stale_with_a_filter_reruns_only_the_stale_rows_it_matches(tmp_path, monkeypatch):
+    cheap, mlp = Case("linear", "local_gradient", False), Case("MLP", "local_gradient", False)
+    assert {cheap.name, mlp.name} <= set(cases_by_name())
+    path = _results_file(tmp_path / "r.json", (cheap, mlp), {})  # both stale
+    ran = []
+    real = parity_main._run
+
+    def counting_run(precision, args):
+        ran.append(args.cases)
+        return real(precision, args)
+
+    monkeypatch.setattr(parity_main, "_run", counting_run)
+    assert parity_main.main(["--stale", path, "--precision", "float32", "--filter", "linear/"]) == 0
+    assert ran == [cheap.name]
+    _, rows, prints = report.load_with_fingerprints(path)
+    assert [r.name for r in rows] == [cheap.name, mlp.name]  # the other row kept, still stale
+    assert prints.get(cheap.name) == fingerprint.fingerprint(cheap) and prints.get(mlp.name) != fingerprint.fingerprint(mlp)
