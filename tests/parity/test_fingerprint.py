@@ -100,18 +100,24 @@ def test_report_counts_proven_stale_and_unknown_rows(tree, tmp_path):
     assert report.freshness_line(rows, prints).startswith("1 of 4 rows proven on today's code")
 
 
-def test_stale_reruns_only_what_changed_and_then_nothing(tmp_path, monkeypatch, capsys):
-    cheap = Case("linear", "local_gradient", False)
-    assert cheap.name in cases_by_name()
-    path = _results_file(tmp_path / "r.json", (cheap, LENET), {LENET: fingerprint.fingerprint(LENET)})
-    ran = []
+@pytest.fixture
+def ran(monkeypatch):
+    """The ``--cases`` of each run ``python -m parity`` starts (the runs themselves go ahead)."""
+    calls = []
     real = parity_main._run
 
     def counting_run(precision, args):
-        ran.append(args.cases)
+        calls.append(args.cases)
         return real(precision, args)
 
     monkeypatch.setattr(parity_main, "_run", counting_run)
+    return calls
+
+
+def test_stale_reruns_only_what_changed_and_then_nothing(tmp_path, ran, capsys):
+    cheap = Case("linear", "local_gradient", False)
+    assert cheap.name in cases_by_name()
+    path = _results_file(tmp_path / "r.json", (cheap, LENET), {LENET: fingerprint.fingerprint(LENET)})
     assert parity_main.main(["--stale", path, "--precision", "float32"]) == 0
     assert ran == [cheap.name]
     _, rows, prints = report.load_with_fingerprints(path)
@@ -123,18 +129,10 @@ def test_stale_reruns_only_what_changed_and_then_nothing(tmp_path, monkeypatch, 
     assert "2 of 2 rows proven on today's code" in capsys.readouterr().out
 
 
-def test_stale_with_a_filter_reruns_only_the_stale_rows_it_matches(tmp_path, monkeypatch):
+def test_stale_with_a_filter_reruns_only_the_stale_rows_it_matches(tmp_path, ran):
     cheap, mlp = Case("linear", "local_gradient", False), Case("MLP", "local_gradient", False)
     assert {cheap.name, mlp.name} <= set(cases_by_name())
     path = _results_file(tmp_path / "r.json", (cheap, mlp), {})  # both stale
-    ran = []
-    real = parity_main._run
-
-    def counting_run(precision, args):
-        ran.append(args.cases)
-        return real(precision, args)
-
-    monkeypatch.setattr(parity_main, "_run", counting_run)
     assert parity_main.main(["--stale", path, "--precision", "float32", "--filter", "linear/"]) == 0
     assert ran == [cheap.name]
     _, rows, prints = report.load_with_fingerprints(path)
