@@ -129,6 +129,13 @@ def _hydra_override(item: str) -> str:
     if not key.lstrip("+~"):
         raise CaseConfigError(f"override {item!r} has no key")
     value = YAML_FLOATS.get(value.lower(), value)
+    if value.startswith("~"):
+        # A home-relative path (data.path=~/data): a shell leaves the ~ of such a word alone (the
+        # part before = is not a variable name), and Hydra's grammar has no unquoted ~ in a value.
+        # Expanded here, as the shell would in an assignment, so the run's config records the path.
+        value = os.path.expanduser(value)
+        if value.startswith("~") or any(char.isspace() for char in value):  # no such user, or a space: quoted
+            value = "'" + value.replace("'", "\\'") + "'"
     if key in OPTIONAL_KEYS:
         key = "++" + key  # Hydra's add-or-override: the key need not be in the server config
     return f"{key}={value}"

@@ -97,3 +97,13 @@ def test_threads_compose_at_once():
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         threaded = list(pool.map(lambda case: OmegaConf.to_container(load_case(*case)), cases))
     assert threaded == serial
+
+
+@pytest.mark.parametrize("home", ["/home/researcher", "/home/a researcher"])
+def test_a_home_relative_path_is_expanded_as_a_shell_would(home, monkeypatch):
+    # The README's `fedjax-users run ... data.path=~/data`: bash leaves that ~ alone (data.path is not
+    # a variable name) and Hydra's grammar has no unquoted ~ in a value.
+    monkeypatch.setenv("HOME", home)
+    cfg = load_case(None, ["data.path=~/data", "data.name=~nobody-such-user"])
+    assert cfg.data.path == f"{home}/data"
+    assert cfg.data.name == "~nobody-such-user"  # expanduser leaves an unknown user's ~ as it is
