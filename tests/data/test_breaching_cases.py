@@ -12,6 +12,7 @@ from cifar_fakes import write_fake_cifar
 from fedjax_users import cli, io
 from fedjax_users.data import DataError, construct_users, load_case, load_examples, partition_indices
 from fedjax_users.data.images import decode_image, parse_transforms
+from fedjax_users.progress import Progress
 from image_fakes import write_fake_imagenet, write_fake_tiny_imagenet, write_jpeg
 
 def breaching_case(name):
@@ -276,7 +277,8 @@ def test_users_keep_their_own_statistics_from_query_to_query(datasets):
         *SMALL_BN, "user.num_data_points=2", "server.num_queries=3", "num_queries=3",
         "server.provide_public_buffers=False", "user.provide_buffers=True"])
     users = construct_users(cfg)
-    results, _, _ = cli._compute(users, jax.random.key(0), progress=False)
+    with Progress(quiet=True) as progress:
+        results, _, _ = cli._compute(users, jax.random.key(0), progress)
     tracked = [int(jax.tree_util.tree_leaves(r.batch_stats["bn0"]["num_batches_tracked"])[0]) for r in results]
     assert tracked == [1, 2, 3]
 
