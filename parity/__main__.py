@@ -37,10 +37,15 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
+def _matches(name: str, filter_text: str) -> bool:
+    """Whether a case name contains the ``--filter`` text (or one of several, comma-separated)."""
+    return not filter_text or any(text in name for text in filter_text.split(","))
+
+
 def _selected(case, args) -> bool:
     if args.cases:
         return case.name in args.cases.split(",")
-    return not args.filter or any(text in case.name for text in args.filter.split(","))
+    return _matches(case.name, args.filter)
 
 
 def _run(precision, args):
@@ -128,7 +133,7 @@ def _stale(args) -> int:
     for name in stale:
         print(f"  stale: {name}")
     if args.filter:
-        stale = [name for name in stale if any(text in name for text in args.filter.split(","))]
+        stale = [name for name in stale if _matches(name, args.filter)]
         print(f"  {len(stale)} of them match --filter {args.filter}")
     if args.list or not stale:
         return 0
