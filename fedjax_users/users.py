@@ -82,7 +82,8 @@ def _one_user(model, payload, data, cfg, key, user_state, loss, function, check_
     data = validation.validate_user(model, payload, data, cfg, key, user_state, loss, function, check_finite)
     validation.check_strategy(strategy)
     finite_mode = validation.finite_check_mode(check_finite, payload, data, key, user_state)
-    inputs, labels = _first(data.inputs, cfg.num_data_points), _first(data.labels, cfg.num_data_points)
+    inputs, labels = (validation.first_examples(jnp.asarray(values), cfg.num_data_points)
+                      for values in (data.inputs, data.labels))
     if payload.batch_stats is None and user_state is None:
         user_state = initial_batch_stats(model, inputs)
     user = User(model, cfg, loss, strategy)
@@ -113,12 +114,6 @@ def _one_user(model, payload, data, cfg, key, user_state, loss, function, check_
     )
     true_data = TrueUserData(data=result.inputs, labels=labels, batch_stats=buffers, user_state=result.batch_stats)
     return shared, true_data, result.batch_stats
-
-
-def _first(values: Any, count: int) -> Array:
-    """The first ``count`` examples as a JAX array; no slicing op dispatched when they are all there."""
-    values = jnp.asarray(values)
-    return values if values.shape[0] == count else values[:count]
 
 
 def local_gradient(

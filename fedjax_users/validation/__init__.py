@@ -39,7 +39,8 @@ Example::
 
 from fedjax_users.validation.arguments import check_strategy, check_user_kind
 from fedjax_users.validation.errors import InputError, InputTypeError, NonFiniteError
-from fedjax_users.validation.inputs import as_array, check_chunk, validate_data, validate_user, validate_users
+from fedjax_users.validation.inputs import (as_array, check_chunk, first_examples, validate_data, validate_user,
+                                           validate_users)
 from fedjax_users.validation.introspection import cached_by_model, draws_in_train_mode, output_shape, variable_shapes
 from fedjax_users.validation.labels import IGNORING_LOSSES, INTEGER_LABEL_LOSSES
 from fedjax_users.validation.layouts import LAYOUTS
@@ -73,6 +74,7 @@ __all__ = [
     "check_user_kind",
     "draws_in_train_mode",
     "finite_check_mode",
+    "first_examples",
     "first_failing_step",
     "first_non_finite",
     "is_concrete",

@@ -100,10 +100,8 @@ def validate_data(model: nn.Module, payload: ServerPayload, data: UserData, cfg:
         check_state(model, state, example_shape, dtype, state_name, lead=users)
     check_label_shape(model, example_shape, dtype, labels, loss, name, lead=axis + 1)
     # Only the first num_data_points examples of each user are used, so only they must be valid.
-    used = (slice(None),) * axis + (slice(None, cfg.num_data_points),)
-    # No slicing op dispatched when every example is used (the common call, checked eagerly each time).
-    all_used = np.shape(inputs)[axis] == cfg.num_data_points and np.shape(labels)[axis] == cfg.num_data_points
-    used_inputs, used_labels = (inputs, labels) if all_used else (inputs[used], labels[used])
+    used_inputs = first_examples(inputs, cfg.num_data_points, axis)
+    used_labels = first_examples(labels, cfg.num_data_points, axis)
     if is_concrete(used_inputs, used_labels):
         check_label_values(model, example_shape, dtype, used_inputs, used_labels, name, lead=axis + 1, loss=loss)
     if check_finite is not False and on_host(used_inputs, payload, state):
@@ -183,6 +181,34 @@ def check_chunk(model: nn.Module, payload: ServerPayload, inputs: Any, labels: A
     check_label_values(model, example_shape, dtype, inputs, labels, "users_data", lead=2, loss=loss)
     if check_finite is not False:
         check_finite_inputs({"users_data.inputs": inputs})
+
+
+def first_examples(values: Any, count: int, axis: int = 0) -> Any:
+    """The first ``count`` examples of ``values`` along ``axis``: ``values`` itself when that is all of them.
+
+    Every example is used in the common call, and an eager call checks its inputs each time: returning
+    the array itself there dispatches no slicing op.
+
+    Args:
+      values: an array whose axis ``axis`` holds the examples.
+      count: how many examples are used (``cfg.num_data_points``).
+      axis: the examples' axis (after any users' axes).
+
+    Returns:
+      ``values[..., :count, ...]`` on ``axis``, or ``values`` itself if it holds exactly ``count``.
+
+    Example::
+
+        >>> import numpy as np
+        >>> x = np.arange(12).reshape(2, 3, 2)
+        >>> first_examples(x, 2, axis=1).shape
+        (2, 2, 2)
+        >>> first_examples(x, 3, axis=1) is x
+        True
+    """
+    if np.shape(values)[axis] == count:
+        return values
+    return values[(slice(None),) * axis + (slice(None, count),)]
 
 
 def as_array(value: Any, name: str) -> Any:

@@ -86,8 +86,9 @@ def all_finite(tree: PyTree) -> bool:
         False
     """
     leaves = _inexact_leaves(tree)
-    host = [leaf for leaf in leaves if _in_host_memory(leaf)]
-    device = [leaf for leaf in leaves if not _in_host_memory(leaf)]
+    host, device = [], []
+    for leaf in leaves:
+        (host if _in_host_memory(leaf) else device).append(leaf)
     for leaf in host:
         values = np.asarray(leaf)
         if values.size and not (np.isfinite(values.min()) and np.isfinite(values.max())):
