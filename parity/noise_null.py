@@ -11,7 +11,8 @@ residuals (noisy update minus noise-free update, subsampled as the parity check 
 
 and the residuals' mean spread, excess kurtosis and mean on each side.
 
-The parity check compares one fixed draw on each side and fails below p = 1e-3. Its KS test takes
+The parity check compares one fixed draw on each side first, and judges a miss (p below
+``parity_check.NOISE_P_VALUE``) on fresh draws pooled (``parity_check.compare_noise``). Its KS test takes
 the residual's entries as independent, which they are not for a multi-step user: the noise of one
 step moves the gradients of the next, so each draw's residual carries a shared component on top of
 the summed noise. If ours-against-theirs p-values over fresh seeds look like the two same-side
@@ -32,16 +33,9 @@ from parity import harness
 from parity.cases import cases_by_name
 
 
-def _residual(noisy, clean) -> np.ndarray:
-    return np.concatenate([(np.asarray(n, np.float64) - np.asarray(c, np.float64)).ravel()
-                           for n, c in zip(noisy, clean)])
-
-
 def _subsample(values: np.ndarray) -> np.ndarray:
-    """The parity check's subsample: a fixed random ``KS_SAMPLES`` entries (all if fewer)."""
-    if values.size <= parity_check.KS_SAMPLES:
-        return values
-    return values[np.random.default_rng(0).choice(values.size, parity_check.KS_SAMPLES, replace=False)]
+    """The parity check's subsample of one side's residual (its first draw picks the same way)."""
+    return parity_check.ks_sample(values, np.random.default_rng(0))
 
 
 def residuals(name: str, draws: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -65,12 +59,12 @@ def residuals(name: str, draws: int) -> tuple[list[np.ndarray], list[np.ndarray]
 
     def ours(seed: int) -> np.ndarray:
         noisy = parity_check.run_drop_in(setting, model, users_data, cfg, jax.random.key(seed))[0]["gradients"]
-        return _subsample(_residual(noisy, ours_clean))
+        return _subsample(parity_check.noise_residual(noisy, ours_clean))
 
     def theirs(seed: int) -> np.ndarray:
         torch.manual_seed(seed)
         noisy = parity_check.run_reference(setting, model, users_data, cfg)[0][0]["gradients"]
-        return _subsample(_residual(noisy, theirs_clean))
+        return _subsample(parity_check.noise_residual(noisy, theirs_clean))
 
     return [ours(1000 + s) for s in range(draws + 1)], [theirs(5000 + s) for s in range(draws + 1)]
 
