@@ -10,6 +10,10 @@ TEST_LOCK := requirements/test.txt
 # pytest workers: compiling is single-threaded, so one worker a core keeps both cores busy.
 WORKERS ?= 2
 PYTEST := XLA_FLAGS=--xla_force_host_platform_device_count=4 $(BIN)/python -m pytest
+# --no-compile: pip byte-compiles every module it installs (most of torch's thousands it will never
+# import), which was more than half of the test install's time here (44 s with it, 19 s without,
+# docs/testing.md); Python compiles the modules a run imports when it first imports them.
+PIP_INSTALL := $(BIN)/pip install -q --no-compile
 
 .PHONY: run test test-full test-heavy parity parity-quick parity-stale bench venv venv-test lock clean
 
@@ -21,17 +25,17 @@ $(BIN)/python:
 # breaching (180 kB, --no-deps: nothing of it is imported by a run) brings its case files, which
 # `fedjax-users cases` lists and `fedjax-users run NAME` runs.
 $(VENV)/.run-installed: $(RUN_LOCK) pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -r $(RUN_LOCK)
-	$(BIN)/pip install -q --no-deps breaching==0.1.2
-	$(BIN)/pip install -q --no-deps -e .
+	$(PIP_INSTALL) -r $(RUN_LOCK)
+	$(PIP_INSTALL) --no-deps breaching==0.1.2
+	$(PIP_INSTALL) --no-deps -e .
 	touch $@
 
 # Tests and parity: torch (the CPU wheel where this machine's pip provides one; README), breaching
 # 0.1.2 without its heavy dependencies, torchvision's model files.
 $(VENV)/.test-installed: $(TEST_LOCK) pyproject.toml $(TORCHVISION_SRC)/torchvision/models/resnet.py | $(BIN)/python
-	$(BIN)/pip install -q -r $(TEST_LOCK)
-	$(BIN)/pip install -q --no-deps breaching==0.1.2
-	$(BIN)/pip install -q --no-deps -e .
+	$(PIP_INSTALL) -r $(TEST_LOCK)
+	$(PIP_INSTALL) --no-deps breaching==0.1.2
+	$(PIP_INSTALL) --no-deps -e .
 	touch $@ $(VENV)/.run-installed
 
 venv: $(VENV)/.run-installed
