@@ -34,7 +34,7 @@ Example::
     >>> from fedjax_users import evaluate
     >>> from fedjax_users.data import load_case
     >>> ev = evaluate.evaluation(["none", "clip=1,noise=0.5"], attacks=["cosine"], steps=5)
-    >>> cfg_case = load_case(None, ["user=local_gradient", "user.num_data_points=1", "model=lenet_zhu"])
+    >>> cfg_case = load_case(None, ["user=local_gradient", "user.num_data_points=1", "model=linear"])
     >>> result = ev.run(cfg_case, jax.random.key(0))
     >>> [row.defence for row in result.rows]
     ['none', 'clip=1,noise=0.5']

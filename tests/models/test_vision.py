@@ -28,8 +28,13 @@ CASES = {
 }
 BATCHNORM_MODELS = ("ConvNet", "resnet18", "resnet20")
 # Without BatchNorm, train and eval mode are the same function: check those models once.
+# resnet18 and ConvNet are the same classes as resnet20 and ConvNetSmall (breaching's ResNet, its
+# ConvNet at another width) at many times their compile time: their float64 checks run in
+# `make test-full`, their float32 checks here.
+FLOAT64_IN_SLOW_TIER = ("resnet18", "ConvNet")
 GRADIENT_CASES = [
-    pytest.param(name, train, id=f"{name}-{'train' if train else 'eval'}")
+    pytest.param(name, train, id=f"{name}-{'train' if train else 'eval'}",
+                 marks=[pytest.mark.slow] if name in FLOAT64_IN_SLOW_TIER else [])
     for name in CASES
     for train in ((False, True) if name in BATCHNORM_MODELS else (True,))
 ]
