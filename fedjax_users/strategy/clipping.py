@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_users import privacy, semantics
+from fedjax_users import convolutions, privacy, semantics
 
 from fedjax_users.strategy import chunking, cpu, patches
 
@@ -355,7 +355,10 @@ def example_bytes(layers: list[_Layer], example: PyTree) -> int:
 
 def auto_examples_per_chunk(count: int, per_example_bytes: int, budget_bytes: Optional[int] = None) -> int:
     """Examples per chunk: the whole batch off CPU; on CPU what fits ``cpu.CLIP_CHUNK_BYTES``
-    (at least ``cpu.MIN_EXAMPLES_PER_CHUNK``), in at most ``cpu.MAX_UNROLLED_CHUNKS`` even chunks.
+    (at least ``cpu.MIN_EXAMPLES_PER_CHUNK``), in even chunks.
+
+    The chunks run as one ``lax.scan`` (:func:`clipped_mean_gradient`), so their number does not
+    grow the program, and a chunk's scratch stays within the budget for any batch.
 
     Args:
       count: the user's examples.
@@ -371,15 +374,15 @@ def auto_examples_per_chunk(count: int, per_example_bytes: int, budget_bytes: Op
         128
         >>> auto_examples_per_chunk(128, 2**20, budget_bytes=2**20)  # cpu.MIN_EXAMPLES_PER_CHUNK at least
         32
-        >>> auto_examples_per_chunk(1024, 2**20, budget_bytes=2**20)  # cpu.MAX_UNROLLED_CHUNKS chunks at most
-        64
+        >>> auto_examples_per_chunk(4096, 2**20, budget_bytes=2**20)  # 128 chunks: no cap on their number
+        32
     """
     if budget_bytes is None:
         if not cpu.is_cpu():
             return count
         budget_bytes = cpu.CLIP_CHUNK_BYTES
     size = max(cpu.MIN_EXAMPLES_PER_CHUNK, budget_bytes // max(per_example_bytes, 1))
-    chunks = min(chunking.num_chunks(count, size), cpu.MAX_UNROLLED_CHUNKS)
+    chunks = chunking.num_chunks(count, size)
     # Even chunks (128 examples in 4 of 32, not 3 of 41 and one of 5): one shape for all but the last.
     return int(chunking.num_chunks(count, chunks))
 
@@ -416,8 +419,10 @@ def clipped_mean_gradient(
     ``examples`` stacks the examples on a leading axis. Returns the mean clipped gradient and the
     stacked ``aux``. Dense and convolution kernels take the fast path described in the module
     docstring (``fast=False`` forces plain ``vmap`` for every parameter). The examples run
-    ``examples_per_chunk`` at a time (``None``: ``auto_examples_per_chunk``); each example's
-    clipping is its own, so chunks change only the order of the final sum.
+    ``examples_per_chunk`` at a time (``None``: ``auto_examples_per_chunk``), the chunks of equal
+    size as one ``lax.scan`` (its convolutions rewritten by ``convolutions.canonical`` on CPU) and
+    a shorter last one after it; each example's clipping is its own, so chunks change only the
+    order of the final sum.
 
     Args:
       objective: ``objective(params, example) -> (loss, aux)`` of one example.
@@ -457,15 +462,50 @@ def clipped_mean_gradient(
         examples_per_chunk = auto_examples_per_chunk(count, example_bytes(layers, first))
     if examples_per_chunk < 1:
         raise ValueError(f"examples_per_chunk must be >= 1, got {examples_per_chunk}")
-    total, auxes = None, []
-    for start, stop in chunk_bounds(count, examples_per_chunk):
-        chunk = jax.tree_util.tree_map(lambda leaf: leaf[start:stop], examples)
+
+    def clipped_sum(chunk: PyTree) -> tuple[PyTree, PyTree]:
         if layers:
-            part, aux = _clipped_sum_fast(objective, params, chunk, clip_value, count, layers)
-        else:
-            part, aux = _clipped_sum_vmap(objective, params, chunk, clip_value, count)
-        total = part if total is None else jax.tree_util.tree_map(jnp.add, total, part)
-        auxes.append(aux)
-    if len(auxes) == 1:
-        return total, auxes[0]
-    return total, jax.tree_util.tree_map(lambda *parts: jnp.concatenate(parts), *auxes)
+            return _clipped_sum_fast(objective, params, chunk, clip_value, count, layers)
+        return _clipped_sum_vmap(objective, params, chunk, clip_value, count)
+
+    bounds = chunk_bounds(count, examples_per_chunk)
+    if len(bounds) == 1:
+        return clipped_sum(examples)
+    return _sum_chunks(clipped_sum, examples, bounds)
+
+
+def _sum_chunks(clipped_sum: Callable[[PyTree], tuple[PyTree, PyTree]], examples: PyTree,
+                bounds: list[tuple[int, int]]) -> tuple[PyTree, PyTree]:
+    """The chunks' ``clipped_sum`` added in order and their ``aux`` concatenated.
+
+    The chunks of equal size run as one ``lax.scan``, so the program holds one chunk's computation
+    however many chunks there are (unrolled, each chunk was traced and compiled again); a shorter
+    last chunk runs once after it. The running sum starts at zero, so the total is
+    ``((0 + s_0) + s_1) + ...``, the unrolled chunks' order: on the fast path the same bits (lenet_zhu,
+    resnet20), where per-example convolution kernel gradients (``vmap``) compile differently in a
+    loop body, the same to float rounding (3e-7 relative on lenet_zhu).
+    """
+    size = bounds[0][1] - bounds[0][0]
+    full = sum(stop - start == size for start, stop in bounds)
+    split = size * full
+
+    def chunk_at(start: Array) -> PyTree:
+        # Sliced in the body: slicing the equal chunks off beforehand copied the examples (12 MiB of
+        # lenet_zhu's 1,024) whenever a shorter chunk was left.
+        return jax.tree_util.tree_map(lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, start, size), examples)
+
+    def step(total: PyTree, start: Array) -> tuple[PyTree, PyTree]:
+        part, aux = clipped_sum(chunk_at(start))
+        return jax.tree_util.tree_map(jnp.add, total, part), aux
+
+    starts = jnp.arange(full) * size
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                   jax.eval_shape(lambda: clipped_sum(chunk_at(starts[0])))[0])
+    # XLA:CPU runs a loop body's autodiff convolutions in a slow generic layout (convolutions.py).
+    total, auxes = jax.lax.scan(convolutions.canonical(step) if cpu.is_cpu() else step, zeros, starts)
+    auxes = jax.tree_util.tree_map(lambda leaf: leaf.reshape((split,) + leaf.shape[2:]), auxes)
+    if split == _count(examples):
+        return total, auxes
+    part, aux = clipped_sum(jax.tree_util.tree_map(lambda leaf: leaf[split:], examples))
+    return (jax.tree_util.tree_map(jnp.add, total, part),
+            jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), auxes, aux))

@@ -21,7 +21,6 @@ import jax
 __all__ = [
     "CLIP_CHUNK_BYTES",
     "COMPILER_OPTIONS",
-    "MAX_UNROLLED_CHUNKS",
     "MAX_UNROLLED_STEPS",
     "MIN_EXAMPLES_PER_CHUNK",
     "MMAP_THRESHOLD_BYTES",
@@ -83,9 +82,6 @@ COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYP
 # Scratch one chunk of examples of per-example clipping may take: far below the mmap threshold
 # even when the scheduler keeps two chunks alive (``python -m benchmarks.studies.clip_chunks``).
 CLIP_CHUNK_BYTES = 8 * 2**20
-# Chunks of examples are unrolled (a loop would put the convolutions inside a while loop, see
-# ``MAX_UNROLLED_STEPS``); past this many, chunks grow instead, to bound the program's size.
-MAX_UNROLLED_CHUNKS = 16
 # Smaller chunks lose more to small convolutions than they save in scratch (resnet18, 32
 # examples: 720 ms in 16 chunks of 2, 556 ms in one; ``python -m benchmarks``' clipped rows).
 MIN_EXAMPLES_PER_CHUNK = 32
