@@ -815,7 +815,8 @@ def compare(setting: Setting, model: torch.nn.Module, users_data: Sequence[Torch
       model: the torch model (its dtype sets the precision); the server sends its state.
       users_data: one breaching data dict per user.
       bound: the relative error allowed (default ``FLOAT32_BOUND`` or ``FLOAT64_BOUND``).
-      seed: the noise key's seed and the perturbations' (the noisy runs add ``NOISE_SEED_OFFSET``).
+      seed: the noise key's seed and the perturbations' (the noisy runs add ``NOISE_SEED_OFFSET``, a
+        noise miss's redraws ``NOISE_SEED_OFFSET + 1`` to ``NOISE_SEED_OFFSET + NOISE_RETRY_DRAWS``).
       name: the report's name.
       adjudicate: whether a miss is judged on the yardsticks (``False``: the bound alone).
       check: raise :class:`ParityError` unless passed.
