@@ -125,9 +125,12 @@ def measure_in_subprocess(spec: dict, timeout_s: float = 1800) -> dict:
 
 def run(specs=SPECS, log=print) -> dict:
     """Every spec in its own subprocess; JSON-ready results with the method."""
+    from benchmarks import fingerprint
+
     runs = []
     for spec in specs:
         result = measure_in_subprocess(spec)
+        result["fingerprint"] = fingerprint.row_fingerprint(fingerprint.MEMORY, spec["model"])
         runs.append(result)
         if "error" in result:
             log(f"memory {spec}: failed: {result['error']}")

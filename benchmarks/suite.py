@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import itertools
 import time
 from typing import Callable, Iterable, Optional
 
-from benchmarks import analysis, contenders, device, flops, pairs, problems, timing
+from benchmarks import analysis, contenders, device, fingerprint, flops, pairs, problems, timing
 from benchmarks.grid import Workload, grid, notes
 
 # Seconds of alternating rounds per workload (the round count is clipped to [3, 15]).
@@ -29,12 +30,19 @@ def run(
     kinds: Optional[set] = None,
     only: Optional[set] = None,
     log: Callable[[str], None] = print,
+    keys: Optional[set] = None,
 ) -> dict:
-    """Measure grid ``grid_name`` (optionally filtered) and return the JSON-ready results."""
+    """Measure grid ``grid_name`` (optionally filtered) and return the JSON-ready results.
+
+    ``keys``, if given, keeps only the workloads whose :func:`row_key` is in it (the stale rows of
+    ``python -m benchmarks --stale``). Every row records the fingerprint of the code it ran on
+    (:mod:`benchmarks.fingerprint`).
+    """
     started = time.time()
     workloads = [
         w for w in grid(grid_name, device.accelerator())
         if (models is None or w.model in models) and (kinds is None or w.kind in kinds)
+        and (keys is None or row_key(dataclasses.asdict(w)) in keys)
     ]
     machine = device.machine()
     run_notes = notes(grid_name, device.accelerator())
@@ -50,6 +58,7 @@ def run(
     torch_device = device.torch_device()
     model_flops, rows = {}, []
     for model, group in _models(workloads).items():
+        code = fingerprint.row_fingerprint(fingerprint.SUITE, model)
         pair = pairs.build_pair(model, torch_device)
         forward = flops.forward_flops_per_example(pair.flax_model, pair.variables, problems.IMAGE_SHAPE[1:] + (3,))
         model_flops[model] = dict(
@@ -64,6 +73,7 @@ def run(
             row = analysis.summarise(workload, measured, forward)
             row["load_average_1min"] = next(iter(device.load_average()), None)
             row["measured_at"] = _now()
+            row["fingerprint"] = code
             rows.append(row)
             log(_progress_line(row))
             del calls, data
@@ -102,7 +112,8 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _row_key(row: dict) -> tuple:
+def row_key(row: dict) -> tuple:
+    """What names a timing row (or a workload, as a dict) within a grid: kind, model and sizes."""
     return row["kind"], row["model"], row["batch"], row["steps"], row["users"]
 
 
@@ -116,8 +127,8 @@ def merge(previous: dict, new: dict) -> dict:
 
     Each row keeps the ``fraction_of_peak`` of its own run; ``parts`` lists every run merged.
     """
-    fresh = {_row_key(r) for r in new["results"]}
-    rows = [r for r in previous["results"] if _row_key(r) not in fresh] + new["results"]
+    fresh = {row_key(r) for r in new["results"]}
+    rows = [r for r in previous["results"] if row_key(r) not in fresh] + new["results"]
     return dict(
         new,
         models={**previous["models"], **new["models"]},

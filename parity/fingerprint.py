@@ -58,9 +58,9 @@ LIBRARIES = ("jax", "jaxlib", "flax", "numpy", "torch", "breaching", "transforme
 HF_MODULES = {"bert-sanity-check": "fedjax_users.models.bert", "gpt2S": "fedjax_users.models.gpt2"}
 
 
-def _module_path(module: str) -> Optional[str]:
-    """The repository-relative file of ``module`` if it is part of the package, else ``None``."""
-    if module != PACKAGE and not module.startswith(PACKAGE + "."):
+def _module_path(module: str, packages: tuple[str, ...] = (PACKAGE,)) -> Optional[str]:
+    """The repository-relative file of ``module`` if it is part of one of ``packages``, else ``None``."""
+    if not any(module == package or module.startswith(package + ".") for package in packages):
         return None
     base = os.path.join(*module.split("."))
     for path in (base + ".py", os.path.join(base, "__init__.py")):
@@ -69,14 +69,14 @@ def _module_path(module: str) -> Optional[str]:
     return None
 
 
-def _imports(module: str) -> tuple[str, ...]:
-    return _imports_of_file(module, ROOT)
+def _imports(module: str, packages: tuple[str, ...] = (PACKAGE,)) -> tuple[str, ...]:
+    return _imports_of_file(module, ROOT, packages)
 
 
 @functools.lru_cache(maxsize=None)
-def _imports_of_file(module: str, root: str) -> tuple[str, ...]:
-    """The package modules ``module``'s file imports anywhere in it (names that may be submodules included)."""
-    path = _module_path(module)
+def _imports_of_file(module: str, root: str, packages: tuple[str, ...]) -> tuple[str, ...]:
+    """The modules of ``packages`` that ``module``'s file imports anywhere in it (names that may be submodules included)."""
+    path = _module_path(module, packages)
     is_package = path is not None and path.endswith("__init__.py")
     with open(os.path.join(ROOT, path)) as handle:
         tree = ast.parse(handle.read(), path)
@@ -99,25 +99,28 @@ def _imports_of_file(module: str, root: str) -> tuple[str, ...]:
     for name in found:
         parts = name.split(".")
         closed.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    return tuple(sorted(name for name in closed if _module_path(name) is not None))
+    return tuple(sorted(name for name in closed if _module_path(name, packages) is not None))
 
 
-def source_closure(modules: Iterable[str], registries: Iterable[str] = REGISTRIES) -> set[str]:
-    """Repository-relative files of ``modules`` and every package module they import, transitively.
+def source_closure(modules: Iterable[str], registries: Iterable[str] = REGISTRIES,
+                   packages: Iterable[str] = (PACKAGE,)) -> set[str]:
+    """Repository-relative files of ``modules`` and every module of ``packages`` they import, transitively.
 
-    A module in ``registries`` contributes its own file but its imports are not followed.
+    A module in ``registries`` contributes its own file but its imports are not followed. Imports of
+    anything outside ``packages`` (libraries, and by default the repository's other folders) are not
+    followed either.
     """
-    registries = set(registries)
+    registries, packages = set(registries), tuple(packages)
     seen: set[str] = set()
-    todo = [m for m in modules if _module_path(m) is not None]
+    todo = [m for m in modules if _module_path(m, packages) is not None]
     while todo:
         module = todo.pop()
         if module in seen:
             continue
         seen.add(module)
         if module not in registries:
-            todo += [m for m in _imports(module) if m not in seen]
-    return {_module_path(m) for m in seen}
+            todo += [m for m in _imports(module, packages) if m not in seen]
+    return {_module_path(m, packages) for m in seen}
 
 
 def model_module(case: Case) -> str:
@@ -200,7 +203,8 @@ def _file_hash(full_path: str, mtime_ns: int, size: int) -> str:
         return hashlib.sha256(code_of(handle.read(), full_path)).hexdigest()
 
 
-def _hash(files: Iterable[str], library_versions: Mapping[str, str]) -> str:
+def hash_sources(files: Iterable[str], library_versions: Mapping[str, str]) -> str:
+    """A 16-hex-digit hash of repository-relative ``files`` (their code, :func:`code_of`) and ``library_versions``."""
     digest = hashlib.sha256()
     for path in sorted(files):
         full = os.path.join(ROOT, path)
@@ -213,4 +217,4 @@ def _hash(files: Iterable[str], library_versions: Mapping[str, str]) -> str:
 
 def fingerprint(case: Case, library_versions: Optional[Mapping[str, str]] = None) -> str:
     """A 16-hex-digit hash of the case's sources (their code, :func:`code_of`) and the library versions."""
-    return _hash(case_sources(case), versions() if library_versions is None else library_versions)
+    return hash_sources(case_sources(case), versions() if library_versions is None else library_versions)

@@ -15,6 +15,7 @@ pytest.importorskip("matplotlib")
 
 import benchmarks  # noqa: E402
 import fedjax_users as fu  # noqa: E402
+from benchmarks import fingerprint as bench_fingerprint  # noqa: E402
 from benchmarks import grid, memory, problems, torch_func  # noqa: E402
 from parity import reference  # noqa: E402
 
@@ -49,6 +50,9 @@ def test_json_has_every_workload_and_contender(smoke_outputs):
         assert row["ratios"]["fedjax_over_floor_jax"] == pytest.approx(
             row["contenders"]["fedjax_users"]["median_s"] / row["contenders"]["floor_jax"]["median_s"]
         )
+    # Every row names the code it was measured on: today's.
+    assert {r["fingerprint"] for r in results["results"]} == {
+        bench_fingerprint.row_fingerprint(bench_fingerprint.SUITE, "lenet_zhu")}
     aggregate = next(r for r in results["results"] if r["kind"] == "aggregate")
     assert aggregate["examples"] == aggregate["users"] * aggregate["steps"] * aggregate["batch"]
     assert [t["holds"] for t in results["targets"]][-1] is None  # the breaching ratio is reported only
@@ -78,6 +82,7 @@ def test_memory_run_reports_a_peak():
     assert result["chunk_users"] == min(2, per_device)
     assert result["chunks"] == -(-per_device // min(2, per_device))
     assert result["peak_rss_mib"] >= 0.9 * result["rss_before_mib"] > 0
+    assert result["fingerprint"] == bench_fingerprint.row_fingerprint(bench_fingerprint.MEMORY, "lenet_zhu")
 
 
 # ----------------------------------------------------------------------------------------------
