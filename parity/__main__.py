@@ -27,7 +27,8 @@ def _parse(argv):
                         help="only cases whose name contains this text (or one of several, comma-separated)")
     parser.add_argument("--precision", choices=("float32", "float64"), help="run one precision only")
     parser.add_argument("--verbose", action="store_true", help="print details of every case")
-    parser.add_argument("--partial", metavar="PATH", help="rewrite PATH with the results so far after each case")
+    parser.add_argument("--partial", metavar="PATH", help="rewrite PATH with the results so far after each case (the float64 child: "
+                             "PATH with .float64 before its extension)")
     parser.add_argument("--cases", default="", help="only the cases with exactly these names (comma-separated)")
     parser.add_argument("--stale", metavar="RESULTS",
                         help="rerun the rows of RESULTS whose fingerprint differs from today's code, in place")
@@ -87,6 +88,12 @@ def _run(precision, args):
     return results, fingerprints
 
 
+def float64_partial(path: str) -> str:
+    """Where the float64 child of a ``--partial PATH`` run leaves its rows so far (beside PATH)."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.float64{ext or '.json'}"
+
+
 def _run_all(args):
     """float32 here, float64 in a child process; the rows and their fingerprints."""
     from parity.harness import Result
@@ -99,7 +106,7 @@ def _run_all(args):
         child = os.path.join(tmp, "f64.json")
         command = [sys.executable, "-m", "parity", "--precision", "float64", "--json", child,
                    "--filter", args.filter, "--cases", args.cases] + (["--quick"] if args.quick else []) + (
-            ["--verbose"] if args.verbose else [])
+            ["--verbose"] if args.verbose else []) + (["--partial", float64_partial(args.partial)] if args.partial else [])
         subprocess.run(command, check=False, stdout=subprocess.DEVNULL)
         if os.path.exists(child):
             _, rows, prints = load_with_fingerprints(child)

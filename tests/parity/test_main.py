@@ -1,0 +1,37 @@
+"""``python -m parity``'s two processes: float32 rows here, float64 rows from a child, both kept as they go."""
+
+import pytest
+
+pytest.importorskip("torch")
+from parity import __main__ as parity_main  # noqa: E402
+from parity.harness import Result  # noqa: E402
+from parity.report import write_json  # noqa: E402
+
+
+@pytest.fixture
+def child_commands(monkeypatch):
+    """Each float64 child's command line; the child writes one row, as a real one writes its --json."""
+    commands = []
+
+    def fake_child(command, **_):
+        commands.append(command)
+        write_json([Result("m/float64", 0.0, 0.0, 1e-10, True)], command[command.index("--json") + 1], {},
+                   {"m/float64": "f64print"})
+
+    monkeypatch.setattr(parity_main.subprocess, "run", fake_child)
+    monkeypatch.setattr(parity_main, "_run", lambda precision, args: (
+        [Result("m", 0.0, 0.0, 1e-5, True)], {"m": "f32print"}))
+    return commands
+
+
+def test_a_partial_run_has_its_float64_child_keep_its_rows_beside_the_file(tmp_path, child_commands):
+    partial = tmp_path / "run.json"
+    results, prints = parity_main._run_all(parity_main._parse(["--partial", str(partial), "--filter", "m"]))
+    (command,) = child_commands
+    assert command[command.index("--partial") + 1] == str(tmp_path / "run.float64.json")
+    assert [r.name for r in results] == ["m", "m/float64"] and prints == {"m": "f32print", "m/float64": "f64print"}
+
+
+def test_without_partial_the_child_writes_only_its_result(tmp_path, child_commands):
+    parity_main._run_all(parity_main._parse(["--filter", "m"]))
+    assert "--partial" not in child_commands[0]
