@@ -79,7 +79,9 @@ def _stale(args) -> int:
         missing = keys - {suite.row_key(r) for r in new_results["results"]}
         for key in sorted(missing):
             print(f"  not in today's {results['grid']} grid (kept as it is): {key}")
-        results = suite.merge(results, new_results)
+        # Every row measured again: the new run stands alone, without the old runs' parts.
+        everything = not {suite.row_key(r) for r in results["results"]} - keys
+        results = new_results if everything and not missing else suite.merge(results, new_results)
     if results:
         paths = report.write_all(results, args.out, memory_results)
         print("wrote " + ", ".join(paths.values()))

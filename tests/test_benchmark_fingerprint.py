@@ -103,16 +103,18 @@ def test_stale_list_counts_and_names_and_measures_nothing(results_dir, monkeypat
     assert f"stale: {first['kind']} {first['model']} {first['label']}\n" not in printed
 
 
-def test_stale_measures_only_the_stale_rows_and_keeps_the_rest(results_dir, monkeypatch, capsys):
+@pytest.fixture
+def measured(results_dir, monkeypatch):
+    """What ``--stale`` asks the suite and the memory runner to measure; they answer with the
+    committed rows, measured anew on today's code (as the real ones would, only sooner)."""
     out, results, runs = results_dir
     asked = {}
 
     def fake_run(grid_name, keys=None, **_):
-        # What suite.run returns for those keys: the committed rows, measured anew on today's code.
         asked["grid"], asked["keys"] = grid_name, keys
         rows = [dict(r, measured_at="now", fingerprint=bench_fingerprint.row_fingerprint(SUITE, r["model"]))
                 for r in results["results"] if suite.row_key(r) in keys]
-        return dict(results, created="now", results=rows)
+        return dict({k: v for k, v in results.items() if k != "parts"}, created="now", results=rows)
 
     def fake_memory(specs, log=print):
         asked["specs"] = list(specs)
@@ -123,6 +125,12 @@ def test_stale_measures_only_the_stale_rows_and_keeps_the_rest(results_dir, monk
 
     monkeypatch.setattr(suite, "run", fake_run)
     monkeypatch.setattr(memory, "run", fake_memory)
+    return asked
+
+
+def test_stale_measures_only_the_stale_rows_and_keeps_the_rest(results_dir, measured, monkeypatch, capsys):
+    out, results, runs = results_dir
+    asked = measured  # what --stale asks to measure
     assert cli.main(["--stale", "--out", str(out)]) == 0
     assert asked["grid"] == results["grid"]
     assert asked["keys"] == {suite.row_key(r) for r in results["results"][1:]}
@@ -134,6 +142,7 @@ def test_stale_measures_only_the_stale_rows_and_keeps_the_rest(results_dir, monk
     assert all(r["measured_at"] == "now" for r in written["results"] if r is not by_key[suite.row_key(results["results"][0])])
     written_runs = json.loads((out / "memory.json").read_text())["runs"]
     assert written_runs[0] == runs["runs"][0] and all(r["peak_rss_mib"] == 1.0 for r in written_runs[1:])
+    assert len(written["parts"]) == len(results["parts"]) + 1  # merged: the new run is one more part
     assert (out / "results.md").exists()
     capsys.readouterr()
     # Measured again, everything is on today's code, and a second --stale measures nothing.
@@ -142,3 +151,15 @@ def test_stale_measures_only_the_stale_rows_and_keeps_the_rest(results_dir, monk
     assert cli.main(["--stale", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"{len(results['results'])} of {len(results['results'])} timing rows measured on today's code" in printed
+
+
+def test_when_every_row_is_stale_the_new_run_replaces_the_old_parts(results_dir, measured):
+    out, results, _ = results_dir
+    results["results"][0].pop("fingerprint")
+    (out / "results.json").write_text(json.dumps(results))
+    assert "parts" in results  # the committed grid was measured in parts
+    assert cli.main(["--stale", "--out", str(out)]) == 0
+    assert measured["keys"] == {suite.row_key(r) for r in results["results"]}
+    written = json.loads((out / "results.json").read_text())
+    assert written["created"] == "now" and "parts" not in written
+    assert len(written["results"]) == len(results["results"])
