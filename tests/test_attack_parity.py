@@ -192,7 +192,9 @@ def test_single_step_objectives_equal_breachings(precision):
 
 
 @pytest.mark.parametrize("clip", [False, True], ids=["no-defence", "clip"])
-@pytest.mark.parametrize("precision", ["float32", "float64"])
+# float64 holds the comparison to the tighter bound; the float32 runs of the same path are in the
+# slower tier (make test-full), and the single-step objectives stay compared in both precisions.
+@pytest.mark.parametrize("precision", [pytest.param("float32", marks=pytest.mark.slow), "float64"])
 def test_multi_step_objectives_equal_a_torch_resimulation_of_the_user(precision, clip):
     with _x64(precision):
         case, torch_model, flax_model, variables, data = _setup(precision, "local_update", MULTI_STEP_EXAMPLES)

@@ -55,11 +55,15 @@ def test_each_convolution_of_a_second_order_gradient_equals_laxs(problem):
     batched = jax.vmap(second, in_axes=(None, None, 0))
     equations = [*_conv_equations(jax.make_jaxpr(second)(params, target, x).jaxpr),
                  *_conv_equations(jax.make_jaxpr(batched)(params, target, xs).jaxpr)]
+    rng = np.random.default_rng(0)
+    operands = [tuple(rng.standard_normal(v.aval.shape).astype(np.float32) for v in eqn.invars) for eqn in equations]
+    # Every convolution in one program a side: the same comparisons, two compiles instead of one per
+    # convolution and operand shape (which made this the default tier's slowest test).
+    expected_all = jax.jit(lambda ops: [lax.conv_general_dilated_p.bind(a, b, **e.params)
+                                        for (a, b), e in zip(ops, equations)])(operands)
+    got_all = jax.jit(lambda ops: [convolutions.convolution(a, b, **e.params) for (a, b), e in zip(ops, equations)])(operands)
     swapped = grouped = 0
-    for i, eqn in enumerate(equations):
-        lhs, rhs = (jax.random.normal(jax.random.key(i + j), v.aval.shape) for j, v in enumerate(eqn.invars))
-        expected = lax.conv_general_dilated_p.bind(lhs, rhs, **eqn.params)
-        got = jax.jit(lambda a, b, p=eqn.params: convolutions.convolution(a, b, **p))(lhs, rhs)
+    for eqn, (lhs, rhs), expected, got in zip(equations, operands, expected_all, got_all):
         np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * float(jnp.abs(expected).max()))
         n = lhs.ndim - 2
         spec = eqn.params["dimension_numbers"]
