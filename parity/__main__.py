@@ -10,7 +10,6 @@ no longer matches today's code and writes them back in place (``--list`` only na
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess

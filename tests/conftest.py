@@ -130,3 +130,21 @@ def counting_loss():
         return softmax_cross_entropy(logits, labels)
 
     return loss, calls
+
+
+def copy_of_sources(tmp_path, monkeypatch, folders, skip=("__pycache__", "*.npz")):
+    """A copy of the checkout's ``folders`` that ``parity.fingerprint`` reads instead of the checkout."""
+    import shutil
+
+    from parity import fingerprint
+
+    for folder in folders:
+        shutil.copytree(os.path.join(fingerprint.ROOT, folder), tmp_path / folder, ignore=shutil.ignore_patterns(*skip))
+    monkeypatch.setattr(fingerprint, "ROOT", str(tmp_path))
+    return tmp_path
+
+
+def append_code(path, text="\n_changed = True\n"):
+    """Add a statement to a source file: a change of its code, which a fingerprint must notice."""
+    with open(path, "a") as handle:
+        handle.write(text)

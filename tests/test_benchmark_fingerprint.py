@@ -2,9 +2,9 @@
 
 import json
 import os
-import shutil
 
 import pytest
+from conftest import append_code, copy_of_sources
 
 pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
@@ -20,16 +20,8 @@ COMMITTED = os.path.join(fingerprint.ROOT, "benchmarks", "results")
 @pytest.fixture
 def tree(tmp_path, monkeypatch):
     """A copy of the sources the fingerprints read instead of the checkout."""
-    for folder in ("fedjax_users", "parity", "benchmarks"):
-        shutil.copytree(os.path.join(fingerprint.ROOT, folder), tmp_path / folder,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.npz", "results", "studies"))
-    monkeypatch.setattr(fingerprint, "ROOT", str(tmp_path))
-    return tmp_path
-
-
-def _touch(path, text="\n_changed = True\n"):
-    with open(path, "a") as handle:
-        handle.write(text)
+    return copy_of_sources(tmp_path, monkeypatch, ("fedjax_users", "parity", "benchmarks"),
+                           skip=("__pycache__", "*.npz", "results", "studies"))
 
 
 def test_sources_follow_the_runner_into_the_package_the_harness_and_the_reference():
@@ -51,18 +43,18 @@ def test_a_change_stales_the_rows_that_ran_it_and_words_stale_none(tree):
         return {row: bench_fingerprint.row_fingerprint(*row, library_versions={}) for row in rows}
 
     before = prints()
-    _touch(tree / "fedjax_users" / "models" / "resnets.py")
+    append_code(tree / "fedjax_users" / "models" / "resnets.py")
     after_model = prints()
     assert [row for row in rows if after_model[row] != before[row]] == [(SUITE, "resnet18")]
-    _touch(tree / "parity" / "cases.py")  # the parity grid's cases: no timing ran them
+    append_code(tree / "parity" / "cases.py")  # the parity grid's cases: no timing ran them
     assert prints() == after_model
     timing = tree / "benchmarks" / "timing.py"
     timing.write_text(timing.read_text() + "\n# a comment\n")
     assert prints() == after_model
-    _touch(timing)  # the harness that times: every row it timed (and the memory runner imports it too)
+    append_code(timing)  # the harness that times: every row it timed (and the memory runner imports it too)
     after_timing = prints()
     assert all(after_timing[row] != after_model[row] for row in rows)
-    _touch(tree / "fedjax_users" / "users.py")
+    append_code(tree / "fedjax_users" / "users.py")
     assert all(prints()[row] != after_timing[row] for row in rows)
 
 

@@ -1,10 +1,9 @@
 """Parity rows name the code they prove: a change to a file a case runs makes exactly its rows stale."""
 
 import json
-import os
-import shutil
 
 import pytest
+from conftest import append_code, copy_of_sources
 
 torch = pytest.importorskip("torch")
 from parity import __main__ as parity_main  # noqa: E402
@@ -20,16 +19,7 @@ TEXT = Case("transformer3", "local_update", False)
 @pytest.fixture
 def tree(tmp_path, monkeypatch):
     """A copy of the package and the harness that the fingerprints read instead of the checkout."""
-    for folder in ("fedjax_users", "parity"):
-        shutil.copytree(os.path.join(fingerprint.ROOT, folder), tmp_path / folder,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.npz"))
-    monkeypatch.setattr(fingerprint, "ROOT", str(tmp_path))
-    return tmp_path
-
-
-def _touch(path, text="\n_changed = True\n"):
-    with open(path, "a") as handle:
-        handle.write(text)
+    return copy_of_sources(tmp_path, monkeypatch, ("fedjax_users", "parity"))
 
 
 def test_sources_follow_the_imports_but_not_the_registry():
@@ -48,16 +38,16 @@ def test_a_core_change_makes_every_row_stale_and_a_model_change_only_its_own(tre
     before = {c: fingerprint.fingerprint(c) for c in cases}
     assert before == {c: fingerprint.fingerprint(c) for c in cases}  # deterministic
 
-    _touch(tree / "fedjax_users" / "models" / "vgg.py")
+    append_code(tree / "fedjax_users" / "models" / "vgg.py")
     after_vgg = {c: fingerprint.fingerprint(c) for c in cases}
     assert [c for c in cases if after_vgg[c] != before[c]] == [VGG]
 
-    _touch(tree / "fedjax_users" / "semantics.py")
+    append_code(tree / "fedjax_users" / "semantics.py")
     after_core = {c: fingerprint.fingerprint(c) for c in cases}
     assert all(after_core[c] != after_vgg[c] for c in cases)
 
     # The comparison itself is code every row ran: a change to it makes every row stale.
-    _touch(tree / "fedjax_users" / "interop" / "parity_check.py")
+    append_code(tree / "fedjax_users" / "interop" / "parity_check.py")
     after_checker = {c: fingerprint.fingerprint(c) for c in cases}
     assert all(after_checker[c] != after_core[c] for c in cases)
 
@@ -95,7 +85,7 @@ def test_report_counts_proven_stale_and_unknown_rows(tree, tmp_path):
     meta, rows, prints = report.load_with_fingerprints(path)
     rows.append(report.Result("no/such/case", 0.0, 0.0, 1e-5, True))
     assert report.proven_on_today(rows, prints) == ([LENET.name, VGG.name], [TEXT.name], ["no/such/case"])
-    _touch(tree / "fedjax_users" / "models" / "vgg.py")
+    append_code(tree / "fedjax_users" / "models" / "vgg.py")
     assert report.proven_on_today(rows, prints)[1] == [VGG.name, TEXT.name]
     assert report.freshness_line(rows, prints).startswith("1 of 4 rows proven on today's code")
 
