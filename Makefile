@@ -72,8 +72,13 @@ test-heavy: venv-test
 parity-quick: venv-test
 	$(BIN)/python -m parity --quick --json results/parity_quick.json
 
+# The full grid's committed rows (results/parity.json) and the zoo's (results/parity_zoo.json) proven
+# on today's code: each row whose fingerprint is not today's runs again and is written back as it
+# finishes, so a stopped run resumes where it stopped; it fails if any row of either file fails.
+# On an unchanged checkout it runs nothing. (Every row from scratch: `python -m parity --json FILE`.)
 parity: venv-test
-	$(BIN)/python -m parity --json results/parity.json
+	status=0; for results in results/parity.json results/parity_zoo.json; do \
+		$(BIN)/python -m parity --stale $$results || status=1; done; exit $$status
 
 # Rerun only the committed rows whose fingerprint no longer matches today's code
 # (`make parity-stale RESULTS=results/parity.json` for the full grid's rows).

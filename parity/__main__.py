@@ -4,7 +4,9 @@ float32 cases run in this process; float64 cases need ``jax_enable_x64`` before 
 anything, so they run in a child process (``--precision float64``) whose rows are merged in.
 Every row records the fingerprint of the code it ran on (``parity.fingerprint``);
 ``python -m parity --stale RESULTS.json`` reruns only the rows of RESULTS.json whose fingerprint
-no longer matches today's code and writes them back in place (``--list`` only names them).
+no longer matches today's code and writes each back in place as it finishes, so a stopped run
+resumes where it stopped (``--list`` only names them); it fails if a row it reran, or a committed
+row proven on today's code, fails.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ def _parse(argv):
     parser.add_argument("--stale", metavar="RESULTS",
                         help="rerun the rows of RESULTS whose fingerprint differs from today's code, in place")
     parser.add_argument("--list", action="store_true", help="with --stale: name the stale rows, run nothing")
+    parser.add_argument("--into", metavar="RESULTS", help="write each row back into RESULTS as it finishes, in place of "
+                        "the row of its name (what --stale does; its float64 child is given it too)")
     # --filter also narrows --stale: a results file too long to rerun at once (the zoo's 320 rows)
-    # is brought up to date a model at a time, each part merged in place as it finishes.
+    # is brought up to date a model at a time, each row written back in place as it finishes.
     return parser.parse_args(argv)
 
 
@@ -67,14 +71,18 @@ def _run(precision, args):
             continue
         fingerprints[case.name] = fingerprint(case)
         start = time.perf_counter()
+        crashed = False
         try:
             result = run_case(case)
         except Exception as err:  # a crash is a failed case, reported with its cause
+            crashed = True
             result = Result(case.name, float("nan"), float("nan"), case.bound, False, f"{type(err).__name__}: {err}")
         if args.verbose or not result.passed:
             print(f"  {result.name}: rel {result.max_rel:.2e} ({time.perf_counter() - start:.1f}s) {result.detail}",
                   file=sys.stderr, flush=True)
         results.append(result)
+        if args.into and not crashed:
+            _write_back(args.into, result, fingerprints[case.name])
         # Every case compiles its own executables (new model objects are new static arguments), and
         # XLA:CPU maps each one's code: ~170 cases into one process it ran out of memory mappings
         # ("LLVM ERROR: Unable to allocate section memory"). Nothing compiled carries to the next case.
@@ -85,6 +93,20 @@ def _run(precision, args):
 
             write_json(results, args.partial, dict(partial=True, precision=precision), fingerprints)
     return results, fingerprints
+
+
+def _write_back(path: str, result, fingerprint: str) -> None:
+    """Put ``result`` and its fingerprint in place of the row of its name in the results file ``path``.
+
+    A ``--stale`` run keeps each row as it finishes, so one stopped (a machine's end of day, an
+    out-of-memory kill) resumes with the rows it has not proven yet. A crash is not written back:
+    it proves nothing about the code, and the row stays stale to be run again.
+    """
+    from parity.report import load_with_fingerprints, write_json
+
+    meta, rows, fingerprints = load_with_fingerprints(path)
+    write_json([result if r.name == result.name else r for r in rows], path, meta,
+               {**fingerprints, result.name: fingerprint})
 
 
 def float64_partial(path: str) -> str:
@@ -105,7 +127,8 @@ def _run_all(args):
         child = os.path.join(tmp, "f64.json")
         command = [sys.executable, "-m", "parity", "--precision", "float64", "--json", child,
                    "--filter", args.filter, "--cases", args.cases] + (["--quick"] if args.quick else []) + (
-            ["--verbose"] if args.verbose else []) + (["--partial", float64_partial(args.partial)] if args.partial else [])
+            ["--verbose"] if args.verbose else []) + (["--partial", float64_partial(args.partial)] if args.partial else []) + (
+            ["--into", args.into] if args.into else [])
         subprocess.run(command, check=False, stdout=subprocess.DEVNULL)
         if os.path.exists(child):
             _, rows, prints = load_with_fingerprints(child)
@@ -127,12 +150,12 @@ def _meta(args, start, **extra) -> dict:
 
 
 def _stale(args) -> int:
-    """``--stale RESULTS``: rerun the rows whose fingerprint is not today's; merge them in place."""
+    """``--stale RESULTS``: rerun the rows whose fingerprint is not today's, each written back in place as it finishes."""
     from parity.report import format_table, freshness_line, load_with_fingerprints, proven_on_today, write_json
 
     start = time.perf_counter()
     meta, rows, fingerprints = load_with_fingerprints(args.stale)
-    _, stale, unknown = proven_on_today(rows, fingerprints)
+    proven, stale, unknown = proven_on_today(rows, fingerprints)
     print(freshness_line(rows, fingerprints))
     for name in unknown:
         print(f"  not in today's grid (kept as it is, proves nothing): {name}")
@@ -141,19 +164,29 @@ def _stale(args) -> int:
     if args.filter:
         stale = [name for name in stale if _matches(name, args.filter)]
         print(f"  {len(stale)} of them match --filter {args.filter}")
+    # A committed row proven on today's code that fails is today's code failing, rerun or not.
+    failing = [r for r in rows if r.name in proven and not r.passed and _matches(r.name, args.filter)]
     if args.list or not stale:
-        return 0
-    args.cases, args.filter, args.quick = ",".join(stale), "", False
-    new_rows, new_prints = _run_all(args)
-    by_name = {r.name: r for r in new_rows}
-    merged = [by_name.pop(r.name, r) for r in rows] + list(by_name.values())
-    fingerprints = {**fingerprints, **new_prints}
-    print(format_table([r for r in merged if r.name in new_prints]))
+        return _failed(failing)
+    args.cases, args.filter, args.quick, args.into = ",".join(stale), "", False, args.stale
+    new_rows, _ = _run_all(args)
+    # Each row was written back as it finished (float64 ones by the child process): read them all again.
+    meta, merged, fingerprints = load_with_fingerprints(args.stale)
+    print(format_table(new_rows))
     reruns = dict(meta.get("stale_reruns", {}))
     reruns[time.strftime("%Y-%m-%dT%H:%M:%S")] = dict(rows=len(new_rows), **_meta(args, start))
     write_json(merged, args.stale, {**meta, "stale_reruns": reruns}, fingerprints)
     print(freshness_line(merged, fingerprints))
-    return 0 if all(r.passed for r in new_rows) else 1
+    return _failed(failing + [r for r in new_rows if not r.passed])
+
+
+def _failed(rows) -> int:
+    """Exit status 1, with each failing row named, if there is any."""
+    from parity.report import failures
+
+    if rows:
+        print(failures(rows))
+    return 1 if rows else 0
 
 
 def main(argv=None) -> int:
@@ -161,16 +194,14 @@ def main(argv=None) -> int:
     args = _parse(argv)
     if args.stale:
         return _stale(args)
-    from parity.report import failures, format_table, write_json
+    from parity.report import format_table, write_json
 
     start = time.perf_counter()
     results, fingerprints = _run_all(args)
     print(format_table(results))
-    if failures(results):
-        print(failures(results))
     if args.json:
         write_json(results, args.json, _meta(args, start), fingerprints)
-    return 0 if all(r.passed for r in results) else 1
+    return _failed([r for r in results if not r.passed])
 
 
 if __name__ == "__main__":

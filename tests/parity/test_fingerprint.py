@@ -128,3 +128,61 @@ def test_stale_with_a_filter_reruns_only_the_stale_rows_it_matches(tmp_path, ran
     _, rows, prints = report.load_with_fingerprints(path)
     assert [r.name for r in rows] == [cheap.name, mlp.name]  # the other row kept, still stale
     assert prints.get(cheap.name) == fingerprint.fingerprint(cheap) and prints.get(mlp.name) != fingerprint.fingerprint(mlp)
+
+
+@pytest.fixture
+def outcomes(monkeypatch):
+    """``run_case`` replaced by a table: a case name gives its ``Result``, or the exception it raises."""
+    table = {}
+
+    def run_case(case):
+        outcome = table[case.name]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr("parity.harness.run_case", run_case)
+    return table
+
+
+def _passing(case):
+    return report.Result(case.name, 0.0, 0.0, case.bound, True)
+
+
+def test_a_stopped_stale_run_keeps_the_rows_it_finished_and_resumes_after_them(tmp_path, outcomes, ran):
+    first, second = Case("linear", "local_gradient", False), Case("MLP", "local_gradient", False)
+    path = _results_file(tmp_path / "r.json", (first, second), {})  # both stale
+    outcomes.update({first.name: _passing(first), second.name: KeyboardInterrupt()})  # the run is stopped there
+    with pytest.raises(KeyboardInterrupt):
+        parity_main.main(["--stale", path, "--precision", "float32"])
+    _, rows, prints = report.load_with_fingerprints(path)
+    assert [r.passed for r in rows] == [True, False]
+    assert report.proven_on_today(rows, prints)[:2] == ([first.name], [second.name])
+
+    outcomes[second.name] = _passing(second)
+    assert parity_main.main(["--stale", path, "--precision", "float32"]) == 0
+    assert ran[-1] == second.name  # the finished row is not run again
+    _, rows, prints = report.load_with_fingerprints(path)
+    assert report.proven_on_today(rows, prints)[0] == [first.name, second.name]
+
+
+def test_a_crashed_row_stays_stale_and_the_run_fails(tmp_path, outcomes, capsys):
+    case = Case("linear", "local_gradient", False)
+    path = _results_file(tmp_path / "r.json", (case,), {})
+    outcomes[case.name] = MemoryError("out of memory")
+    assert parity_main.main(["--stale", path, "--precision", "float32"]) == 1
+    assert "FAIL linear/local_gradient/no-buffers/none: MemoryError: out of memory" in capsys.readouterr().out
+    _, rows, prints = report.load_with_fingerprints(path)
+    assert report.proven_on_today(rows, prints)[1] == [case.name]  # not written back: run again next time
+
+
+def test_a_failing_row_proven_on_todays_code_fails_the_run_though_nothing_reruns(tmp_path, ran):
+    case = Case("linear", "local_gradient", False)
+    path = _results_file(tmp_path / "r.json", (case,), {case: fingerprint.fingerprint(case)})
+    data = json.loads(open(path).read())
+    data["results"][0].update(passed=False, max_rel=1.0)
+    open(path, "w").write(json.dumps(data))
+    assert parity_main.main(["--stale", path, "--precision", "float32"]) == 1
+    assert ran == []
+    # A --filter that leaves it out judges only the rows it names.
+    assert parity_main.main(["--stale", path, "--precision", "float32", "--filter", "MLP/"]) == 0

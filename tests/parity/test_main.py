@@ -35,3 +35,9 @@ def test_a_partial_run_has_its_float64_child_keep_its_rows_beside_the_file(tmp_p
 def test_without_partial_the_child_writes_only_its_result(tmp_path, child_commands):
     parity_main._run_all(parity_main._parse(["--filter", "m"]))
     assert "--partial" not in child_commands[0]
+
+
+def test_the_float64_child_writes_its_rows_back_where_the_parent_does(tmp_path, child_commands):
+    parity_main._run_all(parity_main._parse(["--into", str(tmp_path / "r.json"), "--filter", "m"]))
+    (command,) = child_commands
+    assert command[command.index("--into") + 1] == str(tmp_path / "r.json")
