@@ -34,8 +34,8 @@ def _parse(argv):
     parser.add_argument("--stale", metavar="RESULTS",
                         help="rerun the rows of RESULTS whose fingerprint differs from today's code, in place")
     parser.add_argument("--list", action="store_true", help="with --stale: name the stale rows, run nothing")
-    parser.add_argument("--into", metavar="RESULTS", help="write each row back into RESULTS as it finishes, in place of "
-                        "the row of its name (what --stale does; its float64 child is given it too)")
+    parser.add_argument("--into", metavar="RESULTS", help="write each row into RESULTS as it finishes, in place of the row "
+                        "of its name or after the others (what --stale does; its float64 child is given it too)")
     # --filter also narrows --stale: a results file too long to rerun at once (the zoo's 320 rows)
     # is brought up to date a model at a time, each row written back in place as it finishes.
     return parser.parse_args(argv)
@@ -96,7 +96,7 @@ def _run(precision, args):
 
 
 def _write_back(path: str, result, fingerprint: str) -> None:
-    """Put ``result`` and its fingerprint in place of the row of its name in the results file ``path``.
+    """Put ``result`` and its fingerprint in place of the row of its name in the results file ``path`` (or after its rows).
 
     A ``--stale`` run keeps each row as it finishes, so one stopped (a machine's end of day, an
     out-of-memory kill) resumes with the rows it has not proven yet. A crash is not written back:
@@ -105,8 +105,11 @@ def _write_back(path: str, result, fingerprint: str) -> None:
     from parity.report import load_with_fingerprints, write_json
 
     meta, rows, fingerprints = load_with_fingerprints(path)
-    write_json([result if r.name == result.name else r for r in rows], path, meta,
-               {**fingerprints, result.name: fingerprint})
+    if any(r.name == result.name for r in rows):
+        rows = [result if r.name == result.name else r for r in rows]
+    else:
+        rows = rows + [result]
+    write_json(rows, path, meta, {**fingerprints, result.name: fingerprint})
 
 
 def float64_partial(path: str) -> str:

@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip("torch")
 from parity import __main__ as parity_main  # noqa: E402
 from parity.harness import Result  # noqa: E402
-from parity.report import write_json  # noqa: E402
+from parity.report import load_with_fingerprints, write_json  # noqa: E402
 
 
 @pytest.fixture
@@ -41,3 +41,13 @@ def test_the_float64_child_writes_its_rows_back_where_the_parent_does(tmp_path, 
     parity_main._run_all(parity_main._parse(["--into", str(tmp_path / "r.json"), "--filter", "m"]))
     (command,) = child_commands
     assert command[command.index("--into") + 1] == str(tmp_path / "r.json")
+
+
+def test_a_row_written_back_replaces_its_namesake_and_a_new_one_goes_after_the_others(tmp_path):
+    path = str(tmp_path / "r.json")
+    write_json([Result("a", 1.0, 1.0, 1e-5, False), Result("b", 0.0, 0.0, 1e-5, True)], path, {"kept": 1}, {"b": "old"})
+    parity_main._write_back(path, Result("a", 0.0, 0.0, 1e-5, True), "new-a")
+    parity_main._write_back(path, Result("c", 0.0, 0.0, 1e-5, True), "new-c")
+    meta, rows, prints = load_with_fingerprints(path)
+    assert meta == {"kept": 1} and [(r.name, r.passed) for r in rows] == [("a", True), ("b", True), ("c", True)]
+    assert prints == {"a": "new-a", "b": "old", "c": "new-c"}
