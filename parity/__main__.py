@@ -3,7 +3,7 @@
 float32 cases run in this process; float64 cases need ``jax_enable_x64`` before JAX computes
 anything, so they run in a child process (``--precision float64``) whose rows are merged in.
 Every row records the fingerprint of the code it ran on (``parity.fingerprint``);
-``python -m parity --stale RESULTS.json`` reruns only the rows of RESULTS.json whose fingerprint
+``python -m parity --stale RESULTS.json [MORE.json ...]`` reruns only the rows of each file whose fingerprint
 no longer matches today's code and writes each back in place as it finishes, so a stopped run
 resumes where it stopped (``--list`` only names them); it fails if a row it reran, or a committed
 row proven on today's code, fails.
@@ -31,8 +31,8 @@ def _parse(argv):
     parser.add_argument("--partial", metavar="PATH", help="rewrite PATH with the results so far after each case (the float64 child: "
                              "PATH with .float64 before its extension)")
     parser.add_argument("--cases", default="", help="only the cases with exactly these names (comma-separated)")
-    parser.add_argument("--stale", metavar="RESULTS",
-                        help="rerun the rows of RESULTS whose fingerprint differs from today's code, in place")
+    parser.add_argument("--stale", metavar="RESULTS", nargs="+",
+                        help="rerun the rows of each RESULTS file whose fingerprint differs from today's code, in place")
     parser.add_argument("--list", action="store_true", help="with --stale: name the stale rows, run nothing")
     parser.add_argument("--into", metavar="RESULTS", help="write each row into RESULTS as it finishes, in place of the row "
                         "of its name or after the others (what --stale does; its float64 child is given it too)")
@@ -152,12 +152,14 @@ def _meta(args, start, **extra) -> dict:
                 cpus=os.cpu_count(), versions=versions(), **extra)
 
 
-def _stale(args) -> int:
-    """``--stale RESULTS``: rerun the rows whose fingerprint is not today's, each written back in place as it finishes."""
+def _stale(args, path: str) -> int:
+    """``--stale``, for the results file ``path``: rerun the rows whose fingerprint is not today's, each written back in
+    place as it finishes."""
     from parity.report import format_table, freshness_line, load_with_fingerprints, proven_on_today, write_json
 
     start = time.perf_counter()
-    meta, rows, fingerprints = load_with_fingerprints(args.stale)
+    print(f"{path}:")
+    meta, rows, fingerprints = load_with_fingerprints(path)
     proven, stale, unknown = proven_on_today(rows, fingerprints)
     print(freshness_line(rows, fingerprints))
     for name in unknown:
@@ -171,14 +173,14 @@ def _stale(args) -> int:
     failing = [r for r in rows if r.name in proven and not r.passed and _matches(r.name, args.filter)]
     if args.list or not stale:
         return _failed(failing)
-    args.cases, args.filter, args.quick, args.into = ",".join(stale), "", False, args.stale
+    args.cases, args.filter, args.quick, args.into = ",".join(stale), "", False, path
     new_rows, _ = _run_all(args)
     # Each row was written back as it finished (float64 ones by the child process): read them all again.
-    meta, merged, fingerprints = load_with_fingerprints(args.stale)
+    meta, merged, fingerprints = load_with_fingerprints(path)
     print(format_table(new_rows))
     reruns = dict(meta.get("stale_reruns", {}))
     reruns[time.strftime("%Y-%m-%dT%H:%M:%S")] = dict(rows=len(new_rows), **_meta(args, start))
-    write_json(merged, args.stale, {**meta, "stale_reruns": reruns}, fingerprints)
+    write_json(merged, path, {**meta, "stale_reruns": reruns}, fingerprints)
     print(freshness_line(merged, fingerprints))
     return _failed(failing + [r for r in new_rows if not r.passed])
 
@@ -196,7 +198,8 @@ def main(argv=None) -> int:
     """Entry point; exit status 1 if any case fails."""
     args = _parse(argv)
     if args.stale:
-        return _stale(args)
+        # One process for several files (CI lists three): each file its own run, on its own copy of the options.
+        return max([_stale(argparse.Namespace(**vars(args)), path) for path in args.stale])
     from parity.report import format_table, write_json
 
     start = time.perf_counter()

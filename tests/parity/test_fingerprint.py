@@ -186,3 +186,20 @@ def test_a_failing_row_proven_on_todays_code_fails_the_run_though_nothing_reruns
     assert ran == []
     # A --filter that leaves it out judges only the rows it names.
     assert parity_main.main(["--stale", path, "--precision", "float32", "--filter", "MLP/"]) == 0
+
+
+def test_stale_over_several_files_runs_each_and_fails_if_any_holds_a_failing_row(tmp_path, outcomes, ran, capsys):
+    linear, mlp = Case("linear", "local_gradient", False), Case("MLP", "local_gradient", False)
+    stale_file = _results_file(tmp_path / "a.json", (linear,), {})
+    failing_file = _results_file(tmp_path / "b.json", (mlp,), {mlp: fingerprint.fingerprint(mlp)})
+    data = json.loads(open(failing_file).read())
+    data["results"][0].update(passed=False, max_rel=1.0)
+    open(failing_file, "w").write(json.dumps(data))
+    outcomes[linear.name] = _passing(linear)
+    assert parity_main.main(["--stale", stale_file, failing_file, "--precision", "float32"]) == 1
+    assert ran == [linear.name]
+    _, rows, prints = report.load_with_fingerprints(stale_file)
+    assert report.proven_on_today(rows, prints)[0] == [linear.name]
+    out = capsys.readouterr().out
+    assert f"{stale_file}:" in out and f"{failing_file}:" in out and f"FAIL {mlp.name}" in out
+    assert parity_main.main(["--stale", stale_file, "--list"]) == 0
