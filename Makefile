@@ -14,6 +14,10 @@ PYTEST := XLA_FLAGS=--xla_force_host_platform_device_count=4 $(BIN)/python -m py
 # import), which was more than half of the test install's time here (44 s with it, 19 s without,
 # docs/testing.md); Python compiles the modules a run imports when it first imports them.
 PIP_INSTALL := $(BIN)/pip install -q --no-compile
+# Python writes the bytecode of what a run imports (this project's machines set PYTHONDONTWRITEBYTECODE=1):
+# otherwise every process, each pytest worker and subprocess included, compiles torch's, jax's and the
+# tests' modules from source again, 7.6 s of a worker's 13.7 s collection here (docs/testing.md).
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: run test test-full test-heavy parity parity-quick parity-stale bench venv venv-test lock clean
 

@@ -153,8 +153,7 @@ def _meta(args, start, **extra) -> dict:
 
 
 def _stale(args, path: str) -> int:
-    """``--stale``, for the results file ``path``: rerun the rows whose fingerprint is not today's, each written back in
-    place as it finishes."""
+    """``--stale`` for one results file: rerun its rows whose fingerprint is not today's, each written back as it finishes."""
     from parity.report import format_table, freshness_line, load_with_fingerprints, proven_on_today, write_json
 
     start = time.perf_counter()
