@@ -71,9 +71,12 @@ def test_a_new_library_version_makes_rows_stale():
     assert fingerprint.fingerprint(LENET, {**versions, "jax": "0.0.1"}) != fingerprint.fingerprint(LENET)
 
 
-def _results_file(path, cases, prints):
-    """Rows that fail (max_rel 1.0) unless they carry a fingerprint."""
-    rows = [dict(name=c.name, max_abs=0.0, max_rel=0.0 if c in prints else 1.0, bound=c.bound, passed=c in prints, **(
+def _results_file(path, cases, prints, failing=()):
+    """Rows that fail (max_rel 1.0) unless they carry a fingerprint; those in ``failing`` fail with one."""
+    def passes(c):
+        return c in prints and c not in failing
+
+    rows = [dict(name=c.name, max_abs=0.0, max_rel=0.0 if passes(c) else 1.0, bound=c.bound, passed=passes(c), **(
         {"fingerprint": prints[c]} if c in prints else {})) for c in cases]
     path.write_text(json.dumps({"meta": {}, "results": rows}))
     return str(path)
@@ -178,10 +181,7 @@ def test_a_crashed_row_stays_stale_and_the_run_fails(tmp_path, outcomes, capsys)
 
 def test_a_failing_row_proven_on_todays_code_fails_the_run_though_nothing_reruns(tmp_path, ran):
     case = Case("linear", "local_gradient", False)
-    path = _results_file(tmp_path / "r.json", (case,), {case: fingerprint.fingerprint(case)})
-    data = json.loads(open(path).read())
-    data["results"][0].update(passed=False, max_rel=1.0)
-    open(path, "w").write(json.dumps(data))
+    path = _results_file(tmp_path / "r.json", (case,), {case: fingerprint.fingerprint(case)}, failing=(case,))
     assert parity_main.main(["--stale", path, "--precision", "float32"]) == 1
     assert ran == []
     # A --filter that leaves it out judges only the rows it names.
@@ -191,10 +191,7 @@ def test_a_failing_row_proven_on_todays_code_fails_the_run_though_nothing_reruns
 def test_stale_over_several_files_runs_each_and_fails_if_any_holds_a_failing_row(tmp_path, outcomes, ran, capsys):
     linear, mlp = Case("linear", "local_gradient", False), Case("MLP", "local_gradient", False)
     stale_file = _results_file(tmp_path / "a.json", (linear,), {})
-    failing_file = _results_file(tmp_path / "b.json", (mlp,), {mlp: fingerprint.fingerprint(mlp)})
-    data = json.loads(open(failing_file).read())
-    data["results"][0].update(passed=False, max_rel=1.0)
-    open(failing_file, "w").write(json.dumps(data))
+    failing_file = _results_file(tmp_path / "b.json", (mlp,), {mlp: fingerprint.fingerprint(mlp)}, failing=(mlp,))
     outcomes[linear.name] = _passing(linear)
     assert parity_main.main(["--stale", stale_file, failing_file, "--precision", "float32"]) == 1
     assert ran == [linear.name]
